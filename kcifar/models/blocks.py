@@ -1,0 +1,147 @@
+"""The few pieces every builder of the zoo stacks: input normalisation,
+conv-BN-act, pooling, dropout placement and classifier heads.
+
+Layer names come from the ``prefix`` a piece is given (``block2`` ->
+``block2_conv1``, ``block2_bn1``, ``block2_act1``, ``block2_pool``), so
+weights load by name and ``model.summary()`` reads like the documents' tables.
+
+Assumed everywhere the documents are silent:
+- convolutions and dense layers keep their bias (the PyTorch and Keras default
+  the documents used; S4's exact parameter counts need it);
+- BatchNormalization uses PyTorch's momentum 0.1 and epsilon 1e-5 (Keras:
+  ``momentum=0.9, epsilon=1e-5``), since four of the five documents are PyTorch;
+- Keras' default initialisers (glorot-uniform kernels, zero biases) unless a
+  builder says otherwise.
+"""
+
+import keras
+
+from kcifar.errors import KcifarError
+
+# CIFAR-10 training-set channel statistics on the 0..255 scale.
+CIFAR10_MEAN = (125.307, 122.950, 113.865)
+CIFAR10_STD = (62.993, 62.089, 66.705)
+NORMALIZATIONS = ("meanstd", "minus1_1", "unit", "none")
+POOLS = ("max2", "overlap3")
+DROPOUT_POSITIONS = ("before_pool", "after_pool")
+HEADS = ("flatten", "gap")
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def check_choice(option, value, choices):
+    """Raise a KcifarError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise KcifarError(f"{option}={value!r} is not valid; use one of {', '.join(map(repr, choices))}")
+
+
+def normalize(x, normalization="meanstd", mean=None, std=None):
+    """The model's first layer, named ``normalize``: raw 0..255 pixels in.
+
+    ``meanstd``: (x - mean) / std per channel (default: CIFAR-10 train stats);
+    ``minus1_1``: x / 127.5 - 1 (S3's mean 0.5, std 0.5); ``unit``: x / 255;
+    ``none``: identity.
+    """
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if normalization != "meanstd" and (mean is not None or std is not None):
+        raise KcifarError(f"mean/std only apply to normalization='meanstd', not {normalization!r}")
+    if normalization == "meanstd":
+        mean = [float(m) for m in (CIFAR10_MEAN if mean is None else mean)]
+        std = [float(s) for s in (CIFAR10_STD if std is None else std)]
+        if len(mean) != x.shape[-1] or len(std) != x.shape[-1] or min(std) <= 0:
+            raise KcifarError(f"mean and std need one value per channel ({x.shape[-1]}) and std > 0; got {mean}, {std}")
+        layer = keras.layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalize")
+    elif normalization == "minus1_1":
+        layer = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")
+    elif normalization == "unit":
+        layer = keras.layers.Rescaling(1 / 255, name="normalize")
+    else:
+        layer = keras.layers.Identity(name="normalize")
+    return layer(x)
+
+
+def batch_norm(x, name):
+    """BatchNormalization with the zoo's PyTorch-matching momentum and epsilon."""
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+
+
+def conv_bn_act(x, filters, prefix, suffix="", kernel_size=3, strides=1, padding="same",
+                use_bn=True, activation="relu", kernel_initializer="glorot_uniform"):
+    """Conv2D [-> BN] [-> activation] named ``{prefix}_conv{suffix}``, ``_bn``, ``_act``.
+
+    ``activation=None`` leaves the activation to the caller (residual blocks
+    add the shortcut first).
+    """
+    x = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                            kernel_initializer=kernel_initializer, name=f"{prefix}_conv{suffix}")(x)
+    if use_bn:
+        x = batch_norm(x, f"{prefix}_bn{suffix}")
+    if activation:
+        x = keras.layers.Activation(activation, name=f"{prefix}_act{suffix}")(x)
+    return x
+
+
+def pool(x, kind, name):
+    """Max-pool: ``max2`` = 2x2 stride 2; ``overlap3`` = AlexNet's overlapping 3x3
+    stride 2, padded ``same`` (assumed) so both kinds halve the size alike."""
+    check_choice("pool", kind, POOLS)
+    if kind == "max2":
+        return keras.layers.MaxPooling2D(2, strides=2, name=name)(x)
+    return keras.layers.MaxPooling2D(3, strides=2, padding="same", name=name)(x)
+
+
+def dropout(x, rate, name):
+    """Dropout at ``rate``; no layer at all when the rate is 0."""
+    return keras.layers.Dropout(rate, name=name)(x) if rate else x
+
+
+def conv_block(x, filters, prefix, kernel_size=3, padding="same", use_bn=True, activation="relu",
+               pool_kind="max2", pooled=True, dropout_rate=0.0, dropout_position="after_pool",
+               residual=False):
+    """One block: a conv-BN-act per entry of ``filters``, then pool and dropout.
+
+    ``dropout_position``: ``before_pool`` = Conv-BN-Act-Dropout-Pool,
+    ``after_pool`` = Conv-BN-Act-Pool-Dropout (S1 step 8). With ``residual``,
+    the block input is added before the last activation (ResNet v1 style), through
+    a 1x1 conv (``{prefix}_shortcut``, + BN when ``use_bn``) when channels differ.
+    """
+    check_choice("dropout_position", dropout_position, DROPOUT_POSITIONS)
+    shortcut = x
+    for index, width in enumerate(filters, start=1):
+        last = index == len(filters)
+        x = conv_bn_act(x, width, prefix, index, kernel_size, padding=padding, use_bn=use_bn,
+                        activation=None if (residual and last) else activation)
+    if residual:
+        if shortcut.shape[-1] != x.shape[-1]:
+            shortcut = keras.layers.Conv2D(x.shape[-1], 1, name=f"{prefix}_shortcut")(shortcut)
+            if use_bn:
+                shortcut = batch_norm(shortcut, f"{prefix}_shortcut_bn")
+        x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])
+        x = keras.layers.Activation(activation, name=f"{prefix}_act{len(filters)}")(x)
+    if dropout_position == "before_pool":
+        x = dropout(x, dropout_rate, f"{prefix}_drop")
+    if pooled:
+        x = pool(x, pool_kind, f"{prefix}_pool")
+    if dropout_position == "after_pool":
+        x = dropout(x, dropout_rate, f"{prefix}_drop")
+    return x
+
+
+def head(x, num_classes, kind="flatten", dense_units=(), use_bn=False, activation="relu", dropout_rate=0.0):
+    """Classifier: Flatten or GlobalAveragePooling, hidden Dense [-BN] -act layers
+    (``head_dense{k}``), dropout before the last Dense, and ``predictions`` (logits).
+
+    ``predictions`` computes in float32 so logits stay float32 under mixed precision.
+    """
+    check_choice("head", kind, HEADS)
+    if kind == "flatten":
+        x = keras.layers.Flatten(name="flatten")(x)
+    else:
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    for index, units in enumerate(dense_units, start=1):
+        x = keras.layers.Dense(units, name=f"head_dense{index}")(x)
+        if use_bn:
+            x = batch_norm(x, f"head_bn{index}")
+        x = keras.layers.Activation(activation, name=f"head_act{index}")(x)
+    x = dropout(x, dropout_rate, "head_drop")
+    return keras.layers.Dense(num_classes, dtype="float32", name="predictions")(x)

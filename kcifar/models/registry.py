@@ -1,0 +1,87 @@
+"""The one place where model names meet their builders.
+
+A builder is ``builder(x, num_classes, **options) -> logits``: it gets the
+already normalised input tensor and returns the logits tensor; ``build``
+adds the input and ``normalize`` layers and wraps the graph in a functional
+``keras.Model``. Register a builder with the decorator::
+
+    @register("my_net", source="paper or S0..S4", description="one line")
+    def my_net(x, num_classes, width=64):
+        ...
+
+or, for a table entry, ``register(name, source, description)(functools.partial(builder, **preset))``.
+The builder's keyword parameters (after ``x`` and ``num_classes``) are the
+overrides ``build`` accepts.
+"""
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import keras
+
+from kcifar.errors import KcifarError
+from kcifar.models import blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its name, where it comes from, one line, and its builder."""
+
+    name: str
+    source: str
+    description: str
+    builder: Callable
+
+    def options(self) -> dict:
+        """The overrides this model accepts, with their defaults."""
+        parameters = list(inspect.signature(self.builder).parameters.values())[2:]
+        return {p.name: p.default for p in parameters}
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, source: str, description: str):
+    """Decorator registering ``builder(x, num_classes, **options)`` under ``name``."""
+
+    def decorator(builder):
+        if name in _REGISTRY:
+            raise KcifarError(f"model {name!r} is registered twice; pick another name")
+        _REGISTRY[name] = ModelEntry(name, source, description, builder)
+        return builder
+
+    return decorator
+
+
+def names() -> list[str]:
+    """Every registered model name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe(name: str) -> ModelEntry:
+    """The registry entry of ``name`` (source, description, builder, options())."""
+    if name not in _REGISTRY:
+        raise KcifarError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd", mean=None, std=None,
+          **overrides) -> keras.Model:
+    """Build model ``name``: raw 0..255 images in, ``num_classes`` logits out.
+
+    ``normalization``: ``meanstd`` (``mean``/``std`` on the 0..255 scale,
+    default CIFAR-10 train statistics), ``minus1_1``, ``unit`` or ``none``.
+    ``overrides`` are the builder's own options (see ``describe(name).options()``).
+    """
+    entry = describe(name)
+    unknown = sorted(set(overrides) - set(entry.options()))
+    if unknown:
+        valid = ", ".join(entry.options()) or "none"
+        raise KcifarError(f"model {name!r} has no option {', '.join(unknown)}; valid options: {valid}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise KcifarError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    inputs = keras.Input(tuple(input_shape), name="image")
+    x = blocks.normalize(inputs, normalization, mean, std)
+    outputs = entry.builder(x, num_classes, **overrides)
+    return keras.Model(inputs, outputs, name=name)
