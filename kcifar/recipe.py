@@ -1,0 +1,174 @@
+"""Recipes: one TOML file says everything about a training run.
+
+``DEFAULTS`` is the schema: every key a recipe may set, its type and its
+default. A recipe file overrides the defaults, and ``key=value`` overrides
+(``--set optimizer.learning_rate=0.01``) override the file. The resolved recipe
+is written into the run directory, so a run can always be repeated.
+
+The defaults are the S3 improvement (the tutorial network with Adam + amsgrad,
+61 % documented): small enough to finish on a laptop CPU in minutes.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from kcifar.errors import KcifarError
+
+DEFAULTS = {
+    "name": "",  # run directory name; default: the recipe file's name, else the model's
+    "model": "s3_tutorial",
+    "dataset": "cifar10",
+    "seed": 0,
+    "model_args": {},  # free-form keyword overrides for kcifar.models.build
+    "data": {"val_size": 5000, "label_mode": "fine", "normalization": "minus1_1",
+             "train_subset": 0, "offline_aug": ""},
+    "train": {"epochs": 10, "batch_size": 32, "strategy": "auto", "precision": "auto",
+              "jit": "auto", "deterministic": False, "tensorboard": False},
+    "optimizer": {"name": "adam", "learning_rate": 0.001, "momentum": 0.9, "nesterov": False,
+                  "amsgrad": True, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
+                  "weight_decay": 0.0, "weight_decay_mode": "l2"},
+    "schedule": {"name": "constant", "step_size": 30, "gamma": 0.1, "milestones": [],
+                 "t_max": 0, "eta_min": 0.0, "warmup_epochs": 0, "factor": 0.1,
+                 "patience": 5, "min_lr": 0.0, "pct_start": 0.3, "div_factor": 25.0,
+                 "final_div_factor": 10000.0},
+    "loss": {"label_smoothing": 0.0},
+    "augment": {"preset": "none", "engine": "tf", "cutout": 0, "mixup": 0.0, "cutmix": 0.0},
+    "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 10},
+    "documented": {"accuracy": 0.0, "source": ""},  # the figure the documents report, if any
+}
+
+CHOICES = {
+    "dataset": ["cifar10", "cifar100"],
+    "data.label_mode": ["fine", "coarse"],
+    "data.normalization": ["meanstd", "minus1_1", "unit", "none"],
+    "train.strategy": ["auto", "default", "mirrored", "multiworker"],
+    "train.precision": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+    "train.jit": ["auto", "on", "off"],
+    "optimizer.name": ["sgd", "adam", "adamw", "rmsprop"],
+    "optimizer.weight_decay_mode": ["l2", "decoupled"],
+    "schedule.name": ["constant", "step", "multistep", "exponential", "cosine", "plateau",
+                      "warmup_cosine", "onecycle"],
+    "augment.engine": ["tf", "idg"],
+    "early_stopping.monitor": ["val_accuracy", "val_loss"],
+}
+FREE_FORM = {"model_args"}
+
+
+def _check(recipe, defaults=DEFAULTS, prefix=""):
+    for key, value in recipe.items():
+        path = prefix + key
+        if key not in defaults:
+            raise KcifarError(f"unknown recipe key '{path}'; valid keys here: {', '.join(defaults)}")
+        expected = defaults[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise KcifarError(f"recipe key '{path}' must be a table, got {value!r}")
+            if path not in FREE_FORM:
+                _check(value, expected, path + ".")
+            continue
+        if not _same_type(value, expected):
+            raise KcifarError(f"recipe key '{path}' must be {type(expected).__name__}, got {value!r}")
+        if path in CHOICES and value not in CHOICES[path]:
+            raise KcifarError(f"recipe key '{path}' = {value!r}; choose one of: {', '.join(CHOICES[path])}")
+
+
+def _same_type(value, expected):
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(expected))
+
+
+def _merge(base, update):
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _parse_value(text):
+    """A TOML value (``0.1``, ``true``, ``[30, 60]``, ``"x"``), or the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(assignment: str) -> dict:
+    """``"optimizer.learning_rate=0.01"`` -> ``{"optimizer": {"learning_rate": 0.01}}``."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise KcifarError(f"override '{assignment}' is not key=value, e.g. optimizer.learning_rate=0.01")
+    nested = _parse_value(text.strip())
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def read_toml(path) -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KcifarError(f"recipe file {path} not found; see experiments/recipes/ for examples") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise KcifarError(f"recipe file {path} is not valid TOML: {error}") from None
+
+
+def resolve(path=None, overrides=()) -> dict:
+    """Defaults, then the recipe file, then overrides (``"key=value"`` strings or nested dicts); validated."""
+    recipe = copy.deepcopy(DEFAULTS)
+    layers = ([read_toml(path)] if path else []) + [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    for layer in layers:
+        _check(layer)
+        _merge(recipe, layer)
+    if not recipe["name"]:
+        recipe["name"] = Path(path).stem if path else recipe["model"]
+    _check_consistency(recipe)
+    return recipe
+
+
+def _check_consistency(recipe):
+    for key in ("epochs", "batch_size"):
+        if recipe["train"][key] < 1:
+            raise KcifarError(f"train.{key} must be at least 1, got {recipe['train'][key]}")
+    if recipe["optimizer"]["learning_rate"] <= 0:
+        raise KcifarError("optimizer.learning_rate must be positive")
+    if recipe["early_stopping"]["enabled"] and recipe["data"]["val_size"] == 0:
+        raise KcifarError("early stopping needs a validation split: set data.val_size > 0 "
+                          "or early_stopping.enabled=false")
+    if "/" in recipe["name"] or recipe["name"] in (".", ".."):
+        raise KcifarError(f"run name '{recipe['name']}' must be a plain folder name")
+
+
+# ------------------------------------------------------------ writing TOML
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(recipe: dict) -> str:
+    """The recipe as TOML text (scalars first, then one table per section)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
+    for section, table in recipe.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

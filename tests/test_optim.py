@@ -1,0 +1,90 @@
+import keras
+import numpy as np
+import pytest
+
+from kcifar import optim
+from kcifar.recipe import DEFAULTS
+
+W = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+G = np.array([0.1, 0.2, -0.3], dtype=np.float32)
+
+
+def one_step(optimizer):
+    variable = keras.Variable(W.copy())
+    optimizer.apply([keras.ops.convert_to_tensor(G)], [variable])
+    return keras.ops.convert_to_numpy(variable)
+
+
+def spec(**changes):
+    return {**DEFAULTS["optimizer"], **changes}
+
+
+def test_l2_decay_matches_pytorch_adam_by_hand():
+    lr, wd, b1, b2, eps = 0.01, 0.1, 0.9, 0.999, 1e-8
+    g = G + wd * W  # PyTorch: weight_decay adds wd * w to the gradient
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    expected = W - lr * (m / (1 - b1)) / (np.sqrt(v / (1 - b2)) + eps)
+    adam = optim.make_optimizer(spec(name="adam", amsgrad=False, weight_decay=wd, epsilon=eps), lr)
+    np.testing.assert_allclose(one_step(adam), expected, atol=1e-6)
+
+
+def test_l2_decay_matches_pytorch_sgd_by_hand():
+    sgd = optim.make_optimizer(spec(name="sgd", momentum=0.9, weight_decay=0.1), 0.5)
+    np.testing.assert_allclose(one_step(sgd), W - 0.5 * (G + 0.1 * W), rtol=1e-6)
+
+
+def test_decoupled_decay_shrinks_weights_outside_the_gradient():
+    sgd = optim.make_optimizer(spec(name="sgd", momentum=0.0, weight_decay=0.1, weight_decay_mode="decoupled"), 0.5)
+    np.testing.assert_allclose(one_step(sgd), W - 0.5 * 0.1 * W - 0.5 * G, rtol=1e-6)
+    assert not isinstance(sgd, optim.SGDL2)
+
+
+def test_no_decay_is_plain_keras():
+    assert type(optim.make_optimizer(spec(name="adam"), 0.1)) is keras.optimizers.Adam
+    assert type(optim.make_optimizer(spec(name="adamw", weight_decay=0.05), 0.1)) is keras.optimizers.AdamW
+
+
+def lr_at(schedule, step):
+    return float(keras.ops.convert_to_numpy(schedule(step)))
+
+
+def schedule_spec(**changes):
+    return {**DEFAULTS["schedule"], **changes}
+
+
+def test_cosine_reaches_eta_min_at_t_max():
+    s = optim.make_schedule(schedule_spec(name="cosine", t_max=10, eta_min=1e-4), 0.1, epochs=20, steps_per_epoch=5)
+    assert lr_at(s, 0) == pytest.approx(0.1)
+    assert lr_at(s, 25) == pytest.approx(1e-4 + (0.1 - 1e-4) / 2, rel=1e-5)
+    assert lr_at(s, 50) == pytest.approx(1e-4, rel=1e-4)
+
+
+def test_warmup_ramps_linearly_then_decays():
+    s = optim.make_schedule(schedule_spec(name="warmup_cosine", warmup_epochs=2), 0.1, epochs=10, steps_per_epoch=10)
+    ramp = [lr_at(s, step) for step in (0, 5, 10, 15, 20)]
+    np.testing.assert_allclose(ramp, [0.0, 0.025, 0.05, 0.075, 0.1], atol=1e-6)
+    assert lr_at(s, 60) < 0.1 and lr_at(s, 100) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_step_multistep_exponential_onecycle():
+    step = optim.make_schedule(schedule_spec(name="step", step_size=3, gamma=0.5), 1.0, 10, 2)
+    assert [lr_at(step, s) for s in (5, 6, 12)] == pytest.approx([1.0, 0.5, 0.25])
+    multi = optim.make_schedule(schedule_spec(name="multistep", milestones=[2, 5], gamma=0.1), 1.0, 10, 10)
+    assert [lr_at(multi, s) for s in (19, 21, 51)] == pytest.approx([1.0, 0.1, 0.01])
+    expo = optim.make_schedule(schedule_spec(name="exponential", gamma=0.9), 1.0, 10, 10)
+    assert lr_at(expo, 25) == pytest.approx(0.81)
+    cycle = optim.make_schedule(schedule_spec(name="onecycle"), 1.0, 10, 10)
+    assert lr_at(cycle, 0) == pytest.approx(1 / 25) and lr_at(cycle, 30) == pytest.approx(1.0)
+    assert lr_at(cycle, 100) == pytest.approx(1 / 25 / 1e4, rel=1e-3)
+
+
+def test_onecycle_survives_serialization():
+    cycle = optim.OneCycle(0.2, 100)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cycle))
+    assert lr_at(again, 40) == pytest.approx(lr_at(cycle, 40))
+
+
+def test_plateau_is_a_callback():
+    assert optim.make_schedule(schedule_spec(name="plateau"), 0.1, 10, 10) == 0.1
+    assert isinstance(optim.plateau_callback(schedule_spec(name="plateau"), "val_loss"), keras.callbacks.ReduceLROnPlateau)
+    assert optim.plateau_callback(schedule_spec(name="cosine"), "val_loss") is None
