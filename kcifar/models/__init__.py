@@ -13,7 +13,7 @@ import importlib
 
 from kcifar.models.registry import build, describe, names, register
 
-BUILDER_MODULES = ("baselines", "vgg", "resnet")
+BUILDER_MODULES = ("baselines", "vgg", "resnet", "efficientnet_lite")
 
 for _module in BUILDER_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
