@@ -16,6 +16,7 @@ overrides ``build`` accepts.
 
 import dataclasses
 import inspect
+import math
 from typing import Callable
 
 import keras
@@ -85,3 +86,38 @@ def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd"
     x = blocks.normalize(inputs, normalization, mean, std)
     outputs = entry.builder(x, num_classes, **overrides)
     return keras.Model(inputs, outputs, name=name)
+
+
+KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
+FLOPS_COUNTED = ("forward FLOPs per image = 2 x multiply-accumulates of every Conv/Dense kernel "
+                 "(incl. depthwise/pointwise); normalisation, BN, activations, pooling and adds not counted")
+
+
+def trainable_params(model) -> int:
+    """The number of trainable scalars (BN moving statistics excluded)."""
+    return sum(math.prod(weight.shape) for weight in model.trainable_weights)
+
+
+def forward_flops(model) -> int:
+    """Forward FLOPs for one image, counted as ``FLOPS_COUNTED`` says: each kernel
+    is applied once per output position (1 for Dense on a vector)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += forward_flops(layer)
+            continue
+        positions = math.prod(layer.output.shape[1:-1]) if any(hasattr(layer, k) for k in KERNELS) else 0
+        total += sum(2 * math.prod(getattr(layer, k).shape) * positions for k in KERNELS if hasattr(layer, k))
+    return total
+
+
+def table(num_classes=10) -> list[dict]:
+    """One row per registered model: name, source, trainable params, forward MFLOPs, description."""
+    rows = []
+    for name in names():
+        model = build(name, num_classes)
+        entry = describe(name)
+        rows.append({"name": name, "source": entry.source, "params": trainable_params(model),
+                     "mflops": forward_flops(model) / 1e6, "description": entry.description})
+        keras.backend.clear_session()
+    return rows

@@ -28,13 +28,13 @@ def cifar_resnet(x, num_classes, *, depth=20):
     """ResNet-``depth`` v1 for 32x32 images: 6n+2 layers, three stages of n blocks.
 
     Source: He et al., "Deep Residual Learning for Image Recognition" (2016),
-    CIFAR-10 networks, as in the Keras example ``cifar10_resnet`` (v1; ResNet20
-    92.16 %, ResNet56 92.71 %). Stem Conv3x3(16)-BN-ReLU; stages of 16/32/64
+    CIFAR-10 networks, as in the Keras example ``cifar10_resnet`` (v1), the
+    published anchors. Stem Conv3x3(16)-BN-ReLU; stages of 16/32/64
     filters, the 2nd and 3rd starting with stride 2; global average pooling;
     Dense(classes). ResNet20 ~0.27 M, ResNet56 ~0.86 M trainable parameters.
     Shortcuts: option B like the Keras example (identity, and a strided 1x1 conv
     with bias and no BN where the shape changes); the paper's CIFAR nets use
-    option A (zero padding), ~0.3 % fewer parameters. Assumed as in the Keras
+    option A (zero padding), 2,656 fewer parameters. Assumed as in the Keras
     example: he-normal conv kernels, conv biases kept; L2 1e-4 is left to the
     recipe's weight decay.
     """

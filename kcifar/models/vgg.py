@@ -17,7 +17,7 @@ CONFIGS = {
 def vgg(x, num_classes, *, config="vgg16", dropout=0.0):
     """VGG with batch norm, the CIFAR variant S4 trained (as kuangliu/pytorch-cifar).
 
-    Source: S4 (VGG11/16/19; VGG16 92.28 % on CIFAR-10); configurations from
+    Source: S4 (VGG11/16/19 trained; VGG16 chosen); configurations from
     Simonyan & Zisserman (2015). Five blocks of Conv3x3(same, bias)-BN-ReLU, each
     ending in a 2x2/2 max-pool (32 -> 1), Flatten to 512, Linear(512, classes):
     9,231,114 / 9,416,010 / 14,728,266 / 20,040,522 trainable parameters
