@@ -1,0 +1,222 @@
+"""The model zoo: every name builds, exact parameter counts, the documented layer
+sequences, .keras round trips, FLOPs, and clear errors for bad names and options."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from kcifar import models
+from kcifar.errors import KcifarError
+from kcifar.models import registry
+from kcifar.models.__main__ import main
+
+BATCH = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras():
+    yield
+    keras.backend.clear_session()
+
+
+# ------------------------------------------------------------ every model
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_maps_uint8_images_to_logits(name):
+    for num_classes in (10, 100):
+        model = models.build(name, num_classes)
+        logits = np.asarray(model(BATCH, training=False))
+        assert logits.shape == (2, num_classes) and logits.dtype == np.float32
+        assert np.isfinite(logits).all()
+        assert model.layers[1].name == "normalize"
+        assert model.layers[-1].name == "predictions"
+        assert model.layers[-1].activation is keras.activations.linear  # logits, no softmax
+
+
+def test_registry_holds_every_documented_name():
+    documented = {"s0_base", *(f"s0_model{i}" for i in range(1, 6)),
+                  *(f"s1_step{i:02d}" for i in (1, 2, 3, 4, 5, 7, 8, 9, 10, 12)),
+                  "s2_fc", "s2_gap", "s2_gap_dropout", "s3_tutorial",
+                  "vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet56"}
+    assert documented <= set(models.names())
+    for name in documented:
+        assert models.describe(name).source and models.describe(name).description
+
+
+@pytest.mark.parametrize("name, params", [
+    ("s3_tutorial", 62_006), ("vgg11", 9_231_114), ("vgg13", 9_416_010),
+    ("vgg16", 14_728_266), ("vgg19", 20_040_522), ("resnet20", 273_066), ("resnet56", 857_706),
+])
+def test_exact_trainable_parameter_counts(name, params):
+    assert registry.trainable_params(models.build(name)) == params
+
+
+def test_s3_forward_flops_from_layer_shapes():
+    macs = (28 * 28 * 6 * 5 * 5 * 3 + 10 * 10 * 16 * 5 * 5 * 6   # two valid 5x5 convs
+            + 400 * 120 + 120 * 84 + 84 * 10)                     # three dense layers
+    assert registry.forward_flops(models.build("s3_tutorial")) == 2 * macs
+
+
+# ------------------------------------------------------------ documented layer sequences
+
+LAYER_TYPES = {"Conv": "Conv2D", "BN": "BatchNormalization", "ReLU": "Activation", "Act": "Activation",
+               "Pool": "MaxPooling2D", "Drop": "Dropout", "Flatten": "Flatten", "GAP": "GlobalAveragePooling2D",
+               "FC": "Dense", "Dense": "Dense", "Add": "Add"}
+
+
+def expand(spec):
+    """'(Conv-BN-ReLU-Pool) x2, FC' -> the Keras layer class names in order."""
+    spec = re.sub(r"\(([^()]*)\) x(\d+)", lambda m: ", ".join([m.group(1)] * int(m.group(2))), spec)
+    return [LAYER_TYPES[token] for item in spec.split(", ") for token in item.split("-")]
+
+
+def layer_types(model, skip="shortcut"):
+    """Class names of the layers after ``normalize``, leaving out shortcut branches."""
+    return [type(layer).__name__ for layer in model.layers[2:] if skip not in layer.name]
+
+
+# S0's depth table: conv channels (P = block ends with a max-pool) and the classifier.
+S0_TABLE = {
+    "s0_base": ("16P, 32P", "FC-ReLU, FC-ReLU, FC"),
+    "s0_model1": ("16P, 32P, 32P", "FC-ReLU, FC-ReLU, FC"),
+    "s0_model2": ("16P, 32P, 64P", "FC-ReLU, FC-ReLU, FC"),
+    "s0_model3": ("32, 32P, 64, 64P, 128, 128P", "(FC-BN-ReLU) x3, FC"),
+    "s0_model4": ("32, 32P, 64, 64P, 128, 128P", "(FC-ReLU) x3, FC"),
+    "s0_model5": ("32, 32P, 64, 64, 64P, 128, 128, 128P", "(FC-BN-ReLU) x3, FC"),
+}
+
+
+@pytest.mark.parametrize("name", S0_TABLE)
+def test_s0_models_follow_the_depth_table(name):
+    convs, classifier = S0_TABLE[name]
+    blocks = ", ".join("Conv-BN-ReLU" + ("-Pool" if c.endswith("P") else "") for c in convs.split(", "))
+    model = models.build(name, 100)
+    assert layer_types(model) == expand(f"{blocks}, Flatten, {classifier}")
+    widths = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert widths == [int(c.rstrip("P")) for c in convs.split(", ")]
+    assert all(p.pool_size == (2, 2) and p.strides == (2, 2)
+               for p in model.layers if isinstance(p, keras.layers.MaxPooling2D))
+
+
+S1_STEPS = {
+    "s1_step01": "(Conv-ReLU-Pool) x2, Conv-ReLU, Flatten, Dense-ReLU, Dense",
+    "s1_step02": "(Conv-BN-ReLU-Pool) x2, Conv-BN-ReLU, Flatten, Dense-ReLU, Dense",
+    "s1_step03": "(Conv-BN-ReLU-Pool) x3, Conv-BN-ReLU, Flatten, Dense-ReLU, Dense",
+    "s1_step04": "(Conv-BN-ReLU-Pool) x4, Flatten, Dense-ReLU, Dense",
+    "s1_step05": "(Conv-BN-ReLU-Drop-Pool) x4, Flatten, Dense-ReLU-Drop, Dense",
+    "s1_step07": "(Conv-BN-ReLU-Conv-BN-ReLU-Drop-Pool) x4, Flatten, Dense-ReLU-Drop, Dense",
+    "s1_step08": "(Conv-BN-ReLU-Conv-BN-ReLU-Pool-Drop) x4, Flatten, Dense-ReLU-Drop, Dense",
+    "s1_step09": "(Conv-BN-ReLU-Conv-BN-ReLU-Pool-Drop) x3, Flatten, Dense-ReLU-Drop, Dense",
+    "s1_step10": "(Conv-BN-ReLU-Conv-BN-ReLU-Pool-Drop) x3, Flatten-Drop, Dense",
+    "s1_step12": "(Conv-BN-ReLU-Conv-BN-Add-ReLU-Pool-Drop) x3, Flatten-Drop, Dense",
+}
+
+
+@pytest.mark.parametrize("name", S1_STEPS)
+def test_s1_steps_follow_the_progression(name):
+    model = models.build(name, 100)
+    assert layer_types(model) == expand(S1_STEPS[name])
+    pools = [p for p in model.layers if isinstance(p, keras.layers.MaxPooling2D)]
+    assert {p.pool_size for p in pools} == ({(2, 2)} if name == "s1_step01" else {(3, 3)})  # AlexNet's from step 2
+
+
+def test_s1_step12_shortcuts_feed_every_add():
+    model = models.build("s1_step12")
+    for block in (1, 2, 3):
+        sources = {t._keras_history.operation.name for t in model.get_layer(f"block{block}_add").input}
+        assert sources == {f"block{block}_bn2", f"block{block}_shortcut_bn"}
+
+
+def test_overrides_change_the_architecture():
+    model = models.build("s0_base", 100, blocks=[6, 16], kernel_size=5)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [(c.filters, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
+    assert layer_types(models.build("vgg11", dropout=0.5))[-2:] == ["Dropout", "Dense"]
+    assert len([layer for layer in models.build("resnet20", depth=32).layers if "_add" in layer.name]) == 15
+
+
+# ------------------------------------------------------------ normalisation and saving
+
+
+def normalized(model, images):
+    return np.asarray(keras.Model(model.input, model.get_layer("normalize").output)(images))
+
+
+def test_normalization_modes():
+    black_and_white = np.stack([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)])
+    expected = {
+        "minus1_1": [[-1.0] * 3, [1.0] * 3],
+        "unit": [[0.0] * 3, [1.0] * 3],
+        "none": [[0.0] * 3, [255.0] * 3],
+        "meanstd": (np.array([[0.0], [255.0]]) - [125.307, 122.950, 113.865]) / [62.993, 62.089, 66.705],
+    }
+    for mode, pixels in expected.items():
+        out = normalized(models.build("s3_tutorial", normalization=mode), black_and_white)
+        np.testing.assert_allclose(out[:, 5, 7], pixels, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_and_reloaded_model_gives_identical_logits(tmp_path):
+    model = models.build("s3_tutorial", 100, mean=(100, 110, 120), std=(50, 60, 70))
+    path = tmp_path / "s3.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(np.asarray(model(BATCH)), np.asarray(reloaded(BATCH)))
+    assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
+
+
+# ------------------------------------------------------------ errors and the registry
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(KcifarError, match=r"unknown model 'vgg17'; valid models: .*resnet20.*vgg16"):
+        models.build("vgg17")
+
+
+def test_unknown_override_lists_the_valid_options():
+    with pytest.raises(KcifarError, match=r"'vgg16' has no option width; valid options: config, dropout"):
+        models.build("vgg16", width=2)
+    with pytest.raises(KcifarError, match=r"no option depht; valid options: depth"):
+        models.build("resnet20", depht=32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pool="avg"), r"pool='avg' is not valid; use one of 'max2', 'overlap3'"),
+    (dict(head="mlp"), r"head='mlp' is not valid"),
+    (dict(dropout_position="middle"), r"dropout_position='middle' is not valid"),
+    (dict(normalization="zscore"), r"normalization='zscore' is not valid"),
+    (dict(normalization="unit", mean=(1, 2, 3)), r"mean/std only apply to normalization='meanstd'"),
+    (dict(std=(1, 0, 1)), r"one value per channel .* std > 0"),
+    (dict(num_classes=1), r"num_classes must be an integer >= 2"),
+])
+def test_bad_option_values_are_clear_errors(kwargs, message):
+    with pytest.raises(KcifarError, match=message):
+        models.build("s1_step01", **kwargs)
+
+
+def test_resnet_depth_must_be_6n_plus_2():
+    with pytest.raises(KcifarError, match=r"depth=21 is not 6n\+2"):
+        models.build("resnet20", depth=21)
+
+
+def test_a_module_registers_a_builder_in_one_decorator(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @models.register("tiny_gap", source="test", description="GAP then Dense")
+    def tiny_gap(x, num_classes, *, hidden=()):
+        return models.blocks.head(x, num_classes, "gap", hidden)
+
+    assert "tiny_gap" in models.names() and models.describe("tiny_gap").options() == {"hidden": ()}
+    assert registry.trainable_params(models.build("tiny_gap", 7, hidden=[4])) == 3 * 4 + 4 + 4 * 7 + 7
+    with pytest.raises(KcifarError, match="registered twice"):
+        models.register("tiny_gap", "test", "again")(tiny_gap)
+
+
+def test_cli_prints_the_table(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "_REGISTRY", {"s3_tutorial": registry._REGISTRY["s3_tutorial"]})
+    main(["--num-classes", "10"])
+    out = capsys.readouterr().out
+    assert re.search(r"s3_tutorial\s+S3\s+62,006\s+1\.3\s+PyTorch tutorial net", out)
+    assert "FLOPs" in out and "not counted" in out
