@@ -1,0 +1,375 @@
+"""Measure a trained model: top-1/top-5, per-class accuracy, confusion matrix, figures.
+
+    python -m kcifar.evaluate runs/NAME                 # rebuilds the run's splits from recipe.toml
+    python -m kcifar.evaluate model.keras --dataset cifar10 [--out DIR]
+    python -m kcifar.evaluate runs/NAME --split val --subset-mask FILE.npy
+
+Writes ``evaluation.json`` (``evaluation_val.json`` for ``--split val``) and
+PNGs into the run directory. All metrics are computed with numpy from the
+model's logits. When the data carries a pixel-exactness mask (the rebuilt
+CIFAR-10 test set here: only images 0-999 are bit-exact), the test figures
+are reported twice, on all images and on the exact subset, each labelled.
+
+Assumed where the documents are silent: the loss reported is plain
+cross-entropy without label smoothing; per-class accuracy and the confusion
+matrix use the whole split; ``best.keras`` is the epoch that is best by the
+recipe's ``early_stopping.monitor`` (``val_loss`` unless set).
+"""
+
+import argparse
+import csv
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from kcifar.data import Split, load_cifar
+from kcifar.errors import KcifarError, cli
+from kcifar.fileio import write_json
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# The official CIFAR-100 super-classes (coarse labels) and their five fine
+# classes; both official name lists are these names in alphabetical order.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+CIFAR100_FINE = sorted(name for group in CIFAR100_SUPERCLASSES.values() for name in group)
+CIFAR100_COARSE = sorted(CIFAR100_SUPERCLASSES)
+
+TOP_K = 5
+MOST_CONFUSED = 10
+GRID_IMAGES = 32
+
+
+def class_names_for(dataset: str, label_mode: str = "fine") -> list:
+    """Official class names of a data set without reading it (for prediction)."""
+    names = {("cifar10", "fine"): CIFAR10_CLASSES, ("cifar100", "fine"): CIFAR100_FINE,
+             ("cifar100", "coarse"): CIFAR100_COARSE}
+    if (dataset, label_mode) not in names:
+        raise KcifarError(f"no class names for dataset '{dataset}' with label_mode '{label_mode}'; "
+                          "use cifar10, or cifar100 with fine or coarse labels")
+    return list(names[(dataset, label_mode)])
+
+
+def superclass_groups(class_names):
+    """[(super-class, [class indices])] when the classes are CIFAR-100's fine ones, else None."""
+    index = {name: i for i, name in enumerate(class_names)}
+    if sorted(index) != CIFAR100_FINE:
+        return None
+    return [(coarse, [index[fine] for fine in fines]) for coarse, fines in CIFAR100_SUPERCLASSES.items()]
+
+
+# ---------------------------------------------------------------- metrics from logits
+
+
+def log_softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits):
+    return np.exp(log_softmax(logits))
+
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """Counts, rows = true class, columns = predicted class."""
+    pairs = np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def summary_metrics(logits, y, label):
+    """Top-1, top-k (k = 5, or the class count if smaller) and mean cross-entropy."""
+    logits, y = np.asarray(logits), np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        return {"label": label, "n": 0, "top1": None, "top5": None, "loss": None}
+    k = min(TOP_K, logits.shape[1])
+    top_k = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return {
+        "label": label,
+        "n": int(len(y)),
+        "top1": float(np.mean(top_k[:, 0] == y)),
+        "top5": float(np.mean((top_k == y[:, None]).any(axis=1))),
+        "loss": float(-np.mean(log_softmax(logits)[np.arange(len(y)), y])),
+    }
+
+
+def metrics_from_logits(logits, y, class_names, mask=None, all_label=None, mask_label=None) -> dict:
+    """Every number of ``evaluation.json`` from logits (N, C) and true labels (N,).
+
+    ``mask`` (bool, N) adds a ``subset`` entry measured on the images it marks.
+    """
+    logits, y = np.asarray(logits), np.asarray(y, dtype=np.int64)
+    num_classes = len(class_names)
+    if logits.ndim != 2 or logits.shape != (len(y), num_classes):
+        raise KcifarError(f"the model gives logits of shape {logits.shape} for {len(y)} images of "
+                          f"{num_classes} classes; was it trained on this data set?")
+    confusion = confusion_matrix(y, logits.argmax(axis=1), num_classes)
+    per_class_n = confusion.sum(axis=1)
+    per_class = [{"class": name, "n": int(n), "correct": int(confusion[i, i]),
+                  "accuracy": float(confusion[i, i] / n) if n else None}
+                 for i, (name, n) in enumerate(zip(class_names, per_class_n))]
+    off_diagonal = confusion - np.diag(np.diag(confusion))
+    worst = np.argsort(-off_diagonal, axis=None, kind="stable")[:MOST_CONFUSED]
+    most_confused = [{"true": class_names[t], "predicted": class_names[p], "count": int(off_diagonal[t, p])}
+                     for t, p in zip(*np.unravel_index(worst, confusion.shape)) if off_diagonal[t, p] > 0]
+    subset = None
+    if mask is not None:
+        subset = summary_metrics(logits[mask], y[mask], mask_label or f"subset of {int(mask.sum()):,}")
+    return {
+        "all": summary_metrics(logits, y, all_label or f"all {len(y):,}"),
+        "subset": subset,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "most_confused": most_confused,
+    }
+
+
+def predict_logits(model, x, batch_size=500):
+    """The model's logits for uint8 images (N, 32, 32, 3), as float32 (N, C)."""
+    if len(x) == 0:
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def evaluate_model(model, split: Split, class_names, mask=None, all_label=None, mask_label=None) -> dict:
+    """``metrics_from_logits`` for a Keras model on one split."""
+    return metrics_from_logits(predict_logits(model, split.x), split.y, class_names, mask, all_label, mask_label)
+
+
+# ---------------------------------------------------------------- run directories
+
+
+def read_recipe(run_dir) -> dict:
+    path = Path(run_dir) / "recipe.toml"
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KcifarError(f"{path} is missing; is {run_dir} a run directory written by kcifar.train?") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise KcifarError(f"{path} is not valid TOML ({error}); fix or restore it") from None
+
+
+def data_settings(recipe: dict) -> dict:
+    """The load_cifar arguments a run used (the contract's defaults where absent)."""
+    data = recipe.get("data", {})
+    return {"name": recipe.get("dataset", "cifar10"), "label_mode": data.get("label_mode", "fine"),
+            "val_size": int(data.get("val_size", 5000)), "seed": int(recipe.get("seed", 0))}
+
+
+def read_history(path) -> dict:
+    """history.csv (Keras CSVLogger) as {column: float array}, one row per epoch.
+
+    A resumed run can log an epoch twice; the later row wins.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return {}
+    by_epoch = {}
+    for row in rows:
+        try:
+            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
+                                                  for k, v in row.items() if k}
+        except (KeyError, ValueError):
+            raise KcifarError(f"{path} is not a Keras CSVLogger history (bad row {row}); "
+                              "remove it or restore it from the run") from None
+    if not by_epoch:
+        return {}
+    columns = list(next(iter(by_epoch.values())))
+    ordered = [by_epoch[e] for e in sorted(by_epoch)]
+    return {c: np.array([row.get(c, np.nan) for row in ordered]) for c in columns}
+
+
+def best_epoch_index(history: dict, monitor="val_loss"):
+    """Row of the epoch EarlyStopping keeps (first best by ``monitor``), or None."""
+    values = history.get(monitor)
+    if values is None or np.all(np.isnan(values)):
+        return None
+    return int(np.nanargmin(values) if "loss" in monitor else np.nanargmax(values))
+
+
+def load_mask(path, n: int):
+    """A boolean mask of ``n`` images from a .npy file."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise KcifarError(f"cannot read subset mask {path} ({error}); pass a .npy file of booleans") from None
+    if mask.dtype != bool or mask.shape != (n,):
+        raise KcifarError(f"subset mask {path} is {mask.dtype} {mask.shape}; the split needs bool ({n},)")
+    return mask
+
+
+def load_model(path):
+    """A Keras model from a .keras file, without its optimizer (not needed to predict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KcifarError(f"{path} does not exist; pass a run directory (runs/NAME) or a .keras model file")
+    if path.suffix != ".keras":
+        raise KcifarError(f"{path} is not a .keras file; pass a model saved by Keras 3 (model.save('x.keras'))")
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KcifarError(f"{path} is not a loadable Keras model ({reason[:200]}); save it again") from None
+
+
+def resolve_target(target):
+    """(run directory or None, model file) for a run directory or a .keras file.
+
+    A .keras file inside a run directory (beside recipe.toml) counts as that run.
+    """
+    target = Path(target)
+    if target.is_dir():
+        if not (target / "best.keras").is_file():
+            raise KcifarError(f"{target} has no best.keras; pass a finished run directory or a .keras file")
+        read_recipe(target)
+        return target, target / "best.keras"
+    if not target.exists():
+        raise KcifarError(f"{target} does not exist; pass a run directory (runs/NAME) or a .keras model file")
+    return (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+
+
+# ---------------------------------------------------------------- writing results
+
+
+def split_suffix(split_name):
+    return "" if split_name == "test" else f"_{split_name}"
+
+
+def write_figures(out_dir, split: Split, logits, class_names, split_name="test", history=None,
+                  monitor="val_loss", title="") -> list:
+    """Confusion matrix, per-class accuracy, prediction grid and (with ``history``) learning curves.
+
+    Returns the written file names. Figures of the test split are
+    ``confusion.png`` etc.; of another split ``confusion_<split>.png``.
+    """
+    from kcifar import plots
+
+    out_dir, suffix = Path(out_dir), split_suffix(split_name)
+    label = f"{title} ({split_name}, {len(split.y):,} images)" if title else f"{split_name}, {len(split.y):,} images"
+    predicted = np.asarray(logits).argmax(axis=1)
+    confusion = confusion_matrix(split.y, predicted, len(class_names))
+    paths = [
+        plots.confusion(confusion, class_names, out_dir / f"confusion{suffix}.png",
+                        groups=superclass_groups(class_names), title=f"Confusion matrix: {label}"),
+        plots.per_class_accuracy(confusion, class_names, out_dir / f"per_class_accuracy{suffix}.png",
+                                 title=f"Accuracy per class: {label}"),
+        plots.prediction_grid(split.x[:GRID_IMAGES], split.y[:GRID_IMAGES], softmax(logits[:GRID_IMAGES]),
+                              class_names, out_dir / f"predictions{suffix}.png",
+                              title=f"Predictions on the first {min(GRID_IMAGES, len(split.y))} images: {label}"),
+    ]
+    if history:
+        paths.append(plots.learning_curves(history, out_dir / "learning_curves.png",
+                                           best_index=best_epoch_index(history, monitor), monitor=monitor,
+                                           title=f"Learning curves: {title}" if title else "Learning curves"))
+    return [p.name for p in paths]
+
+
+def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subset_label=None) -> dict:
+    """Evaluate ``model`` on one split of ``data`` and write evaluation JSON and figures into ``run_dir``.
+
+    On the test split the data's pixel-exact mask, if any, is the subset
+    unless ``subset_mask`` is given. ``history.csv`` and ``recipe.toml`` in
+    ``run_dir`` are used when present (learning curves, best epoch, name).
+    Returns the dict written to ``evaluation.json``.
+    """
+    if split_name not in ("test", "val"):
+        raise KcifarError(f"unknown split '{split_name}'; choose test or val")
+    run_dir = Path(run_dir)
+    split = getattr(data, split_name)
+    if len(split.y) == 0:
+        raise KcifarError(f"the {split_name} split is empty (val_size = 0?); evaluate another split")
+    if subset_mask is None and split_name == "test" and data.test_exact_mask is not None:
+        subset_mask, subset_label = data.test_exact_mask, f"pixel-exact {int(data.test_exact_mask.sum()):,}"
+    recipe = read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
+    monitor = recipe.get("early_stopping", {}).get("monitor", "val_loss")
+    logits = predict_logits(model, split.x)
+    result = {"run": recipe.get("name", run_dir.name), "dataset": data.name, "label_mode": data.label_mode,
+              "data_source": data.source, "split": split_name}
+    result.update(metrics_from_logits(logits, split.y, data.class_names, subset_mask,
+                                      f"all {len(split.y):,}", subset_label))
+    result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name,
+                                      read_history(run_dir / "history.csv"), monitor, result["run"])
+    write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
+    return result
+
+
+def describe(result) -> str:
+    """The headline lines a person reads after evaluating."""
+    lines = []
+    for entry in (result["all"], result["subset"]):
+        if entry and entry["n"]:
+            lines.append(f"{result['split']} {entry['label']:>18}: top-1 {100 * entry['top1']:6.2f} %  "
+                         f"top-5 {100 * entry['top5']:6.2f} %  loss {entry['loss']:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("target", help="run directory (runs/NAME) or a .keras model file")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--subset-mask", help=".npy bool mask over the split; also reports accuracy on it")
+    parser.add_argument("--data-dir", help="folder holding the data (default: $KCIFAR_DATA_DIR, then the Keras cache)")
+    parser.add_argument("--out", help="output folder for a bare model (default: MODEL_evaluation/ beside it)")
+    bare = parser.add_argument_group("for a .keras file outside a run directory (a run's recipe.toml decides otherwise)")
+    bare.add_argument("--dataset", choices=["cifar10", "cifar100"])
+    bare.add_argument("--label-mode", choices=["fine", "coarse"])
+    bare.add_argument("--val-size", type=int)
+    bare.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+
+    run_dir, model_path = resolve_target(args.target)
+    flags = {"--dataset": ("name", args.dataset), "--label-mode": ("label_mode", args.label_mode),
+             "--val-size": ("val_size", args.val_size), "--seed": ("seed", args.seed), "--out": (None, args.out)}
+    given = {flag: setting for flag, setting in flags.items() if setting[1] is not None}
+    if run_dir is not None:
+        if given:
+            raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
+                              "fixes the data and the run directory is the output")
+        settings, out_dir = data_settings(read_recipe(run_dir)), run_dir
+    else:
+        settings = data_settings({})
+        settings.update({key: value for key, value in given.values() if key})
+        out_dir = Path(args.out) if args.out else model_path.parent / f"{model_path.stem}_evaluation"
+    data = load_cifar(data_dir=args.data_dir, **settings)
+    mask = None
+    if args.subset_mask:
+        mask = load_mask(args.subset_mask, len(getattr(data, args.split).y))
+    model = load_model(model_path)
+    result = evaluate_run(out_dir, model, data, args.split, mask,
+                          f"subset {Path(args.subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None)
+    print(describe(result))
+    print(f"wrote {out_dir / ('evaluation' + split_suffix(args.split) + '.json')} and "
+          f"{', '.join(result['figures'])}")
+
+
+if __name__ == "__main__":
+    main()
