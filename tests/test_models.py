@@ -1,6 +1,7 @@
 """The model zoo: every name builds, exact parameter counts, the documented layer
 sequences, .keras round trips, FLOPs, and clear errors for bad names and options."""
 
+import functools
 import re
 
 import keras
@@ -15,10 +16,12 @@ from kcifar.models.__main__ import main
 BATCH = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras():
-    yield
-    keras.backend.clear_session()
+
+
+@functools.cache
+def built(name, num_classes=10):
+    """Each zoo model is built once per class count and shared by the tests that only read it."""
+    return models.build(name, num_classes)
 
 
 # ------------------------------------------------------------ every model
@@ -27,7 +30,7 @@ def _fresh_keras():
 @pytest.mark.parametrize("name", models.names())
 def test_every_model_maps_uint8_images_to_logits(name):
     for num_classes in (10, 100):
-        model = models.build(name, num_classes)
+        model = built(name, num_classes)
         logits = np.asarray(model(BATCH, training=False))
         assert logits.shape == (2, num_classes) and logits.dtype == np.float32
         assert np.isfinite(logits).all()
@@ -51,13 +54,13 @@ def test_registry_holds_every_documented_name():
     ("vgg16", 14_728_266), ("vgg19", 20_040_522), ("resnet20", 273_066), ("resnet56", 857_706),
 ])
 def test_exact_trainable_parameter_counts(name, params):
-    assert registry.trainable_params(models.build(name)) == params
+    assert registry.trainable_params(built(name)) == params
 
 
 def test_s3_forward_flops_from_layer_shapes():
     macs = (28 * 28 * 6 * 5 * 5 * 3 + 10 * 10 * 16 * 5 * 5 * 6   # two valid 5x5 convs
             + 400 * 120 + 120 * 84 + 84 * 10)                     # three dense layers
-    assert registry.forward_flops(models.build("s3_tutorial")) == 2 * macs
+    assert registry.forward_flops(built("s3_tutorial")) == 2 * macs
 
 
 # ------------------------------------------------------------ documented layer sequences
@@ -93,7 +96,7 @@ S0_TABLE = {
 def test_s0_models_follow_the_depth_table(name):
     convs, classifier = S0_TABLE[name]
     blocks = ", ".join("Conv-BN-ReLU" + ("-Pool" if c.endswith("P") else "") for c in convs.split(", "))
-    model = models.build(name, 100)
+    model = built(name, 100)
     assert layer_types(model) == expand(f"{blocks}, Flatten, {classifier}")
     widths = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert widths == [int(c.rstrip("P")) for c in convs.split(", ")]
@@ -117,14 +120,14 @@ S1_STEPS = {
 
 @pytest.mark.parametrize("name", S1_STEPS)
 def test_s1_steps_follow_the_progression(name):
-    model = models.build(name, 100)
+    model = built(name, 100)
     assert layer_types(model) == expand(S1_STEPS[name])
     pools = [p for p in model.layers if isinstance(p, keras.layers.MaxPooling2D)]
     assert {p.pool_size for p in pools} == ({(2, 2)} if name == "s1_step01" else {(3, 3)})  # AlexNet's from step 2
 
 
 def test_s1_step12_shortcuts_feed_every_add():
-    model = models.build("s1_step12")
+    model = built("s1_step12")
     for block in (1, 2, 3):
         sources = {t._keras_history.operation.name for t in model.get_layer(f"block{block}_add").input}
         assert sources == {f"block{block}_bn2", f"block{block}_shortcut_bn"}
@@ -194,6 +197,10 @@ def test_unknown_override_lists_the_valid_options():
 def test_bad_option_values_are_clear_errors(kwargs, message):
     with pytest.raises(KcifarError, match=message):
         models.build("s1_step01", **kwargs)
+
+
+def test_numpy_integer_class_counts_are_accepted():
+    assert models.build("s3_tutorial", np.int64(100)).output.shape == (None, 100)
 
 
 def test_resnet_depth_must_be_6n_plus_2():

@@ -17,6 +17,7 @@ overrides ``build`` accepts.
 import dataclasses
 import inspect
 import math
+import numbers
 from typing import Callable
 
 import keras
@@ -80,11 +81,11 @@ def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd"
     if unknown:
         valid = ", ".join(entry.options()) or "none"
         raise KcifarError(f"model {name!r} has no option {', '.join(unknown)}; valid options: {valid}")
-    if not isinstance(num_classes, int) or num_classes < 2:
+    if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise KcifarError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     inputs = keras.Input(tuple(input_shape), name="image")
     x = blocks.normalize(inputs, normalization, mean, std)
-    outputs = entry.builder(x, num_classes, **overrides)
+    outputs = entry.builder(x, int(num_classes), **overrides)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -106,8 +107,10 @@ def forward_flops(model) -> int:
         if isinstance(layer, keras.Model):
             total += forward_flops(layer)
             continue
-        positions = math.prod(layer.output.shape[1:-1]) if any(hasattr(layer, k) for k in KERNELS) else 0
-        total += sum(2 * math.prod(getattr(layer, k).shape) * positions for k in KERNELS if hasattr(layer, k))
+        kernels = [getattr(layer, k) for k in KERNELS if hasattr(layer, k)]
+        if kernels:
+            positions = math.prod(layer.output.shape[1:-1])
+            total += sum(2 * math.prod(kernel.shape) * positions for kernel in kernels)
     return total
 
 
@@ -115,8 +118,7 @@ def table(num_classes=10) -> list[dict]:
     """One row per registered model: name, source, trainable params, forward MFLOPs, description."""
     rows = []
     for name in names():
-        model = build(name, num_classes)
-        entry = describe(name)
+        model, entry = build(name, num_classes), describe(name)
         rows.append({"name": name, "source": entry.source, "params": trainable_params(model),
                      "mflops": forward_flops(model) / 1e6, "description": entry.description})
         keras.backend.clear_session()
