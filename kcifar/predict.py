@@ -1,0 +1,137 @@
+"""Top-k classes for image files of any size.
+
+    python -m kcifar.predict runs/NAME/best.keras photo.jpg folder/ [--top-k 5] [--json]
+    python -m kcifar.predict model.keras photo.jpg --classes cifar10|cifar100|names.txt
+
+Images are read with OpenCV, converted from its BGR order to RGB (the order
+of the CIFAR arrays the models were trained on) and resized to 32x32 with
+``INTER_AREA``: area averaging is the anti-aliased way to shrink, so a large
+photo becomes a smooth thumbnail like the CIFAR images (themselves shrunk
+from larger photos) instead of an aliased sampling of a few pixels. Assumed:
+the whole image is resized, aspect ratio not kept (no crop that could cut the
+object away); alpha is dropped and grey images are repeated to three
+channels. The model's outputs are logits; probabilities are their softmax.
+
+Class names come from the run's ``recipe.toml`` when the model sits in a run
+directory, else from ``--classes``. A file that cannot be read costs one line
+on stderr; the others are still predicted and the exit code is 1 at the end.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kcifar.errors import KcifarError, cli
+from kcifar.evaluate import class_names_for, data_settings, load_model, read_recipe, softmax
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+SIZE = 32
+
+
+def image_files(paths) -> list:
+    """Files to predict: given files as they are, folders as their image files (sorted, not recursive)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files.extend(found or [path])  # an empty folder is reported by read_image
+        else:
+            files.append(path)
+    return files
+
+
+def read_image(path) -> np.ndarray:
+    """One image file as RGB uint8 (32, 32, 3)."""
+    path = Path(path)
+    if path.is_dir():
+        raise KcifarError(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it fails silently on non-ASCII paths
+    except OSError as error:
+        raise KcifarError(f"cannot read {path}: {error.strerror}") from None
+    image = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    if image is None:
+        raise KcifarError(f"cannot read {path}: not an image OpenCV can decode")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+
+
+def class_names_for_model(model_path, classes=None) -> list:
+    """``--classes`` (cifar10, cifar100, cifar100-coarse or a file of one name per line), else the run's recipe."""
+    if classes in ("cifar10", "cifar100"):
+        return class_names_for(classes)
+    if classes == "cifar100-coarse":
+        return class_names_for("cifar100", "coarse")
+    if classes:
+        try:
+            return [line.strip() for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise KcifarError(f"cannot read class names from {classes} ({error}); "
+                              "use cifar10, cifar100 or a text file with one name per line") from None
+    run_dir = Path(model_path).parent
+    if not (run_dir / "recipe.toml").is_file():
+        raise KcifarError(f"{model_path} is not inside a run directory (no recipe.toml beside it); "
+                          "pass --classes cifar10|cifar100|FILE")
+    settings = data_settings(read_recipe(run_dir))
+    return class_names_for(settings["name"], settings["label_mode"])
+
+
+def predict_images(model, images, class_names, top_k=5) -> list:
+    """[[(class name, probability), ...top_k]] for uint8 RGB images (N, 32, 32, 3)."""
+    outputs = model.output_shape[-1]
+    if outputs != len(class_names):
+        raise KcifarError(f"the model has {outputs} outputs but {len(class_names)} class names were given; "
+                          "pass the --classes the model was trained on")
+    probabilities = softmax(model.predict(np.asarray(images), batch_size=256, verbose=0))
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return [[(class_names[j], float(p[j])) for j in row] for p, row in zip(probabilities, best)]
+
+
+def predict_files(model, paths, class_names, top_k=5):
+    """(results, errors): results [{"file", "top": [{"class", "probability"}]}], errors [one line per bad file]."""
+    images, readable, errors = [], [], []
+    for path in image_files(paths):
+        try:
+            images.append(read_image(path))
+            readable.append(path)
+        except KcifarError as error:
+            errors.append(str(error))
+    results = []
+    if images:
+        for path, top in zip(readable, predict_images(model, np.stack(images), class_names, top_k)):
+            results.append({"file": str(path), "top": [{"class": c, "probability": p} for c, p in top]})
+    return results, errors
+
+
+def format_results(results) -> str:
+    return "\n".join(f"{r['file']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
+                     for r in results)
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help=".keras model file (inside a run directory, its recipe names the classes)")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    parser.add_argument("--classes", help="cifar10, cifar100, cifar100-coarse or a file with one class name per line")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        raise KcifarError(f"--top-k {args.top_k} is not a positive number of classes")
+    class_names = class_names_for_model(args.model, args.classes)
+    model = load_model(args.model)
+    results, errors = predict_files(model, args.images, class_names, min(args.top_k, len(class_names)))
+    print(json.dumps({"predictions": results, "errors": errors}, indent=2) if args.json else format_results(results))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
