@@ -1,0 +1,155 @@
+"""A table of runs beside the documented figures, as markdown and CSV.
+
+    python -m kcifar.report runs/a runs/b ... [--out experiments/results/table]
+
+writes ``table.md`` and ``table.csv`` (the ``--out`` path plus each suffix).
+Each run directory gives ``metrics.json`` (written by kcifar.train) and
+``recipe.toml``, whose ``[documented]`` table, if present, holds the figure
+the documents report (``accuracy``, a fraction, and ``source``).
+
+"ours - documented" uses the pixel-exact test figure where the run has one
+(the rebuilt CIFAR-10 test set is bit-exact only on images 0-999; the other
+9,000 passed through JPEG and cost accuracy), else the figure on all test
+images; the table says which.
+"""
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from kcifar.errors import KcifarError, cli
+from kcifar.evaluate import read_recipe
+from kcifar.fileio import write_text
+
+COLUMNS = ["run", "model", "dataset", "finished", "epochs", "best_epoch", "val_top1_pct", "test_top1_all_pct",
+           "test_top1_exact_pct", "test_exact_n", "wall_time_s", "train_images_per_s", "documented_pct",
+           "documented_source", "compared_with", "difference_pp", "machine"]
+
+
+def _compact(value):
+    """A metrics.json entry such as ``machine`` on one line: ``k=v, k=v``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return None if value is None else str(value)
+
+
+def _pct(fraction):
+    return None if fraction is None else round(100 * float(fraction), 2)
+
+
+def read_run(run_dir) -> dict:
+    """One table row (the COLUMNS) from a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise KcifarError(f"{run_dir} is not a run directory; pass folders written by kcifar.train (runs/NAME)")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KcifarError(f"{run_dir} has no metrics.json; has the run finished training?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise KcifarError(f"{run_dir}/metrics.json is not valid JSON ({error}); re-run the evaluation") from None
+    recipe = read_recipe(run_dir)
+    test, exact = metrics.get("test") or {}, metrics.get("test_exact") or {}
+    documented = recipe.get("documented", {})
+    row = {
+        "run": metrics.get("run", run_dir.name),
+        "model": metrics.get("model", recipe.get("model")),
+        "dataset": metrics.get("dataset", recipe.get("dataset")),
+        "finished": bool(metrics.get("finished", False)),
+        "epochs": metrics.get("epochs_run"),
+        "best_epoch": metrics.get("best_epoch"),
+        "val_top1_pct": _pct(metrics.get("best_val_accuracy")),
+        "test_top1_all_pct": _pct(test.get("top1")),
+        "test_top1_exact_pct": _pct(exact.get("top1")),
+        "test_exact_n": exact.get("n"),
+        "wall_time_s": metrics.get("wall_time_s"),
+        "train_images_per_s": metrics.get("train_images_per_s"),
+        "documented_pct": _pct(documented.get("accuracy")),
+        "documented_source": documented.get("source"),
+        "compared_with": None,
+        "difference_pp": None,
+        "machine": _compact(metrics.get("machine")),
+    }
+    ours = "exact" if row["test_top1_exact_pct"] is not None else "all"
+    if row["documented_pct"] is not None and row[f"test_top1_{ours}_pct"] is not None:
+        row["compared_with"] = "pixel-exact test" if ours == "exact" else "all test"
+        row["difference_pp"] = round(row[f"test_top1_{ours}_pct"] - row["documented_pct"], 2)
+    return row
+
+
+def _cell(value, unit=""):
+    return "–" if value is None else f"{value:.2f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def to_markdown(rows, command) -> str:
+    header = ["run", "model", "data", "epochs (best)", "val top-1", "test top-1, all", "test top-1, pixel-exact",
+              "wall time h:mm:ss", "train images/s", "documented", "ours − documented"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        exact = "–" if r["test_top1_exact_pct"] is None else f"{r['test_top1_exact_pct']:.2f} % (n={r['test_exact_n']})"
+        documented = "–" if r["documented_pct"] is None else f"{r['documented_pct']:.2f} % ({r['documented_source']})"
+        difference = "–" if r["difference_pp"] is None else f"{r['difference_pp']:+.2f} pp ({r['compared_with']})"
+        speed = "–" if r["train_images_per_s"] is None else f"{r['train_images_per_s']:.0f}"
+        lines.append("| " + " | ".join([
+            r["run"] + ("" if r["finished"] else " (unfinished)"), str(r["model"]), str(r["dataset"]),
+            f"{_cell(r['epochs'])} ({_cell(r['best_epoch'])})", _cell(r["val_top1_pct"], " %"),
+            _cell(r["test_top1_all_pct"], " %"), exact, _duration(r["wall_time_s"]), speed, documented, difference,
+        ]) + " |")
+    intro = [
+        "# Results", "",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} from each run's metrics.json.",
+        "Top-1 accuracy in percent. *val*: best epoch on the validation split carved from the training set. "
+        "*test, all*: every test image. *test, pixel-exact*: only the test images that are bit-exact copies "
+        "of the official ones (on the rebuilt CIFAR-10 here: images 0-999; the others passed through JPEG). "
+        "*ours − documented* compares the pixel-exact figure where there is one, in percentage points.", "",
+    ]
+    machines = ["", "Machines (from metrics.json):", ""] + [f"- {r['run']}: {r['machine'] or 'not recorded'}" for r in rows]
+    return "\n".join(intro + lines + machines) + "\n"
+
+
+def to_csv(rows) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    return out.getvalue()
+
+
+def write_report(run_dirs, out="experiments/results/table", command=None):
+    """Write ``<out>.md`` and ``<out>.csv`` for the runs, in the order given; returns both paths."""
+    if not run_dirs:
+        raise KcifarError("no runs given; pass run directories such as runs/NAME")
+    rows = [read_run(d) for d in run_dirs]
+    command = command or "python -m kcifar.report " + " ".join(shlex.quote(str(d)) for d in run_dirs)
+    out = Path(out)
+    md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")
+    write_text(md, to_markdown(rows, command))
+    write_text(csv_path, to_csv(rows))
+    return md, csv_path
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    parser.add_argument("--out", default="experiments/results/table", help="path prefix of the .md and .csv")
+    args = parser.parse_args(argv)
+    command = "python -m kcifar.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    for path in write_report(args.runs, args.out, command):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

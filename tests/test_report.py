@@ -1,0 +1,77 @@
+"""kcifar.report on hand-written run directories (metrics.json + recipe.toml)."""
+
+import csv
+import json
+
+import pytest
+
+from kcifar import report
+
+
+def write_run(root, name, metrics, documented=None):
+    run = root / name
+    run.mkdir(parents=True)
+    recipe = f'name = "{name}"\nmodel = "{metrics.get("model", "x")}"\ndataset = "cifar10"\n'
+    if documented:
+        recipe += f'[documented]\naccuracy = {documented[0]}\nsource = "{documented[1]}"\n'
+    (run / "recipe.toml").write_text(recipe)
+    (run / "metrics.json").write_text(json.dumps({"run": name, **metrics}))
+    return run
+
+
+def metrics(top1, exact=None, **extra):
+    return {"model": "s3_tutorial", "dataset": "cifar10", "finished": True, "best_val_accuracy": 0.6123,
+            "best_epoch": 7, "epochs_run": 10, "test": {"top1": top1, "top5": 0.95, "loss": 1.1},
+            "test_exact": None if exact is None else {"top1": exact, "top5": 0.96, "n": 1000},
+            "wall_time_s": 3725.4, "train_images_per_s": 1534.2,
+            "machine": {"arch": "x86_64", "cpus": 2}, **extra}
+
+
+def test_table_compares_the_exact_figure_with_the_documented_one(tmp_path):
+    exact_run = write_run(tmp_path, "s3_adam", metrics(0.60, exact=0.6312), (0.61, "S3: Adam with amsgrad"))
+    plain_run = write_run(tmp_path, "s3_sgd", metrics(0.55, finished=False), (0.61, "S3: Adam with amsgrad"))
+    bare_run = write_run(tmp_path, "vgg", metrics(0.9))
+    md, csv_path = report.write_report([exact_run, plain_run, bare_run], tmp_path / "out" / "table")
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["run"] for r in rows] == ["s3_adam", "s3_sgd", "vgg"]
+    assert rows[0]["test_top1_all_pct"] == "60.0" and rows[0]["test_top1_exact_pct"] == "63.12"
+    assert rows[0]["documented_pct"] == "61.0" and rows[0]["difference_pp"] == "2.12"
+    assert rows[0]["compared_with"] == "pixel-exact test" and rows[0]["machine"] == "arch=x86_64, cpus=2"
+    assert rows[1]["difference_pp"] == "-6.0" and rows[1]["compared_with"] == "all test"
+    assert rows[2]["documented_pct"] == "" and rows[2]["difference_pp"] == ""
+
+    text = md.read_text()
+    assert "| s3_adam | s3_tutorial | cifar10 | 10 (7) | 61.23 % | 60.00 % | 63.12 % (n=1000) | 1:02:05 | 1534 |" in text
+    assert "61.00 % (S3: Adam with amsgrad) | +2.12 pp (pixel-exact test) |" in text
+    assert "s3_sgd (unfinished)" in text and "-6.00 pp (all test)" in text
+    assert f"python -m kcifar.report" in text and "- vgg: arch=x86_64, cpus=2" in text
+
+
+def test_cli_writes_both_files_and_leaves_no_temporaries(tmp_path, capsys):
+    run = write_run(tmp_path, "r", metrics(0.5))
+    report.main([str(run), "--out", str(tmp_path / "results" / "t")])
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["t.csv", "t.md"]
+    assert "python -m kcifar.report" in (tmp_path / "results" / "t.md").read_text()
+    assert capsys.readouterr().out.count("wrote ") == 2
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda run: (run / "metrics.json").unlink(), "has no metrics.json"),
+    (lambda run: (run / "metrics.json").write_text("{oops"), "not valid JSON"),
+    (lambda run: (run / "recipe.toml").write_text("name = "), "not valid TOML"),
+])
+def test_broken_run_gives_one_line(tmp_path, capsys, breakage, message):
+    run = write_run(tmp_path, "r", metrics(0.5))
+    breakage(run)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(run), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_missing_run_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "nope")])
+    assert "is not a run directory" in capsys.readouterr().err
