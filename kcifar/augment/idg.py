@@ -1,0 +1,72 @@
+"""The idg engine: Keras' ImageDataGenerator inside a threaded `keras.utils.PyDataset`."""
+
+import dataclasses
+import math
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kcifar.augment.tf_ops import augment_batch
+
+
+def image_data_generator(geometry):
+    """Keras' `ImageDataGenerator` configured with a preset's `Geometry`."""
+    if geometry.shift >= 1:  # an array of whole pixels: the generator draws one of them
+        shift = list(range(-int(geometry.shift), int(geometry.shift) + 1))
+    else:
+        shift = geometry.shift
+    return tf.keras.preprocessing.image.ImageDataGenerator(
+        rotation_range=geometry.rotation, width_shift_range=shift, height_shift_range=shift,
+        shear_range=geometry.shear, zoom_range=geometry.zoom, horizontal_flip=geometry.hflip,
+        fill_mode=geometry.fill, cval=0.0)
+
+
+# ImageDataGenerator draws from NumPy's global generator; workers take turns seeding it.
+_GLOBAL_NUMPY_RANDOM = threading.Lock()
+
+
+class IdgDataset(keras.utils.PyDataset):
+    """Batches augmented by Keras' `ImageDataGenerator`, built by `workers` threads.
+
+    Batch `i` of epoch `e` depends only on (seed, e, i), so the result does not
+    depend on which worker builds it. `on_epoch_end` (called by `fit`) moves to
+    the next epoch: new order, new warps. Threads rather than processes: SciPy
+    releases the GIL in the warp, and TF ops (extras) are unsafe after fork.
+    """
+
+    def __init__(self, x, y, num_classes, batch_size, cfg, seed=0, workers=2):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
+        self.x, self.y, self.num_classes = x, y, num_classes
+        self.batch_size, self.cfg, self.seed = int(batch_size), cfg, seed
+        self.generator = image_data_generator(cfg.geometry)
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range 0..{len(self) - 1}")
+        batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        images = self.x[batch].astype(np.float32)
+        labels = np.eye(self.num_classes, dtype=np.float32)[self.y[batch]]
+        if self.cfg.geometry.warps or self.cfg.geometry.hflip:
+            with _GLOBAL_NUMPY_RANDOM:
+                np.random.seed(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+                warps = [self.generator.get_random_transform(image.shape) for image in images]
+            images = np.stack([self.generator.apply_transform(image, w) for image, w in zip(images, warps)])
+        if self.cfg.extras:
+            seed = tf.constant([self.seed, self.epoch * 1_000_003 + index], tf.int64)
+            images, labels = (t.numpy() for t in augment_batch(
+                images, labels, dataclasses.replace(self.cfg, preset="none"), seed))
+        return images, labels
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()

@@ -1,0 +1,174 @@
+"""The tf engine: batched TensorFlow ops, warps compiled with XLA, stateless random draws."""
+
+import functools
+import math
+
+import tensorflow as tf
+
+
+def augment_batch(images, labels, cfg, seed):
+    """Augment one batch with TF ops: warp + flip, then cutout, then mixup/cutmix.
+
+    images: float32 (n, h, w, c); labels: float32 (n, classes); seed: int (2,).
+    """
+    warp_seed, mix_seed = tf.unstack(tf.random.split(tf.cast(seed, tf.int64), 2))
+    if cfg.geometry.warps or cfg.geometry.hflip or cfg.cutout:
+        images = warp_and_cutout(images, cfg.geometry, cfg.cutout, warp_seed)
+    if cfg.mixup or cfg.cutmix:  # outside XLA: it has no kernel for the Beta draw
+        images, labels = mix(images, labels, cfg.mixup, cfg.cutmix, mix_seed)
+    return images, labels
+
+
+@functools.partial(tf.function, jit_compile=True)
+def warp_and_cutout(images, geometry, cutout_side, seed):
+    """Random warps and cutout, compiled with XLA: ~4x faster than plain TF ops here."""
+    warp_seed, cutout_seed = tf.unstack(tf.random.split(seed, 2))
+    if geometry.warps or geometry.hflip:
+        images = warp(images, random_warps(geometry, tf.shape(images), warp_seed), geometry.fill)
+    if cutout_side:
+        images = cutout(images, cutout_side, cutout_seed)
+    return images
+
+
+def random_warps(geometry, shape, seed):
+    """(n, 8) projective transforms with parameters drawn as `ImageDataGenerator` does."""
+    n, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    seeds = tf.unstack(tf.random.split(seed, 7))
+
+    def uniform(i, bound):
+        return tf.random.stateless_uniform([n], seeds[i], -bound, bound)
+
+    if geometry.shift >= 1:  # whole pixels
+        bound = int(geometry.shift)
+        tx, ty = (tf.cast(tf.random.stateless_uniform([n], seeds[i], -bound, bound + 1, tf.int32), tf.float32)
+                  for i in (1, 2))
+    else:
+        tx, ty = uniform(1, geometry.shift) * width, uniform(2, geometry.shift) * height
+    params = dict(theta=uniform(0, geometry.rotation), tx=tx, ty=ty, shear=uniform(3, geometry.shear),
+                  zx=1 + uniform(4, geometry.zoom), zy=1 + uniform(5, geometry.zoom),
+                  flip_horizontal=tf.random.stateless_uniform([n], seeds[6]) < (0.5 if geometry.hflip else 0.0))
+    return warp_transforms(params, height, width)
+
+
+def warp_transforms(params, height, width):
+    """(n, 8) projective transforms from `ImageDataGenerator` warp parameters.
+
+    params: (n,) tensors under the generator's keys (theta and shear in
+    degrees; tx moves along x = columns, as the generator does). Each
+    transform maps an output pixel (x, y) to the input point it samples, like
+    SciPy's affine_transform in the generator: rotation @ shift @ shear @ zoom
+    about the image centre, then the mirror the generator applies afterwards.
+    """
+    theta, shear = (params[key] * (math.pi / 180) for key in ("theta", "shear"))
+    flip = tf.cast(params["flip_horizontal"], tf.bool)
+    zeros = tf.zeros_like(theta)
+    ones = zeros + 1
+
+    def matrices(*rows):  # (n, 3, 3) from six (n,) entries, last row 0 0 1
+        return tf.reshape(tf.stack(list(rows) + [zeros, zeros, ones], axis=1), [-1, 3, 3])
+
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    matrix = (matrices(ones, zeros, zeros + cx, zeros, ones, zeros + cy)
+              @ matrices(tf.cos(theta), -tf.sin(theta), zeros, tf.sin(theta), tf.cos(theta), zeros)
+              @ matrices(ones, zeros, params["tx"], zeros, ones, params["ty"])
+              @ matrices(ones, -tf.sin(shear), zeros, zeros, tf.cos(shear), zeros)
+              @ matrices(params["zx"], zeros, zeros, zeros, params["zy"], zeros)
+              @ matrices(ones, zeros, zeros - cx, zeros, ones, zeros - cy)
+              @ matrices(tf.where(flip, -ones, ones), zeros, tf.where(flip, width - 1, zeros),
+                         zeros, ones, zeros))
+    return tf.reshape(matrix, [-1, 9])[:, :8]
+
+
+def warp(images, transforms, fill):
+    """Bilinear affine warp with SciPy's edge rules, as `ImageDataGenerator` applies it.
+
+    fill "nearest" repeats the edge pixels; "constant" makes every point
+    outside the image black (SciPy's mode "constant", a hard edge). Written
+    with gathers rather than `keras.ops.image.affine_transform` because XLA
+    compiles it (4x faster on this CPU) and it gives the idg engine's pixels.
+    """
+    shape = tf.shape(images)
+    n, height, width = shape[0], shape[1], shape[2]
+    rows, cols = tf.meshgrid(tf.range(tf.cast(height, tf.float32)), tf.range(tf.cast(width, tf.float32)),
+                             indexing="ij")
+    t = transforms[:, :, None, None]
+    x, y = t[:, 0] * cols + t[:, 1] * rows + t[:, 2], t[:, 3] * cols + t[:, 4] * rows + t[:, 5]
+    x0, y0 = tf.floor(x), tf.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    x_max, y_max = tf.cast(width - 1, tf.float32), tf.cast(height - 1, tf.float32)
+    pixels = tf.reshape(images, [-1, shape[3]])
+    first_pixel = (tf.range(n) * height * width)[:, None, None]
+
+    def corner(dx, dy):
+        col = tf.cast(tf.clip_by_value(x0 + dx, 0, x_max), tf.int32)
+        row = tf.cast(tf.clip_by_value(y0 + dy, 0, y_max), tf.int32)
+        return tf.gather(pixels, first_pixel + row * width + col)
+
+    top, bottom = corner(0, 0), corner(0, 1)
+    top += fx * (corner(1, 0) - top)
+    bottom += fx * (corner(1, 1) - bottom)
+    warped = top + fy * (bottom - top)
+    if fill == "constant":
+        inside = (x >= 0) & (x <= x_max) & (y >= 0) & (y <= y_max)
+        warped *= tf.cast(inside, warped.dtype)[..., None]
+    return warped
+
+
+def _box_masks(shape, top, left, box_height, box_width):
+    """(n, h, w, 1) float masks, 1 inside each sample's box (boxes may overhang)."""
+    rows = tf.range(shape[1])[None, :, None]
+    cols = tf.range(shape[2])[None, None, :]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + box_height)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + box_width)[:, None, None]))
+    return tf.cast(inside, tf.float32)[..., None]
+
+
+def _box_corners(shape, box_height, box_width, seed):
+    """Top-left corners of boxes whose centres are uniform over the image."""
+    centre_seeds = tf.unstack(tf.random.split(seed, 2))
+    cy = tf.random.stateless_uniform([shape[0]], centre_seeds[0], 0, shape[1], tf.int32)
+    cx = tf.random.stateless_uniform([shape[0]], centre_seeds[1], 0, shape[2], tf.int32)
+    return cy - box_height // 2, cx - box_width // 2
+
+
+def cutout(images, side, seed):
+    """Black out one `side` x `side` square per image."""
+    shape = tf.shape(images)
+    sides = tf.fill([shape[0]], side)
+    top, left = _box_corners(shape, sides, sides, seed)
+    return images * (1 - _box_masks(shape, top, left, sides, sides))
+
+
+def _beta(n, alpha, seed):
+    seeds = tf.unstack(tf.random.split(seed, 2))
+    a, b = (tf.random.stateless_gamma([n], s, alpha=alpha) for s in seeds)
+    return a / (a + b)
+
+
+def mix(images, labels, mixup_alpha, cutmix_alpha, seed):
+    """Mix each sample with its neighbour in the batch by mixup or cutmix.
+
+    Returns images and soft labels whose rows sum to 1: the label weight of
+    each source is its share of the pixels (cutmix) or of the blend (mixup).
+    """
+    shape, n = tf.shape(images), tf.shape(images)[0]
+    mixup_seed, cutmix_seed, box_seed, choice_seed = tf.unstack(tf.random.split(seed, 4))
+    partner_images, partner_labels = tf.roll(images, 1, axis=0), tf.roll(labels, 1, axis=0)
+    results = []
+    if mixup_alpha:
+        lam = _beta(n, mixup_alpha, mixup_seed)[:, None]
+        results.append((lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * partner_images,
+                        lam * labels + (1 - lam) * partner_labels))
+    if cutmix_alpha:
+        cut = tf.sqrt(1 - _beta(n, cutmix_alpha, cutmix_seed))
+        box_height = tf.cast(cut * tf.cast(shape[1], tf.float32), tf.int32)
+        box_width = tf.cast(cut * tf.cast(shape[2], tf.float32), tf.int32)
+        masks = _box_masks(shape, *_box_corners(shape, box_height, box_width, box_seed), box_height, box_width)
+        pasted = tf.reduce_mean(masks, axis=[1, 2])  # share of pixels from the partner, after clipping
+        results.append((images * (1 - masks) + partner_images * masks,
+                        (1 - pasted) * labels + pasted * partner_labels))
+    if len(results) == 1:
+        return results[0]
+    use_mixup = tf.random.stateless_uniform([n], choice_seed) < 0.5
+    return (tf.where(use_mixup[:, None, None, None], results[0][0], results[1][0]),
+            tf.where(use_mixup[:, None], results[0][1], results[1][1]))
