@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kcifar.fileio import atomic_path
 
@@ -76,6 +77,7 @@ def learning_curves(history, path, best_index=None, monitor="val_loss", title="L
                        label=f"best epoch {int(epochs[best_index])} ({monitor} {best_value:.4g})")
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
