@@ -207,7 +207,7 @@ def best_epoch_index(history: dict, monitor="val_loss"):
     values = history.get(monitor)
     if values is None or np.all(np.isnan(values)):
         return None
-    return int(np.nanargmin(values) if "loss" in monitor else np.nanargmax(values))
+    return int(np.nanargmin(values) if monitor.endswith("loss") else np.nanargmax(values))
 
 
 def load_mask(path, n: int):

@@ -56,6 +56,8 @@ def read_run(run_dir) -> dict:
     recipe = read_recipe(run_dir)
     test, exact = metrics.get("test") or {}, metrics.get("test_exact") or {}
     documented = recipe.get("documented", {})
+    if not documented.get("accuracy"):  # resolved recipes carry accuracy 0.0, source "" when nothing is documented
+        documented = {}
     row = {
         "run": metrics.get("run", run_dir.name),
         "model": metrics.get("model", recipe.get("model")),

@@ -30,7 +30,7 @@ def metrics(top1, exact=None, **extra):
 def test_table_compares_the_exact_figure_with_the_documented_one(tmp_path):
     exact_run = write_run(tmp_path, "s3_adam", metrics(0.60, exact=0.6312), (0.61, "S3: Adam with amsgrad"))
     plain_run = write_run(tmp_path, "s3_sgd", metrics(0.55, finished=False), (0.61, "S3: Adam with amsgrad"))
-    bare_run = write_run(tmp_path, "vgg", metrics(0.9))
+    bare_run = write_run(tmp_path, "vgg", metrics(0.9), (0.0, ""))  # what a resolved recipe holds when undocumented
     md, csv_path = report.write_report([exact_run, plain_run, bare_run], tmp_path / "out" / "table")
 
     rows = list(csv.DictReader(csv_path.open()))
