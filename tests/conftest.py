@@ -3,6 +3,7 @@ tiny synthetic copies in the official layouts for everything else."""
 
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import numpy as np
 import pytest
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+TF_STARTUP_NOISE = re.compile(r"^(WARNING: All log messages before absl|[IWE]\d{4} \d\d:\d\d:\d\d)")
+
+
+def own_stderr_lines(stderr: str) -> list:
+    """stderr without the lines TensorFlow's C++ runtime prints at start-up, whatever the log level."""
+    return [line for line in stderr.strip().splitlines() if not TF_STARTUP_NOISE.match(line)]
 
 
 def _record(rng, n, label_keys, num_classes):
