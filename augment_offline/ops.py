@@ -1,24 +1,27 @@
 """The OpenCV transforms of the offline augmentation and how images are augmented.
 
-Each op has one magnitude ``m`` (overridable as ``name:m``) that bounds the
-parameters it draws for an image (see ``OPS``). An image copy applies each
-listed op with probability ``prob``, in a fixed order whatever order the ops
-were listed in: one affine warp for the geometric ops (flip, then rotate and
-scale about the image centre, then shift; bilinear; border reflected as
-``cv2.BORDER_REFLECT_101``: ``gfedcb|abcdefgh|gfedcba``), then brightness,
-contrast, hsv, blur, noise, cutout. Each photometric step rounds and
-saturates to uint8. Images are assumed RGB, as ``kcifar.data`` gives them.
+S1 step 15 says only that augmented images were made with OpenCV and saved;
+the ops, their ranges and the order below are assumed (common CIFAR choices),
+and each is a parameter. Each op has one magnitude ``m`` (``name:m`` on the
+command line) that bounds the parameters it draws for an image (see ``OPS``).
+An image copy applies each listed op with probability ``prob``, in a fixed
+order whatever order the ops were listed in: one affine warp for the
+geometric ops (flip, then rotate and scale about the image centre, then
+shift; bilinear; border reflected as ``cv2.BORDER_REFLECT_101``:
+``gfedcb|abcdefgh|gfedcba``), then brightness, contrast, hsv, blur, noise,
+cutout. Each photometric step rounds and saturates to uint8. Images are
+assumed RGB, as ``kcifar.data`` gives them.
 
 Randomness: copy ``c`` of source image ``i`` draws from a Philox4x64
 generator keyed by ``(seed, i * 2**32 + c)``, a counter-based generator made
 for independent keyed streams, so an image's result depends on nothing else
-(not on its shard, the worker, nor the other ops' outcomes). It draws one
+(not its shard, the worker, nor the other ops' outcomes). It draws one
 uniform per op (the op applies when ``u < prob``), then one per parameter of
-every op, applied or not. Noise pixels are a window of
-a table of 2**20 standard normals made once from ``seed`` (drawing 3,072
-normals per image would cost more than all other ops together); the window
-starts at a uniformly drawn offset, so within an image the noise is i.i.d.
-Gaussian, and images share a pattern only when their offsets coincide.
+every op, applied or not. Noise pixels are a window of a table of 2**20
+standard normals made once from ``seed`` (drawing 3,072 normals per image
+would cost more than all other ops together); the window starts at a drawn
+offset, so within an image the noise is i.i.d. Gaussian, and two images
+share a pattern only when their offsets coincide.
 """
 
 import dataclasses
@@ -68,8 +71,8 @@ OPS = {op.name: op for op in (
        lambda m: ((-180 * m, 180 * m), (1 - m, 1 + m))),
     Op("blur", 1.0, (0.1, 5), "Gaussian blur, sigma ~ U[m/2, m] px, kernel side 2*ceil(2m)+1", ("sigma",),
        lambda m: ((m / 2, m),)),
-    Op("noise", 8.0, (0, 128), "add Gaussian noise, sigma ~ U[0, m] (0..255 scale), pixels from "
-       "the noise table from a whole offset start", ("sigma", "start"),
+    Op("noise", 8.0, (0, 128), "add Gaussian noise, sigma ~ U[0, m] (0..255 scale), its pixels read from "
+       "the noise table at a drawn whole offset start", ("sigma", "start"),
        lambda m: ((0, m), (0, NOISE_TABLE_SIZE - IMAGE_SIZE + 1))),
     Op("cutout", 8.0, (1, 32), f"m x m square (m whole px) filled with {CUTOUT_FILL}, centre (cx, cy) "
        "a whole pixel uniform over 0..31, clipped at the border", ("cx", "cy"),

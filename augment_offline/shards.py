@@ -103,9 +103,10 @@ def _start(out_dir: Path, plan: dict) -> dict:
     path = out_dir / MANIFEST
     if path.exists():
         manifest = read_manifest(out_dir, require_complete=False)
-        if any(manifest[part] != plan[part] for part in plan):
-            differs = sorted(f"{part}.{key}" for part in plan for key in plan[part].keys() | manifest[part].keys()
-                             if plan[part].get(key) != manifest[part].get(key))
+        if any(manifest.get(part) != plan[part] for part in plan):
+            old = {part: manifest.get(part) or {} for part in plan}
+            differs = sorted(f"{part}.{key}" for part in plan for key in plan[part].keys() | old[part].keys()
+                             if plan[part].get(key) != old[part].get(key))
             raise KcifarError(f"{out_dir} already holds an augmented set made with other arguments (differs in: "
                               f"{', '.join(differs)}); re-run with the arguments in {path} or choose a new --out")
         for stale in [*out_dir.glob(".shard-*"), *out_dir.glob(".manifest.*")]:
