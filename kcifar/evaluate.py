@@ -13,7 +13,7 @@ are reported twice, on all images and on the exact subset, each labelled.
 Assumed where the documents are silent: the loss reported is plain
 cross-entropy without label smoothing; per-class accuracy and the confusion
 matrix use the whole split; ``best.keras`` is the epoch that is best by the
-recipe's ``early_stopping.monitor`` (``val_loss`` unless set).
+recipe's ``early_stopping.monitor`` (as kcifar.train saves it).
 """
 
 import argparse
@@ -26,6 +26,7 @@ import numpy as np
 from kcifar.data import Split, load_cifar
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import write_json
+from kcifar.recipe import DEFAULTS
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -170,11 +171,16 @@ def read_recipe(run_dir) -> dict:
         raise KcifarError(f"{path} is not valid TOML ({error}); fix or restore it") from None
 
 
+def _setting(recipe: dict, section: str, key: str):
+    """``recipe[section][key]`` (``section`` None: top level), else kcifar.recipe's default."""
+    table, default = (recipe, DEFAULTS) if section is None else (recipe.get(section, {}), DEFAULTS[section])
+    return table.get(key, default[key])
+
+
 def data_settings(recipe: dict) -> dict:
-    """The load_cifar arguments a run used (the contract's defaults where absent)."""
-    data = recipe.get("data", {})
-    return {"name": recipe.get("dataset", "cifar10"), "label_mode": data.get("label_mode", "fine"),
-            "val_size": int(data.get("val_size", 5000)), "seed": int(recipe.get("seed", 0))}
+    """The load_cifar arguments a run used."""
+    return {"name": _setting(recipe, None, "dataset"), "label_mode": _setting(recipe, "data", "label_mode"),
+            "val_size": int(_setting(recipe, "data", "val_size")), "seed": int(_setting(recipe, None, "seed"))}
 
 
 def read_history(path) -> dict:
@@ -202,7 +208,7 @@ def read_history(path) -> dict:
     return {c: np.array([row.get(c, np.nan) for row in ordered]) for c in columns}
 
 
-def best_epoch_index(history: dict, monitor="val_loss"):
+def best_epoch_index(history: dict, monitor: str):
     """Row of the epoch EarlyStopping keeps (first best by ``monitor``), or None."""
     values = history.get(monitor)
     if values is None or np.all(np.isnan(values)):
@@ -261,7 +267,7 @@ def split_suffix(split_name):
 
 
 def write_figures(out_dir, split: Split, logits, class_names, split_name="test", history=None,
-                  monitor="val_loss", title="") -> list:
+                  monitor="val_accuracy", title="") -> list:
     """Confusion matrix, per-class accuracy, prediction grid and (with ``history``) learning curves.
 
     Returns the written file names. Figures of the test split are
@@ -306,7 +312,7 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
     if subset_mask is None and split_name == "test" and data.test_exact_mask is not None:
         subset_mask, subset_label = data.test_exact_mask, f"pixel-exact {int(data.test_exact_mask.sum()):,}"
     recipe = read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
-    monitor = recipe.get("early_stopping", {}).get("monitor", "val_loss")
+    monitor = _setting(recipe, "early_stopping", "monitor")
     logits = predict_logits(model, split.x)
     result = {"run": recipe.get("name", run_dir.name), "dataset": data.name, "label_mode": data.label_mode,
               "data_source": data.source, "split": split_name}

@@ -49,7 +49,7 @@ def _save(fig, path):
     return path
 
 
-def learning_curves(history, path, best_index=None, monitor="val_loss", title="Learning curves"):
+def learning_curves(history, path, best_index=None, monitor="val_accuracy", title="Learning curves"):
     """Loss, accuracy and learning rate per epoch (train vs validation), best epoch marked.
 
     ``history`` maps CSVLogger columns to arrays; ``epoch`` is 0-based there
