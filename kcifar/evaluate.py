@@ -136,6 +136,9 @@ def metrics_from_logits(logits, y, class_names, mask=None, all_label=None, mask_
                      for t, p in zip(*np.unravel_index(worst, confusion.shape)) if off_diagonal[t, p] > 0]
     subset = None
     if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != y.shape:
+            raise KcifarError(f"the subset mask is {mask.dtype} {mask.shape}; it must be bool {y.shape}")
         subset = summary_metrics(logits[mask], y[mask], mask_label or f"subset of {int(mask.sum()):,}")
     return {
         "all": summary_metrics(logits, y, all_label or f"all {len(y):,}"),
@@ -314,7 +317,7 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
     recipe = read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
     monitor = _setting(recipe, "early_stopping", "monitor")
     logits = predict_logits(model, split.x)
-    result = {"run": recipe.get("name", run_dir.name), "dataset": data.name, "label_mode": data.label_mode,
+    result = {"run": recipe.get("name") or run_dir.name, "dataset": data.name, "label_mode": data.label_mode,
               "data_source": data.source, "split": split_name}
     result.update(metrics_from_logits(logits, split.y, data.class_names, subset_mask,
                                       f"all {len(split.y):,}", subset_label))

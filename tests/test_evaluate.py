@@ -252,3 +252,8 @@ def test_flags_that_contradict_the_recipe_and_bad_masks(tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.ones(3, bool))
     err = _one_line_error([str(run), "--data-dir", str(data_dir), "--subset-mask", str(tmp_path / "short.npy")], capsys)
     assert "needs bool (20,)" in err
+
+
+def test_library_refuses_a_mask_of_the_wrong_length():
+    with pytest.raises(KcifarError, match="must be bool"):
+        evaluate.metrics_from_logits(np.eye(3), np.arange(3), ["a", "b", "c"], mask=np.ones(4, bool))
