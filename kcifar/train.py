@@ -18,6 +18,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -266,11 +267,11 @@ def _finished(run_dir: Path) -> bool:
 
 
 def evaluate_test(model, data, batch_size: int) -> dict:
-    """Test loss/top-1/top-5 on all test images and, when known, on the pixel-exact subset."""
+    """Test top-1/top-5 on all test images and, when known, on the pixel-exact subset."""
 
     def measure(x, y):
         scores = model.evaluate(eval_dataset(x, y, data.num_classes, batch_size), verbose=0, return_dict=True)
-        return {"top1": scores["accuracy"], "top5": scores["top5"], "loss": scores["loss"], "n": int(len(y))}
+        return {"top1": scores["accuracy"], "top5": scores["top5"], "n": int(len(y))}
 
     result = {"test": measure(data.test.x, data.test.y), "test_exact": None}
     if data.test_exact_mask is not None:
@@ -289,14 +290,16 @@ def environment() -> dict:
 
 
 def summarize(recipe: dict, history: list, test: dict, wall_time: float) -> dict:
-    monitor = "val_accuracy"
-    val = [float(r[monitor]) for r in history if r.get(monitor)]
+    """metrics.json: the kept model's epoch (best by the early-stopping monitor) and its scores."""
+    monitor = recipe["early_stopping"]["monitor"]
+    scores = [float(r[monitor]) for r in history if r.get(monitor)]
+    best = (int(np.argmin(scores)) if monitor.endswith("loss") else int(np.argmax(scores))) if scores else None
     speeds = [float(r["train_images_per_s"]) for r in history if r.get("train_images_per_s")]
     steady = speeds[1:] or speeds  # the first epoch includes graph tracing
     return {
         "run": recipe["name"], "model": recipe["model"], "dataset": recipe["dataset"], "finished": True,
-        "best_val_accuracy": max(val) if val else None,
-        "best_epoch": int(np.argmax(val)) + 1 if val else None,  # counted from 1
+        "best_val_accuracy": float(history[best]["val_accuracy"]) if scores else None,  # of the kept model
+        "best_epoch": best + 1 if scores else None,  # counted from 1
         "epochs_run": len(history),
         **test,
         "wall_time_s": round(wall_time, 1),
@@ -309,8 +312,16 @@ def summarize(recipe: dict, history: list, test: dict, wall_time: float) -> dict
 # ------------------------------------------------------------ the whole run
 
 
-def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> dict:
-    """Train ``recipe`` into ``runs_dir/<name>`` (resuming it when interrupted); returns metrics."""
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    model: keras.Model  # with the kept (best validation) weights
+    data: kdata.CifarData
+
+
+def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
+    """Train ``recipe`` into ``runs_dir/<name>``, resuming it when interrupted."""
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     spec = recipe["train"]
@@ -345,7 +356,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     metrics = summarize(recipe, history, evaluate_test(model, data, batch_size), time.perf_counter() - started)
     fileio.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
-    return metrics
+    return RunResult(run_dir, metrics, model, data)
 
 
 # ------------------------------------------------------------ command line
@@ -406,8 +417,12 @@ def main(argv=None):
     if not args.recipe and not argv_sets_anything(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
-    metrics = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=0 if args.quiet else 2)
-    print(json.dumps({k: metrics[k] for k in ("run", "best_val_accuracy", "best_epoch", "test", "test_exact")}, indent=2))
+    result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=0 if args.quiet else 2)
+    from kcifar import evaluate  # the step after training: figures and the full evaluation
+
+    evaluation = evaluate.evaluate_run(result.run_dir, result.model, result.data)
+    print(evaluate.describe(evaluation))
+    print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(evaluation['figures'])})")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def run_cli(args, runs_dir, env_data_dir=None, **kwargs):
 
 def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path):
     recipe = krecipe.resolve(None, QUICK + ["train.epochs=3", "name=short"])
-    metrics = train(recipe, tmp_path, real_cifar10_dir, verbose=0)
+    metrics = train(recipe, tmp_path, real_cifar10_dir, verbose=0).metrics
     run = tmp_path / "short"
     assert {"recipe.toml", "history.csv", "best.keras", "metrics.json"} <= {p.name for p in run.iterdir()}
     assert not (run / "backup").exists()  # removed once the run is finished
@@ -60,6 +60,8 @@ def test_finished_run_is_not_overwritten(tiny_cifar10, tmp_path):
     assert (tmp_path / "runs" / "tiny" / "metrics.json").read_text() == before
     different = run_cli(args + ["--overwrite", "--lr", "0.01"], tmp_path / "runs")
     assert different.returncode == 0
+    figures = {p.name for p in (tmp_path / "runs" / "tiny").glob("*.png")}
+    assert {"learning_curves.png", "confusion.png", "per_class_accuracy.png", "predictions.png"} <= figures
 
 
 WORKER = textwrap.dedent("""
@@ -127,7 +129,7 @@ MIRRORED = textwrap.dedent("""
         losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
         print(name, strategy.num_replicas_in_sync, losses[-1])
     r = recipe.resolve(None, ["train.strategy=mirrored", "train.epochs=1", "data.val_size=20", "name=m"])
-    metrics = train.train(r, sys.argv[1], verbose=0)
+    metrics = train.train(r, sys.argv[1], verbose=0).metrics
     print("trained", metrics["epochs_run"], metrics["test"]["n"])
 """)
 
