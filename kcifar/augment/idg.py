@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import threading
+import warnings
 
 import keras
 import numpy as np
@@ -22,6 +23,9 @@ def image_data_generator(geometry):
         shear_range=geometry.shear, zoom_range=geometry.zoom, horizontal_flip=geometry.hflip,
         fill_mode=geometry.fill, cval=0.0)
 
+
+# Keras' legacy generator calls SciPy through a deprecated alias, once per channel.
+warnings.filterwarnings("ignore", message="Please import `affine_transform`", category=DeprecationWarning)
 
 # ImageDataGenerator draws from NumPy's global generator; workers take turns seeding it.
 _GLOBAL_NUMPY_RANDOM = threading.Lock()
@@ -63,7 +67,7 @@ class IdgDataset(keras.utils.PyDataset):
             images = np.stack([self.generator.apply_transform(image, w) for image, w in zip(images, warps)])
         if self.cfg.extras:
             seed = tf.constant([self.seed, self.epoch * 1_000_003 + index], tf.int64)
-            images, labels = (t.numpy() for t in augment_batch(
+            images, labels = (np.asarray(t) for t in augment_batch(
                 images, labels, dataclasses.replace(self.cfg, preset="none"), seed))
         return images, labels
 
