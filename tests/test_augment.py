@@ -3,6 +3,7 @@
 import dataclasses
 
 import keras
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -200,3 +201,22 @@ def test_bad_config_is_a_user_error(kwargs):
 def test_bad_arrays_are_a_user_error(x_shape, y, batch_size):
     with pytest.raises(KcifarError):
         train_dataset(np.zeros(x_shape, np.uint8), np.array(y), 10, batch_size, AugmentConfig())
+
+
+def test_preview_cli_writes_a_grid_of_originals_and_draws(tiny_cifar10, tmp_path, capsys):
+    from kcifar.augment.__main__ import main
+
+    out = tmp_path / "grid.png"
+    main(["--preset", "s4", "--engine", "idg", "--mixup", "0.4", "--images", "3", "--copies", "2", "--out", str(out)])
+    grid = matplotlib.image.imread(out)
+    assert grid.shape[0] > 300 and grid.shape[1] > 300
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_preview_cli_bad_option_exits_2(tiny_cifar10, tmp_path, capsys):
+    from kcifar.augment.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cutout", "-3", "--out", str(tmp_path / "grid.png")])
+    assert exit_info.value.code == 2 and "cutout" in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()

@@ -30,7 +30,8 @@ from kcifar.augment.idg import IdgDataset
 from kcifar.augment.tf_ops import augment_batch
 from kcifar.errors import KcifarError
 
-__all__ = ["AugmentConfig", "ENGINES", "Geometry", "IdgDataset", "PRESETS", "eval_dataset", "train_dataset"]
+__all__ = ["AugmentConfig", "ENGINES", "Geometry", "IdgDataset", "PRESETS", "augment_once", "eval_dataset",
+           "train_dataset"]
 
 
 def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=2):
@@ -54,6 +55,16 @@ def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=2):
 
     batches = tf.data.Dataset.zip(indices.batch(batch_size), batch_seeds)
     return batches.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def augment_once(x, y, num_classes, cfg, seed=0):
+    """All of x augmented once, in order, as one NumPy batch (images, labels): for previews."""
+    x, y = _check_arrays(x, y, num_classes, len(x))
+    if cfg.engine == "idg":
+        return IdgDataset(x, y, num_classes, len(x), cfg, seed, workers=1, shuffle=False)[0]
+    images, labels = augment_batch(tf.cast(x, tf.float32), tf.one_hot(y, num_classes), cfg,
+                                   tf.constant([seed, 0], tf.int64))
+    return images.numpy(), labels.numpy()
 
 
 def eval_dataset(x, y, num_classes, batch_size):

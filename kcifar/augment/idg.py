@@ -36,19 +36,21 @@ class IdgDataset(keras.utils.PyDataset):
 
     Batch `i` of epoch `e` depends only on (seed, e, i), so the result does not
     depend on which worker builds it. `on_epoch_end` (called by `fit`) moves to
-    the next epoch: new order, new warps. Threads rather than processes: SciPy
-    releases the GIL in the warp, and TF ops (extras) are unsafe after fork.
+    the next epoch: new order (unless shuffle=False), new warps. Threads, not
+    processes: the extras run TF ops, which are unsafe in a forked process.
     """
 
-    def __init__(self, x, y, num_classes, batch_size, cfg, seed=0, workers=2):
+    def __init__(self, x, y, num_classes, batch_size, cfg, seed=0, workers=2, shuffle=True):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
         self.x, self.y, self.num_classes = x, y, num_classes
-        self.batch_size, self.cfg, self.seed = int(batch_size), cfg, seed
+        self.batch_size, self.cfg, self.seed, self.shuffle = int(batch_size), cfg, seed, shuffle
         self.generator = image_data_generator(cfg.geometry)
         self.epoch = 0
         self.order = self._order()
 
     def _order(self):
+        if not self.shuffle:
+            return np.arange(len(self.x))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
 
     def __len__(self):

@@ -1,0 +1,38 @@
+"""``python -m kcifar.augment --preset s4 --out grid.png``: a grid of CIFAR-10 training
+images (one per class) beside several augmented draws of each, to look at."""
+
+import argparse
+
+from kcifar.augment import ENGINES, PRESETS, AugmentConfig
+from kcifar.errors import cli
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.augment", description=__doc__)
+    parser.add_argument("--preset", default="s4", choices=sorted(PRESETS))
+    parser.add_argument("--engine", default="tf", choices=ENGINES)
+    parser.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels (0 = off)")
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0 = off)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha (0 = off)")
+    parser.add_argument("--images", type=int, default=6, help="rows: one image of each of the first N classes")
+    parser.add_argument("--copies", type=int, default=7, help="augmented draws per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (else KCIFAR_DATA_DIR)")
+    parser.add_argument("--out", default="augment_preview.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    cfg = AugmentConfig(preset=args.preset, engine=args.engine, cutout=args.cutout, mixup=args.mixup,
+                        cutmix=args.cutmix)
+
+    from kcifar.augment.preview import one_per_class, preview
+    from kcifar.data import load_cifar
+
+    data = load_cifar("cifar10", data_dir=args.data_dir, val_size=0)
+    chosen = one_per_class(data.train.y, args.images)
+    path = preview(data.train.x[chosen], data.train.y[chosen], data.class_names, cfg, args.out,
+                   copies=args.copies, seed=args.seed)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
