@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--label-mode", default="fine", choices=["fine", "coarse"])
     parser.add_argument("--val-size", type=int, default=5000, help="validation images held out (as the recipe)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (the recipe's seed)")
-    parser.add_argument("--data-dir", help="folder holding the data (default: $KCIFAR_DATA_DIR, then the Keras cache)")
+    parser.add_argument("--data-dir", help="folder holding the data; unset: $KCIFAR_DATA_DIR, then the Keras cache")
     parser.add_argument("--limit", type=int, default=0, help="augment only the first N training images (trials)")
     parser.add_argument("--copies", type=int, default=4, help="augmented copies per training image")
     parser.add_argument("--ops", default=DEFAULT_OPS, help=f"comma list, name or name:magnitude. {ops_help}")

@@ -169,6 +169,15 @@ def test_bad_ops_are_refused(ops, message):
         parse_ops(ops)
 
 
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_cifar10, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--out", str(tmp_path / "set"), "--val-size", "20", "--ops", "flip,rotate:500", "--quiet"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: rotate:500 is out of range; rotate takes m in [0, 180]: angle ~ U[-m, m] degrees (counter-clockwise)"]
+    assert not (tmp_path / "set").exists()
+
+
 # ------------------------------------------------------------ the ops
 
 
