@@ -9,7 +9,8 @@ BatchNorm layers stay in inference mode; stage 2 unfreezes the top
 rate. Both stages stop early on the validation split.
 
 Fast path (``cache_features``): the frozen part of the network is computed
-once per image and kept on disk (``features/`` in the run directory); stage 1
+once per image and kept on disk (``$KERAS_HOME/kcifar/features/``, shared by
+runs with the same backbone, resolution, split and ``unfreeze_blocks``); stage 1
 trains the head on pooled features, stage 2 trains the unfrozen top on the
 cached activations. Only horizontal flips augment there (both versions of each
 training image are cached when ``flip = true``). Without the fast path, the
@@ -24,9 +25,9 @@ kcifar run directory (its ``best.keras``, e.g. a CIFAR-10 run for CIFAR-100).
 
 import argparse
 import copy
+import hashlib
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -298,14 +299,13 @@ def feature_key(recipe) -> dict:
             **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset", "offline_aug")}}
 
 
-def open_feature_dir(run_dir, recipe) -> Path:
-    """``run_dir/features``, emptied when it holds features of another setting."""
-    folder, key = Path(run_dir) / "features", feature_key(recipe)
-    meta = folder / "key.json"
-    if folder.exists() and (not meta.exists() or json.loads(meta.read_text()) != key):
-        shutil.rmtree(folder)
-    if not meta.exists():
-        fileio.write_json(meta, key)
+def feature_dir(recipe) -> Path:
+    """Where the cached features of ``recipe`` live: ``<Keras cache>/kcifar/features/<hash>/``
+    (``key.json`` says what they are), shared by runs with the same ``feature_key``."""
+    key = json.dumps(feature_key(recipe), sort_keys=True)
+    folder = pretrained.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    if not (folder / "key.json").exists():
+        fileio.write_text(folder / "key.json", key + "\n")
     return folder
 
 
@@ -314,7 +314,7 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     Returns (head layers, epochs run per stage)."""
     ft, spec = recipe["finetune"], recipe["train"]
     bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
-    folder = open_feature_dir(run_dir, recipe)
+    folder = feature_dir(recipe)
 
     def log(done, total):
         if verbose:
