@@ -220,3 +220,14 @@ def test_preview_cli_bad_option_exits_2(tiny_cifar10, tmp_path, capsys):
         main(["--cutout", "-3", "--out", str(tmp_path / "grid.png")])
     assert exit_info.value.code == 2 and "cutout" in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_equal_configs_share_one_compilation():
+    from kcifar.augment.tf_ops import augment_compiled
+
+    x, y = random_images(96)
+    one_epoch(train_dataset(x, y, 10, 32, AugmentConfig(engine="idg", cutout=8)))
+    traces = augment_compiled.experimental_get_tracing_count()
+    for engine in ENGINES:  # new but equal configs, every batch
+        one_epoch(train_dataset(x, y, 10, 32, AugmentConfig(engine=engine, cutout=8)))
+    assert augment_compiled.experimental_get_tracing_count() == traces

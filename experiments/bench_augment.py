@@ -1,0 +1,178 @@
+"""How fast is online augmentation on this machine, and does it slow training down?
+
+1. Pipeline: images/s that `train_dataset` delivers for every preset on both
+   engines (and one config with cutout + mixup + cutmix), consumed the way
+   `model.fit` consumes it: the tf engine's `tf.data.Dataset` directly, the idg
+   engine's `PyDataset` through Keras' own adapter with its worker threads.
+   The first pass (XLA compilation, thread start) is not timed.
+2. Training: `model.fit` images/s for `s0_model3` and `vgg16` without
+   augmentation (preset none) and with preset s4 on each engine, timed over
+   the steps after a warm-up, each config run `--repeats` times in turn
+   (A B C A B C) and the best kept, since other jobs share the CPU.
+   Compiled like `kcifar.train` on a CPU machine: Adam, one-hot
+   CategoricalCrossentropy(from_logits=True), no XLA for the model.
+
+Targets (issue 5): tf engine >= 10x idg per preset; fit with tf augmentation
+>= 95 % of fit without.
+
+    KCIFAR_DATA_DIR=/work/shared/datasets python experiments/bench_augment.py \
+        --out experiments/results/bench_augment.md
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import scipy
+import tensorflow as tf
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+from kcifar import models
+from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset
+from kcifar.data import load_cifar
+from kcifar.fileio import write_text
+
+BATCH = 64
+EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
+
+
+def pipeline_rate(x, y, cfg, workers):
+    """Images/s of one epoch over x, after one untimed epoch."""
+    ds = train_dataset(x, y, 10, BATCH, cfg, seed=0, workers=workers)
+    if isinstance(ds, IdgDataset):
+        adapter = PyDatasetAdapter(ds)
+
+        def epoch():
+            adapter.on_epoch_begin()
+            count = sum(len(images) for images, _ in adapter.get_tf_dataset())
+            adapter.on_epoch_end()
+            return count
+    else:
+        def epoch():
+            return sum(len(images) for images, _ in ds)
+    epoch()
+    start = time.perf_counter()
+    count = epoch()
+    return count / (time.perf_counter() - start)
+
+
+def pipeline_table(x_tf, x_idg, y_tf, y_idg, workers):
+    configs = [AugmentConfig(preset=p) for p in PRESETS] + [AugmentConfig(preset="s4", **EXTRAS)]
+    rows = ["| preset | tf engine img/s | idg engine img/s | tf / idg |", "|---|---:|---:|---:|"]
+    for cfg in configs:
+        tf_rate = pipeline_rate(x_tf, y_tf, cfg, workers)
+        idg_rate = pipeline_rate(x_idg, y_idg, dataclasses.replace(cfg, engine="idg"), workers)
+        name = cfg.preset + (" + cutout 16, mixup 0.2, cutmix 1.0" if cfg.extras else "")
+        rows.append(f"| {name} | {tf_rate:,.0f} | {idg_rate:,.0f} | {tf_rate / idg_rate:.1f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+class StepClock(keras.callbacks.Callback):
+    """Time at the end of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+
+def fit_rate(name, x, y, cfg, warmup, workers):
+    """Training images/s of `model.fit` over the steps after `warmup`."""
+    keras.utils.set_random_seed(0)
+    model = models.build(name)
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.CategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=False)
+    clock = StepClock()
+    model.fit(train_dataset(x, y, 10, BATCH, cfg, seed=0, workers=workers), epochs=1, verbose=0,
+              callbacks=[clock])
+    steps = len(clock.times) - 1 - warmup
+    return steps * BATCH / (clock.times[-1] - clock.times[warmup])
+
+
+def fit_table(x, y, model_steps, repeats, workers):
+    configs = {"none": AugmentConfig(), "s4 tf": AugmentConfig(preset="s4"),
+               "s4 idg": AugmentConfig(preset="s4", engine="idg")}
+    rows = ["| model | steps timed | no augmentation img/s | s4, tf engine img/s | s4, idg engine img/s |",
+            "|---|---:|---:|---:|---:|"]
+    for name, (steps, warmup) in model_steps.items():
+        n = (steps + warmup + 1) * BATCH
+        best = {label: 0.0 for label in configs}
+        for _ in range(repeats):
+            for label, cfg in configs.items():
+                best[label] = max(best[label], fit_rate(name, x[:n], y[:n], cfg, warmup, workers))
+                print(f"  {name} {label}: {best[label]:,.0f} img/s (best so far)", flush=True)
+        base = best["none"]
+        rows.append(f"| {name} | {steps} | {base:,.0f} | {best['s4 tf']:,.0f} ({best['s4 tf'] / base:.0%}) "
+                    f"| {best['s4 idg']:,.0f} ({best['s4 idg'] / base:.0%}) |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def sh(command):
+    return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    parser.add_argument("--tf-images", type=int, default=12800, help="images per timed tf-engine epoch")
+    parser.add_argument("--idg-images", type=int, default=3200, help="images per timed idg-engine epoch")
+    parser.add_argument("--workers", type=int, default=2, help="idg engine worker threads")
+    parser.add_argument("--s0-steps", type=int, default=150)
+    parser.add_argument("--vgg-steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-fit", action="store_true")
+    args = parser.parse_args()
+
+    load_before, started = sh("uptime"), datetime.datetime.now().astimezone()
+    data = load_cifar("cifar10", val_size=5000)
+    x, y = data.train.x, data.train.y
+    print("pipeline", flush=True)
+    pipeline = pipeline_table(x[:args.tf_images], x[:args.idg_images], y[:args.tf_images], y[:args.idg_images],
+                              args.workers)
+    fit = []
+    if not args.skip_fit:
+        print("fit", flush=True)
+        fit = fit_table(x, y, {"s0_model3": (args.s0_steps, 10), "vgg16": (args.vgg_steps, 5)},
+                        args.repeats, args.workers)
+    load_after = sh("uptime")
+    report = "\n".join([
+        "# Online augmentation speed: tf engine vs ImageDataGenerator engine",
+        "",
+        "Command (from the repository root):",
+        "",
+        "    KCIFAR_DATA_DIR=/work/shared/datasets /work/venv/bin/python experiments/bench_augment.py "
+        + " ".join(sys.argv[1:]),
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M %Z} (`date`: {sh('date')} at the end)",
+        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; CPU shared with other jobs",
+        f"- Load (`uptime`) before: `{load_before}`",
+        f"- Load (`uptime`) after: `{load_after}`",
+        f"- Versions: TensorFlow {tf.__version__}, Keras {keras.__version__}, SciPy {scipy.__version__}, "
+        f"NumPy {np.__version__}, Python {platform.python_version()}",
+        f"- Batch {BATCH}; CIFAR-10 training images; idg engine with {args.workers} worker threads.",
+        "",
+        f"## Pipeline images/s (tf: {args.tf_images} images per timed epoch; idg: {args.idg_images})",
+        "",
+        *pipeline,
+        "",
+        *([f"## model.fit training images/s (best of {args.repeats}; jit_compile=False, Adam)", "", *fit, ""]
+          if fit else []),
+    ])
+    print(report)
+    if args.out:
+        write_text(args.out, report + "\n")
+
+
+if __name__ == "__main__":
+    main()
