@@ -257,6 +257,8 @@ def fit_stage(model, recipe, stage, train_ds, steps, val_ds, run_dir, initial_ep
     stop = spec["early_stopping"]
     callbacks = [ktrain.EpochStats(steps * spec["train"]["batch_size"]), keras.callbacks.TerminateOnNaN(),
                  keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
+    plateau = ktrain.optim.plateau_callback(spec["schedule"], "val_loss" if val_ds is not None else "loss")
+    callbacks += [plateau] if plateau else []
     if stop["enabled"] and val_ds is not None:
         callbacks.insert(0, keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=stop["patience"],
                                                           restore_best_weights=True, verbose=1))
@@ -327,7 +329,8 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
         cut["train"] = np.concatenate([cut["train"], cached_features(bottom, train_split.x, folder / "train_flip.npy",
                                                                      flip=True, log=log)])
         train_y = np.concatenate([train_y, train_y])
-    pooled = {k: extract(top, v) if top is not None else v for k, v in cut.items()}
+    pooled = {k: cached_features(top, v, folder / f"{k}_pooled.npy") if top is not None else v
+              for k, v in cut.items()}  # the frozen top's output, before stage 2 changes it
     batch, classes = spec["batch_size"], data.num_classes
     steps = -(-len(train_split) // batch)  # an epoch = as many images as the training split holds
     head = new_head(classes, ft["head_dropout"])
