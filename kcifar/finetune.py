@@ -1,6 +1,6 @@
 """Transfer learning: fine-tune an ImageNet-pretrained backbone on CIFAR.
 
-    python -m kcifar.finetune experiments/recipes/finetune_lite0.toml
+    python -m kcifar.finetune experiments/recipes/finetune_lite0_r192.toml
 
 The backbone sees the CIFAR image upscaled inside the model (``resolution``).
 Stage 1 trains a new head (dropout + dense) on the frozen backbone, whose
@@ -48,7 +48,7 @@ KERAS_APPS = {
 }
 LITE = {"efficientnet_lite0": "lite0", "efficientnet_lite2": "lite2"}
 # A block is the run of layers whose names share this prefix (block6b_..., conv5_block3_..., block_16_...).
-BLOCK_PREFIX = re.compile(r"^(conv\d_block\d+|block_\d+|block\d+[a-z]?|[A-Za-z]+)")
+BLOCK_PREFIX = re.compile(r"^(conv\d_block\d+|block_\d+|block\d+[a-z]?|[A-Za-z]+(?:_?\d+)?)")
 
 
 def backbone_names():
@@ -68,9 +68,11 @@ def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
     if weights not in ("imagenet", None) and not Path(weights).is_file():
         raise KcifarError(f"weights file {weights} does not exist; pass weights = \"imagenet\" (online) or a local file")
     module = getattr(keras.applications, module_name)
-    try:
-        base = getattr(keras.applications, class_name)(include_top=False, weights=weights, pooling="avg",
-                                                       input_shape=(resolution, resolution, 3))
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Resizing(resolution, resolution, name="upscale")(inputs) if input_shape[0] != resolution else inputs
+    try:  # built on our tensor, so its layers join this graph (no nested model to cut through)
+        return getattr(keras.applications, class_name)(include_top=False, weights=weights, pooling="avg",
+                                                       input_tensor=module.preprocess_input(x), name=name)
     except ValueError as error:  # e.g. a resolution without ImageNet weights, a file of another model
         raise KcifarError(f"{name}: {error}") from None
     except Exception as error:  # Keras raises a bare Exception when the download fails
@@ -78,10 +80,6 @@ def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
             raise KcifarError(f"cannot load {name} weights from {weights}: {error}") from None
         raise KcifarError(f"cannot download the ImageNet weights of {name} (offline?); pass a local file with "
                           f"--weights PATH, or use backbone efficientnet_lite0 (weights from pip)") from None
-    inputs = keras.Input(input_shape, name="image")
-    x = keras.layers.Resizing(resolution, resolution, name="upscale")(inputs) if input_shape[0] != resolution else inputs
-    outputs = base(module.preprocess_input(x), training=False)
-    return keras.Model(inputs, outputs, name=name)
 
 
 def run_dir_backbone(path):
@@ -117,11 +115,12 @@ def flat_layers(model):
 
 
 def blocks(model):
-    """Block names, in order, of the layers that hold weights."""
+    """Block names, in order, of the layers that hold weights (consecutive layers
+    with one name prefix form a block)."""
     names = []
     for layer in flat_layers(model):
         key = BLOCK_PREFIX.match(layer.name).group(1)
-        if layer.weights and key not in names:
+        if layer.weights and (not names or names[-1] != key):
             names.append(key)
     return names
 
@@ -147,7 +146,10 @@ def split_backbone(backbone, unfreeze_blocks):
     cut = backbone.get_layer(first).input
     if isinstance(cut, (list, tuple)):
         raise KcifarError(f"block {first} takes several inputs; choose another unfreeze_blocks")
-    return keras.Model(backbone.input, cut, name="bottom"), keras.Model(cut, backbone.output, name="top")
+    try:
+        return keras.Model(backbone.input, cut, name="bottom"), keras.Model(cut, backbone.output, name="top")
+    except ValueError as error:  # a connection bypasses the cut
+        raise KcifarError(f"cannot cut {backbone.name} before {first}: {error}; choose another unfreeze_blocks") from None
 
 
 def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
@@ -222,7 +224,7 @@ def stage_recipe(recipe, stage) -> dict:
 # ------------------------------------------------------------ models
 
 
-def new_head(num_classes, dropout, name="head"):
+def new_head(num_classes, dropout):
     """The layers put on the pooled features: dropout, then ``predictions`` (logits)."""
     return [keras.layers.Dropout(dropout, name="head_dropout"),
             keras.layers.Dense(num_classes, dtype="float32", name="predictions")]
