@@ -217,23 +217,31 @@ def _warp(images, applied, params, aug):
     return images
 
 
-def _per_image(values):
-    """(k,) per-image values shaped to broadcast over (k, ...) images."""
-    return values.astype(np.float32).reshape(-1, 1, 1, 1)
+def _flat(images):
+    """(k, 32, 32, 3) -> (k, 3072): per-image values then broadcast along one long axis (fast in numpy)."""
+    return images.reshape(len(images), -1)
 
 
-def _to_uint8(values):
+def _column(values):
+    return values.astype(np.float32).reshape(-1, 1)
+
+
+def _to_uint8(values, shape=None):
     """Round and saturate a float32 array (overwritten) to uint8."""
-    return np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+    values = np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+    return values if shape is None else values.reshape(shape)
 
 
 def _brightness(images, m, values, aug):
-    return _to_uint8(images + _per_image(values[:, 0]))
+    return _to_uint8(_flat(images) + _column(values[:, 0]), images.shape)
 
 
 def _contrast(images, m, values, aug):
-    mean = _per_image(images.reshape(len(images), -1).mean(axis=1))
-    return _to_uint8(mean + _per_image(values[:, 0]) * (images - mean))
+    mean = _column(_flat(images).mean(axis=1))
+    out = _flat(images) - mean
+    out *= _column(values[:, 0])
+    out += mean
+    return _to_uint8(out, images.shape)
 
 
 def _hsv(images, m, values, aug):
@@ -241,7 +249,7 @@ def _hsv(images, m, values, aug):
     hsv = cv2.cvtColor(images.reshape(-1, 32, 3), cv2.COLOR_RGB2HSV).reshape(images.shape)
     steps = np.rint(values[:, 0] / 2.0).astype(np.int16).reshape(-1, 1, 1)
     hsv[..., 0] = (hsv[..., 0] + steps) % 180
-    hsv[..., 1] = _to_uint8(hsv[..., 1] * values[:, 1].astype(np.float32).reshape(-1, 1, 1))
+    hsv[..., 1] = _to_uint8(hsv[..., 1].reshape(len(hsv), -1) * _column(values[:, 1]), hsv.shape[:3])
     return cv2.cvtColor(hsv.reshape(-1, 32, 3), cv2.COLOR_HSV2RGB).reshape(images.shape)
 
 
@@ -252,11 +260,10 @@ def _blur(images, m, values, aug):
 
 
 def _noise(images, m, values, aug):
-    windows = np.lib.stride_tricks.sliding_window_view(aug.noise, IMAGE_SIZE)[values[:, 1].astype(np.int64)]
-    noise = windows.reshape(images.shape)
-    noise *= _per_image(values[:, 0])
-    noise += images
-    return _to_uint8(noise)
+    noise = np.lib.stride_tricks.sliding_window_view(aug.noise, IMAGE_SIZE)[values[:, 1].astype(np.int64)]
+    noise *= _column(values[:, 0])
+    noise += _flat(images)
+    return _to_uint8(noise, images.shape)
 
 
 def _cutout(images, m, values, aug):

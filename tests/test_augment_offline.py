@@ -316,7 +316,7 @@ def test_cli_then_training_on_the_offline_augmented_set(tiny_cifar10, tmp_path):
 
     recipe = krecipe.resolve(None, ["data.val_size=20", "train.epochs=1", "train.batch_size=32",
                                     f"data.offline_aug={out}", "name=offline"])
-    metrics = train(recipe, tmp_path / "runs", verbose=0)
+    metrics = train(recipe, tmp_path / "runs", verbose=0).metrics
     assert metrics["finished"] and metrics["epochs_run"] == 1
 
     shard = out / manifest["shards"][0]["file"]
