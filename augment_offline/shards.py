@@ -71,7 +71,7 @@ def build(x, y, out_dir, *, ops, copies: int, seed: int = 0, prob: float = 0.5, 
 
 def _check_arguments(x, y, copies, seed, prob, shard_size, workers):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x) or not len(x):
-        raise KcifarError(f"need uint8 images (n, 32, 32, 3) with n labels, got {x.dtype} {x.shape} and {len(y)} labels")
+        raise KcifarError(f"need uint8 images (n, 32, 32, 3) and n labels, got {x.dtype} {x.shape}, {len(y)} labels")
     if copies < 1 or shard_size < 1 or workers < 1:
         raise KcifarError(f"--copies, --shard-size and --workers must be >= 1 (got {copies}, {shard_size}, {workers})")
     if not 0 <= seed < 2**63:

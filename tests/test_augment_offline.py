@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def smooth_images(n, seed=0):
     """Synthetic photos: random 4x4 colour fields upsampled, so warps and blur act as on real images."""
     coarse = np.random.default_rng(seed).integers(30, 226, size=(n, 4, 4, 3)).astype(np.float32)
-    return np.stack([np.clip(cv2.resize(c, (32, 32), interpolation=cv2.INTER_CUBIC), 0, 255) for c in coarse]).astype(np.uint8)
+    fine = [cv2.resize(c, (32, 32), interpolation=cv2.INTER_CUBIC) for c in coarse]
+    return np.clip(np.stack(fine), 0, 255).astype(np.uint8)
 
 
 def make(out, x, y, **overrides):
