@@ -43,7 +43,15 @@ def _is_gpu_machine():
 
 
 def make_strategy(name: str):
-    """auto: MirroredStrategy over all GPUs when there are several, else the default."""
+    """auto: MirroredStrategy over all GPUs when there are several, else the default.
+
+    multiworker is refused with a clear message: Keras 3's ``model.fit`` fails
+    under MultiWorkerMirroredStrategy (measured here with TF 2.21 / Keras 3.15:
+    "Attempt to convert a value (PerReplica ...)"; upstream keras-team/keras#20585).
+    """
+    if name == "multiworker":
+        raise KcifarError("strategy 'multiworker' does not work with Keras 3's model.fit yet "
+                          "(keras-team/keras#20585); use 'mirrored' for several GPUs of one machine")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -52,7 +60,6 @@ def make_strategy(name: str):
     if name == "mirrored":
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG
 
 
 def set_precision(precision: str):
@@ -325,10 +332,10 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     spec = recipe["train"]
+    strategy = make_strategy(spec["strategy"])
     seed_everything(recipe["seed"], spec["deterministic"])
     set_precision(spec["precision"])
     data, train_split = load_data(recipe, data_dir)
-    strategy = make_strategy(spec["strategy"])
     batch_size = spec["batch_size"]
     steps_per_epoch = -(-len(train_split) // batch_size)
     with strategy.scope():
