@@ -23,7 +23,7 @@ def atomic_path(path):
     except OSError as error:
         raise KcifarError(f"cannot write {path}: {error.strerror}; choose a writable directory") from None
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -32,10 +32,13 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
-def _umask():
-    mask = os.umask(0)
+def _read_umask():
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_bytes(path, data: bytes):

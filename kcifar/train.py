@@ -12,6 +12,7 @@ is kept unless ``--overwrite``.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -92,21 +93,19 @@ def load_data(recipe: dict, data_dir=None):
     if spec["train_subset"]:
         train = kdata.stratified_subset(train, spec["train_subset"], recipe["seed"])
     if spec["offline_aug"]:
-        train = add_offline_augmented(train, spec["offline_aug"], recipe)
+        train = add_offline_augmented(data, train, spec["offline_aug"])
     return data, train
 
 
-def add_offline_augmented(train: kdata.Split, folder: str, recipe: dict) -> kdata.Split:
-    """The training split plus the augmented copies written by ``augment_offline``."""
+def add_offline_augmented(data, train: kdata.Split, folder: str):
+    """The training split plus the copies ``augment_offline`` made of this very split
+    (a set made from another split is refused: it could hold validation images)."""
     import augment_offline
 
-    x, y, manifest = augment_offline.load_augmented(folder)
-    source = manifest.get("source", {})
-    expected = {"dataset": recipe["dataset"], "val_size": recipe["data"]["val_size"], "seed": recipe["seed"]}
-    mismatched = {k: source.get(k) for k, v in expected.items() if source.get(k) != v}
-    if mismatched:
-        raise KcifarError(f"offline-augmented set {folder} was made from {mismatched}, this run uses {expected}; "
-                          "augmenting other splits would leak validation images into training: remake it to match")
+    x, y, manifest = augment_offline.load_augmented(folder, train=(data.train.x, data.train.y))
+    if manifest["augment"]["originals"]:  # stored originals come first; ``train`` has them already
+        count = manifest["source"]["count"]
+        x, y = x[count:], y[count:]
     return kdata.Split(np.concatenate([train.x, x]), np.concatenate([train.y, y]))
 
 
@@ -296,7 +295,15 @@ def environment() -> dict:
     }
 
 
-def summarize(recipe: dict, history: list, test: dict, wall_time: float) -> dict:
+def offline_aug_record(folder: str):
+    """Which offline-augmented set a run used: its folder and the sha256 of its manifest."""
+    if not folder:
+        return None
+    manifest = Path(folder) / "manifest.json"
+    return {"folder": str(Path(folder).resolve()), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+
+
+def summarize(recipe: dict, history: list, test: dict, wall_time: float, n_train: int) -> dict:
     """metrics.json: the kept model's epoch (best by the early-stopping monitor) and its scores."""
     monitor = recipe["early_stopping"]["monitor"]
     scores = [float(r[monitor]) for r in history if r.get(monitor)]
@@ -312,6 +319,8 @@ def summarize(recipe: dict, history: list, test: dict, wall_time: float) -> dict
         "wall_time_s": round(wall_time, 1),
         "train_images_per_s": round(float(np.median(steady)), 1) if steady else None,
         "seed": recipe["seed"],
+        "train_images": n_train,
+        "offline_aug": offline_aug_record(recipe["data"]["offline_aug"]),
         **environment(),
     }
 
@@ -352,7 +361,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, aug, seed=recipe["seed"]),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
-        epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose,
+        epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
         callbacks=make_callbacks(run_dir, recipe, len(train_split), history),
     )
     history = read_history(run_dir)
@@ -360,7 +369,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history)}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.set_weights(keras.models.load_model(run_dir / "best.keras", compile=False).get_weights())
-    metrics = summarize(recipe, history, evaluate_test(model, data, batch_size), time.perf_counter() - started)
+    metrics = summarize(recipe, history, evaluate_test(model, data, batch_size), time.perf_counter() - started,
+                        len(train_split))
     fileio.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
     return RunResult(run_dir, metrics, model, data)

@@ -2,6 +2,7 @@
 damaged or mismatched sets refused, each op within its range, labels kept, and a
 training run on an offline-augmented set."""
 
+import hashlib
 import json
 import os
 import signal
@@ -319,6 +320,13 @@ def test_cli_then_training_on_the_offline_augmented_set(tiny_cifar10, tmp_path):
                                     f"data.offline_aug={out}", "name=offline"])
     metrics = train(recipe, tmp_path / "runs", verbose=0).metrics
     assert metrics["finished"] and metrics["epochs_run"] == 1
+    assert metrics["train_images"] == 3 * len(train_split)  # the originals and both copies
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    assert metrics["offline_aug"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+
+    other_split = krecipe.resolve(None, ["data.val_size=30", "train.epochs=1", f"data.offline_aug={out}", "name=o"])
+    with pytest.raises(KcifarError, match="another training split|differ|made from"):
+        train(other_split, tmp_path / "runs", verbose=0)
 
     shard = out / manifest["shards"][0]["file"]
     damaged = bytearray(shard.read_bytes())
