@@ -75,11 +75,14 @@ def test_split_backbone_recomposes_the_backbone():
     assert "block6d_project_conv" not in trainable and "top_bn" not in trainable  # BN stays frozen
 
 
-def test_recipe_rejects_unknown_finetune_keys(tmp_path):
+def test_recipe_rejects_unknown_finetune_keys(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text("[finetune]\nresolutoin = 96\n")
     with pytest.raises(KcifarError, match="unknown recipe key 'finetune.resolutoin'"):
         finetune.resolve_recipe(path)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([str(path), "--runs-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: unknown recipe key")
     recipe = finetune.resolve_recipe(None, ["finetune.resolution=96", "train.epochs=3"])
     assert recipe["finetune"]["resolution"] == 96 and recipe["name"] == "finetune_efficientnet_lite0"
 
