@@ -359,7 +359,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     aug = AugmentConfig(**recipe["augment"])
     has_val = len(data.val) > 0
     model.fit(
-        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, aug, seed=recipe["seed"]),
+        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, aug, seed=recipe["seed"],
+                      first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
         callbacks=make_callbacks(run_dir, recipe, len(train_split), history),

@@ -190,7 +190,18 @@ def test_fit_consumes_a_whole_epoch_without_steps_per_epoch(engine):
         assert ds.epoch >= 2  # fit told it each epoch ended (Keras also calls on_epoch_end once before)
 
 
-@pytest.mark.parametrize("kwargs", [dict(preset="s5"), dict(engine="torch"), dict(cutout=-1), dict(mixup=-0.1)])
+def test_idg_engine_in_worker_processes_trains_and_refuses_tf_extras():
+    x, y = random_images(96)
+    ds = train_dataset(x, y, 10, 32, AugmentConfig(preset="s4", engine="idg"), workers=2, use_multiprocessing=True)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+    model.compile("sgd", keras.losses.CategoricalCrossentropy(from_logits=True), jit_compile=False)
+    assert len(model.fit(ds, epochs=2, verbose=0).history["loss"]) == 2
+    with pytest.raises(KcifarError, match="forked"):
+        train_dataset(x, y, 10, 32, AugmentConfig(engine="idg", mixup=0.2), workers=2, use_multiprocessing=True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(preset="s5"), dict(engine="torch"), dict(cutout=-1), dict(cutout=2.5),
+                                    dict(mixup=-0.1)])
 def test_bad_config_is_a_user_error(kwargs):
     with pytest.raises(KcifarError):
         AugmentConfig(**kwargs)
@@ -235,3 +246,20 @@ def test_equal_configs_share_one_compilation():
     for engine in ENGINES:  # new but equal configs
         one_epoch(train_dataset(x, y, 10, 32, AugmentConfig(engine=engine, cutout=8, mixup=0.2)))
     assert traces() == before
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_resumed_epoch_draws_what_an_uninterrupted_run_drew(engine):
+    x, y = random_images(64)
+    cfg = AugmentConfig(preset="crop_flip", engine=engine)
+
+    def epoch_batches(ds, epochs):
+        if isinstance(ds, IdgDataset):
+            return [one_epoch(ds)[0] for _ in range(epochs)]
+        batches = list(ds.take(2 * epochs).as_numpy_iterator())
+        return [np.concatenate([b[0] for b in batches[2 * e:2 * e + 2]]) for e in range(epochs)]
+
+    whole = epoch_batches(train_dataset(x, y, 10, 32, cfg, seed=3, first_epoch=0), 3)
+    resumed = epoch_batches(train_dataset(x, y, 10, 32, cfg, seed=3, first_epoch=2), 1)
+    np.testing.assert_array_equal(resumed[0], whole[2])
+    assert not np.array_equal(whole[1], whole[2])  # each epoch draws anew

@@ -7,7 +7,7 @@ zoom, flip), so switching engines changes the speed, not the augmentation:
 
 - `idg`: the documented way (S1). Keras' legacy `ImageDataGenerator` draws and
   applies each warp in NumPy/SciPy, one image at a time, inside a
-  `keras.utils.PyDataset` whose batches are built by parallel worker threads.
+  `keras.utils.PyDataset` (Keras' workers: threads or processes).
 - `tf`: the same draws and the same bilinear warp (SciPy's edge rules, so for
   equal parameters the pixels agree to ~1e-3) as batched TensorFlow ops,
   compiled with XLA, inside a `tf.data` pipeline with stateless random ops,
@@ -34,18 +34,31 @@ __all__ = ["AugmentConfig", "ENGINES", "Geometry", "IdgDataset", "PRESETS", "aug
            "train_dataset"]
 
 
-def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=2):
+def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=1, use_multiprocessing=False,
+                  first_epoch=None):
     """Shuffled, augmented training batches of (float32 0..255 images, float32 labels).
 
-    Returns a `tf.data.Dataset` for engine "tf" and an `IdgDataset`
-    (`keras.utils.PyDataset`, `workers` threads) for engine "idg". Both are one
-    epoch long and reshuffle and redraw each epoch; a seed fixes every epoch.
+    Returns a `tf.data.Dataset` for engine "tf" and an `IdgDataset` (a
+    `keras.utils.PyDataset`; `workers` and `use_multiprocessing` are its
+    Keras worker settings) for engine "idg". Both are one epoch long and
+    reshuffle and redraw each epoch; a seed fixes every epoch.
+
+    With `first_epoch` (for resumable training), epoch `e`'s order and draws
+    depend only on (seed, e), and the data starts at epoch `first_epoch`, so
+    a run resumed there sees exactly what an uninterrupted run would. The
+    tf dataset is then endless: pass `steps_per_epoch` to `fit`.
     """
     x, y = _check_arrays(x, y, num_classes, batch_size)
     if cfg.engine == "idg":
-        return IdgDataset(x, y, num_classes, batch_size, cfg, seed, workers=workers)
-    indices = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        return IdgDataset(x, y, num_classes, batch_size, cfg, seed, workers, use_multiprocessing,
+                          first_epoch=first_epoch or 0)
+    if first_epoch is None:
+        indices = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        batches = tf.data.Dataset.zip(indices.batch(batch_size), batch_seeds)
+    else:
+        epochs = tf.data.Dataset.range(first_epoch, 2**62)
+        batches = epochs.flat_map(lambda epoch: _epoch_batches(len(x), batch_size, seed, epoch))
     x, y = tf.constant(x), tf.constant(y)
 
     def load_and_augment(batch_indices, batch_seed):
@@ -53,8 +66,14 @@ def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=2):
         labels = tf.one_hot(tf.gather(y, batch_indices), num_classes)
         return augment_batch(images, labels, cfg, tf.stack([tf.constant(seed, tf.int64), batch_seed]))
 
-    batches = tf.data.Dataset.zip(indices.batch(batch_size), batch_seeds)
     return batches.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_batches(n, batch_size, seed, epoch):
+    """(indices, seed) of every batch of one epoch, a function of (seed, epoch) alone."""
+    order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+    batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+    return batches.map(lambda i, indices: (indices, epoch * 1_000_003 + i))
 
 
 def augment_once(x, y, num_classes, cfg, seed=0):

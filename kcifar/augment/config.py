@@ -71,6 +71,8 @@ class AugmentConfig:
             raise KcifarError(f"unknown augment engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.cutout < 0 or self.mixup < 0 or self.cutmix < 0:
             raise KcifarError("augment cutout, mixup and cutmix must be >= 0 (0 = off)")
+        if self.cutout != int(self.cutout):
+            raise KcifarError(f"augment cutout is a square side in whole pixels, got {self.cutout}")
 
     @property
     def geometry(self):

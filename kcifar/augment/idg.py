@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from kcifar.augment.tf_ops import augment_batch
+from kcifar.errors import KcifarError
 
 
 def image_data_generator(geometry):
@@ -32,20 +33,30 @@ _GLOBAL_NUMPY_RANDOM = threading.Lock()
 
 
 class IdgDataset(keras.utils.PyDataset):
-    """Batches augmented by Keras' `ImageDataGenerator`, built by `workers` threads.
+    """Batches augmented by Keras' `ImageDataGenerator`, as a `keras.utils.PyDataset`.
 
     Batch `i` of epoch `e` depends only on (seed, e, i), so the result does not
     depend on which worker builds it. `on_epoch_end` (called by `fit`) moves to
-    the next epoch: new order (unless shuffle=False), new warps. Threads, not
-    processes: the extras run TF ops, which are unsafe in a forked process.
+    the next epoch: new order (unless shuffle=False), new warps.
+
+    workers, use_multiprocessing: Keras' PyDataset workers. Default 1: `fit`
+    then builds batches in one background thread while it trains. Measured on
+    this 2-core machine (experiments/results/bench_augment.md): more threads
+    are slower (SciPy's warp holds the GIL), 2 processes no faster than 1
+    thread; processes pay off only with spare cores. The extras run TF ops,
+    which TF does not support in forked processes, so they need threads.
     """
 
-    def __init__(self, x, y, num_classes, batch_size, cfg, seed=0, workers=2, shuffle=True):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
+    def __init__(self, x, y, num_classes, batch_size, cfg, seed=0, workers=1, use_multiprocessing=False,
+                 shuffle=True, first_epoch=0):
+        if use_multiprocessing and cfg.extras:
+            raise KcifarError("the idg engine runs cutout/mixup/cutmix as TF ops, which cannot run in forked "
+                              "worker processes; use threads (use_multiprocessing=False) or the tf engine")
+        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=4 * workers)
         self.x, self.y, self.num_classes = x, y, num_classes
         self.batch_size, self.cfg, self.seed, self.shuffle = int(batch_size), cfg, seed, shuffle
         self.generator = image_data_generator(cfg.geometry)
-        self.epoch = 0
+        self.epoch = first_epoch
         self.order = self._order()
 
     def _order(self):
