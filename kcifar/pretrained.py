@@ -56,8 +56,10 @@ class _TensorRef:
 
     def to_numpy(self):
         data, item = self.storage.data, self.storage.data.itemsize
-        if self.size and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) >= data.size:
-            raise KcifarError("the .pth file is truncated or corrupt (a tensor reaches past its storage)")
+        numbers = (self.offset, *self.size, *self.stride)
+        if not all(isinstance(n, int) and n >= 0 for n in numbers) or len(self.size) != len(self.stride) or (
+                all(self.size) and self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) >= data.size):
+            raise KcifarError("the .pth file is corrupt (a tensor does not fit its storage)")
         view = np.lib.stride_tricks.as_strided(data[self.offset:], self.size, [s * item for s in self.stride])
         return np.array(view)
 
@@ -95,26 +97,27 @@ def read_legacy_pth(path) -> dict:
         raise KcifarError(f"{path} is a zip-format (torch >= 1.6) file; only the legacy format is supported")
     try:
         with open(path, "rb") as f:
-            if pickle.load(f) != LEGACY_MAGIC:
+            if _StateDictUnpickler(f).load() != LEGACY_MAGIC:
                 raise KcifarError(f"{path} is not a legacy PyTorch file (wrong magic number)")
-            pickle.load(f)  # protocol version
-            if not pickle.load(f).get("little_endian", False):
+            _StateDictUnpickler(f).load()  # protocol version
+            if not _StateDictUnpickler(f).load().get("little_endian", False):
                 raise KcifarError(f"{path} was written on a big-endian machine; not supported")
             unpickler = _StateDictUnpickler(f)
             state = unpickler.load()
-            for key in pickle.load(f):
+            for key in _StateDictUnpickler(f).load():
                 storage = unpickler.storages[key]
                 (numel,) = struct.unpack("<q", f.read(8))
                 nbytes = numel * np.dtype(storage.dtype).itemsize
                 storage.data = np.frombuffer(f.read(nbytes), dtype=storage.dtype)
                 if storage.data.size != numel:
                     raise KcifarError(f"{path} is truncated (storage {key} is short)")
-    except (OSError, EOFError, pickle.UnpicklingError, struct.error, KeyError, AttributeError) as error:
+        if not isinstance(state, dict):
+            raise KcifarError(f"{path} holds a {type(state).__name__}, not a state dict")
+        return {name: value.to_numpy() if isinstance(value, _TensorRef) else np.asarray(value)
+                for name, value in state.items()}
+    except (OSError, EOFError, pickle.UnpicklingError, struct.error, KeyError, AttributeError, TypeError,
+            ValueError) as error:
         raise KcifarError(f"cannot read {path} as a legacy PyTorch state dict: {error}") from None
-    if not isinstance(state, dict):
-        raise KcifarError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return {name: value.to_numpy() if isinstance(value, _TensorRef) else np.asarray(value)
-            for name, value in state.items()}
 
 
 def lite_name_map(variant="lite0") -> dict:

@@ -106,18 +106,27 @@ def test_reader_round_trip_views_offsets_and_int64(tmp_path, monkeypatch):
     assert state["bn.num_batches_tracked"].dtype == np.int64 and state["bn.num_batches_tracked"] == 7
 
 
+def test_reader_refuses_a_tensor_outside_its_storage(tmp_path, monkeypatch):
+    storage = _Storage(np.zeros(6, "float32"))
+    for offset, size, stride in ((0, (4, 3), (3, 1)), (0, (2, 3), (-3, 1)), (5, (2,), (1,))):
+        path = tmp_path / "corrupt.pth"
+        write_legacy_pth(path, {"w": _Tensor(storage, offset, size, stride)}, monkeypatch)
+        with pytest.raises(KcifarError, match="does not fit its storage"):
+            pretrained.read_legacy_pth(path)
+
+
 def test_reader_refuses_code_and_other_formats(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("owned",))
 
-    evil = tmp_path / "evil.pth"
-    with open(evil, "wb") as f:
-        for header in (pretrained.LEGACY_MAGIC, 1001, {"little_endian": True}):
-            pickle.dump(header, f, protocol=2)
-        pickle.dump({"x": Evil()}, f, protocol=2)
-    with pytest.raises(KcifarError, match="print, which a plain state dict never needs"):
-        pretrained.read_legacy_pth(evil)
+    for position in range(4):  # code in any of the pickles: headers or state dict
+        pickles = [pretrained.LEGACY_MAGIC, 1001, {"little_endian": True}, {"x": 1}]
+        pickles[position] = Evil()
+        evil = tmp_path / f"evil{position}.pth"
+        evil.write_bytes(b"".join(pickle.dumps(p, protocol=2) for p in pickles))
+        with pytest.raises(KcifarError, match="print, which a plain state dict never needs"):
+            pretrained.read_legacy_pth(evil)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(pickle.dumps(123))
     with pytest.raises(KcifarError, match="magic"):
