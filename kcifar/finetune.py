@@ -389,7 +389,7 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         model.save(tmp)
     evaluation = evaluate.evaluate_run(run_dir, model, data)
     metrics = ktrain.summarize(recipe, ktrain.read_history(run_dir), test_metrics(evaluation),
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, len(train_split))
     metrics.update(resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
                    fast_path=ft["cache_features"])
     fileio.write_json(run_dir / "metrics.json", metrics)
