@@ -263,3 +263,20 @@ def test_a_resumed_epoch_draws_what_an_uninterrupted_run_drew(engine):
     resumed = epoch_batches(train_dataset(x, y, 10, 32, cfg, seed=3, first_epoch=2), 1)
     np.testing.assert_array_equal(resumed[0], whole[2])
     assert not np.array_equal(whole[1], whole[2])  # each epoch draws anew
+
+
+def test_a_worker_process_forked_while_a_thread_draws_does_not_hang():
+    import multiprocessing
+
+    from kcifar.augment import idg
+
+    x, y = random_images(32)
+    ds = IdgDataset(x, y, 10, 32, AugmentConfig(preset="s4", engine="idg"))
+    with idg._GLOBAL_NUMPY_RANDOM:  # as if another thread were drawing warps at the fork
+        worker = multiprocessing.get_context("fork").Process(target=ds.__getitem__, args=(0,))
+        worker.start()
+    worker.join(timeout=30)
+    hung = worker.is_alive()
+    if hung:
+        worker.kill()
+    assert not hung and worker.exitcode == 0

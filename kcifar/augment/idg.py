@@ -1,7 +1,8 @@
-"""The idg engine: Keras' ImageDataGenerator inside a threaded `keras.utils.PyDataset`."""
+"""The idg engine: Keras' ImageDataGenerator inside a `keras.utils.PyDataset`."""
 
 import dataclasses
 import math
+import os
 import threading
 import warnings
 
@@ -30,6 +31,15 @@ warnings.filterwarnings("ignore", message="Please import `affine_transform`", ca
 
 # ImageDataGenerator draws from NumPy's global generator; workers take turns seeding it.
 _GLOBAL_NUMPY_RANDOM = threading.Lock()
+
+
+def _new_lock_in_child():
+    """A worker process forked while a parent thread held the lock would wait forever."""
+    global _GLOBAL_NUMPY_RANDOM
+    _GLOBAL_NUMPY_RANDOM = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 class IdgDataset(keras.utils.PyDataset):
