@@ -133,3 +133,18 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
     predicted = saved.predict(data.test.x.astype("float32"), verbose=0).argmax(1)
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert np.mean(predicted == data.test.y) == pytest.approx(evaluation["all"]["top1"], abs=1e-6)
+
+
+@needs_lite0
+def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
+    """The plain path: the whole model on augmented images, one epoch per stage."""
+    recipe = finetune.resolve_recipe(None, [{"name": "plain", "data": {"val_size": 50, "train_subset": 50},
+                                             "train": {"batch_size": 25}, "augment": {"preset": "crop_flip"},
+                                             "finetune": {"resolution": 32, "unfreeze_blocks": 2, "cache_features": False,
+                                                          "stage1_epochs": 1, "stage2_epochs": 1}}])
+    run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
+    assert not finetune.feature_dir(recipe).joinpath("train.npy").exists()
+    assert metrics["stage_epochs"] == [1, 1] and metrics["fast_path"] is False
+    saved = keras.models.load_model(run_dir / "best.keras")
+    trainable = {layer.name for layer in finetune.flat_layers(saved) if layer.trainable and layer.weights}
+    assert {"top_conv", "block7a_project_conv", "predictions"} <= trainable and "block6d_project_conv" not in trainable
