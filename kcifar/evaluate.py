@@ -18,7 +18,6 @@ recipe's ``early_stopping.monitor`` (as kcifar.train saves it).
 
 import argparse
 import csv
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import numpy as np
 from kcifar.data import Split, load_cifar
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import write_json
-from kcifar.recipe import DEFAULTS
+from kcifar.recipe import DEFAULTS, read_toml
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -166,12 +165,9 @@ def evaluate_model(model, split: Split, class_names, mask=None, all_label=None, 
 
 def read_recipe(run_dir) -> dict:
     path = Path(run_dir) / "recipe.toml"
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KcifarError(f"{path} is missing; is {run_dir} a run directory written by kcifar.train?") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise KcifarError(f"{path} is not valid TOML ({error}); fix or restore it") from None
+    if not path.is_file():
+        raise KcifarError(f"{path} is missing; is {run_dir} a run directory written by kcifar.train?")
+    return read_toml(path)
 
 
 def _setting(recipe: dict, section: str, key: str):
