@@ -2,8 +2,6 @@
 
 import dataclasses
 import math
-import os
-import threading
 import warnings
 
 import keras
@@ -29,21 +27,27 @@ def image_data_generator(geometry):
 # Keras' legacy generator calls SciPy through a deprecated alias, once per channel.
 warnings.filterwarnings("ignore", message="Please import `affine_transform`", category=DeprecationWarning)
 
-# ImageDataGenerator draws from NumPy's global generator; workers take turns seeding it.
-_GLOBAL_NUMPY_RANDOM = threading.Lock()
+def random_warp_params(geometry, count, height, width, rng):
+    """`count` warps in the format of `ImageDataGenerator.get_random_transform`, drawn
+    the way it draws them, but from `rng` instead of NumPy's global generator:
+    global state is shared by worker threads and can be left locked in forked
+    worker processes (which then hang)."""
+    def uniform(bound):
+        return rng.uniform(-bound, bound, count) if bound else np.zeros(count)
 
-
-def _new_lock_in_child():
-    """A worker process forked while a parent thread held the lock would wait forever."""
-    global _GLOBAL_NUMPY_RANDOM
-    _GLOBAL_NUMPY_RANDOM = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_in_child)
+    if geometry.shift >= 1:  # whole pixels, as the generator draws from a list of integers
+        tx, ty = (rng.integers(-int(geometry.shift), int(geometry.shift) + 1, count) for _ in range(2))
+    else:  # the generator scales its x shift (tx) by the height
+        tx, ty = uniform(geometry.shift) * height, uniform(geometry.shift) * width
+    theta, shear = uniform(geometry.rotation), uniform(geometry.shear)
+    zx, zy = 1 + uniform(geometry.zoom), 1 + uniform(geometry.zoom)
+    flips = rng.random(count) < (0.5 if geometry.hflip else 0.0)
+    return [dict(theta=theta[i], tx=tx[i], ty=ty[i], shear=shear[i], zx=zx[i], zy=zy[i], flip_horizontal=flips[i])
+            for i in range(count)]
 
 
 class IdgDataset(keras.utils.PyDataset):
-    """Batches augmented by Keras' `ImageDataGenerator`, as a `keras.utils.PyDataset`.
+    """Batches warped by Keras' `ImageDataGenerator`, as a `keras.utils.PyDataset`.
 
     Batch `i` of epoch `e` depends only on (seed, e, i), so the result does not
     depend on which worker builds it. `on_epoch_end` (called by `fit`) moves to
@@ -84,9 +88,8 @@ class IdgDataset(keras.utils.PyDataset):
         images = self.x[batch].astype(np.float32)
         labels = np.eye(self.num_classes, dtype=np.float32)[self.y[batch]]
         if self.cfg.geometry.warps or self.cfg.geometry.hflip:
-            with _GLOBAL_NUMPY_RANDOM:
-                np.random.seed(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-                warps = [self.generator.get_random_transform(image.shape) for image in images]
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            warps = random_warp_params(self.cfg.geometry, len(images), *images.shape[1:3], rng)
             images = np.stack([self.generator.apply_transform(image, w) for image, w in zip(images, warps)])
         if self.cfg.extras:
             seed = tf.constant([self.seed, self.epoch * 1_000_003 + index], tf.int64)
