@@ -22,34 +22,38 @@ def augment_batch(images, labels, cfg, seed):
     return images, labels
 
 
+def _uniforms(rows, n, seed):
+    """(rows, n) uniforms in [0, 1) from one op: XLA compiles each random op slowly (~0.5 s)."""
+    return tf.random.stateless_uniform([rows, n], seed, alg="threefry")
+
+
 @functools.partial(tf.function, jit_compile=True)
 def warp_and_cutout(images, geometry, cutout_side, seed):
     """Random warps, then cutout; compiled with XLA: 4x faster than plain TF ops here."""
-    warp_seed, cutout_seed = tf.unstack(tf.random.split(seed, 2))
+    u = _uniforms(9, tf.shape(images)[0], seed)
     if geometry.warps or geometry.hflip:
-        images = warp(images, random_warps(geometry, tf.shape(images), warp_seed), geometry.fill)
+        images = warp(images, random_warps(geometry, tf.shape(images), u[:7]), geometry.fill)
     if cutout_side:
-        images = cutout(images, cutout_side, cutout_seed)
+        images = cutout(images, cutout_side, u[7:])
     return images
 
 
-def random_warps(geometry, shape, seed):
-    """(n, 8) projective transforms with parameters drawn as `ImageDataGenerator` does."""
-    n, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    seeds = tf.unstack(tf.random.split(seed, 7))
+def random_warps(geometry, shape, u):
+    """(n, 8) projective transforms with parameters drawn as `ImageDataGenerator` does.
 
-    def uniform(i, bound):
-        return tf.random.stateless_uniform([n], seeds[i], -bound, bound)
+    u: (7, n) uniforms in [0, 1), one row per parameter."""
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
 
-    if geometry.shift >= 1:  # whole pixels
-        bound = int(geometry.shift)
-        tx, ty = (tf.cast(tf.random.stateless_uniform([n], seeds[i], -bound, bound + 1, tf.int32), tf.float32)
-                  for i in (1, 2))
-    else:
-        tx, ty = uniform(1, geometry.shift) * width, uniform(2, geometry.shift) * height
-    params = dict(theta=uniform(0, geometry.rotation), tx=tx, ty=ty, shear=uniform(3, geometry.shear),
-                  zx=1 + uniform(4, geometry.zoom), zy=1 + uniform(5, geometry.zoom),
-                  flip_horizontal=tf.random.stateless_uniform([n], seeds[6]) < (0.5 if geometry.hflip else 0.0))
+    def symmetric(row, bound):  # uniform in [-bound, bound]
+        return (2 * u[row] - 1) * bound
+
+    if geometry.shift >= 1:  # whole pixels, uniform in -shift..shift
+        tx, ty = (tf.floor(u[row] * (2 * int(geometry.shift) + 1)) - int(geometry.shift) for row in (1, 2))
+    else:  # as the generator: tx (along x) scaled by the height
+        tx, ty = symmetric(1, geometry.shift) * height, symmetric(2, geometry.shift) * width
+    params = dict(theta=symmetric(0, geometry.rotation), tx=tx, ty=ty, shear=symmetric(3, geometry.shear),
+                  zx=1 + symmetric(4, geometry.zoom), zy=1 + symmetric(5, geometry.zoom),
+                  flip_horizontal=u[6] < (0.5 if geometry.hflip else 0.0))
     return warp_transforms(params, height, width)
 
 
@@ -62,24 +66,18 @@ def warp_transforms(params, height, width):
     SciPy's affine_transform in the generator: rotation @ shift @ shear @ zoom
     about the image centre, then the mirror the generator applies afterwards.
     """
-    theta, shear = (params[key] * (math.pi / 180) for key in ("theta", "shear"))
-    flip = tf.cast(params["flip_horizontal"], tf.bool)
-    zeros = tf.zeros_like(theta)
-    ones = zeros + 1
-
-    def matrices(*rows):  # (n, 3, 3) from six (n,) entries, last row 0 0 1
-        return tf.reshape(tf.stack(list(rows) + [zeros, zeros, ones], axis=1), [-1, 3, 3])
-
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    matrix = (matrices(ones, zeros, zeros + cx, zeros, ones, zeros + cy)
-              @ matrices(tf.cos(theta), -tf.sin(theta), zeros, tf.sin(theta), tf.cos(theta), zeros)
-              @ matrices(ones, zeros, params["tx"], zeros, ones, params["ty"])
-              @ matrices(ones, -tf.sin(shear), zeros, zeros, tf.cos(shear), zeros)
-              @ matrices(params["zx"], zeros, zeros, zeros, params["zy"], zeros)
-              @ matrices(ones, zeros, zeros - cx, zeros, ones, zeros - cy)
-              @ matrices(tf.where(flip, -ones, ones), zeros, tf.where(flip, width - 1, zeros),
-                         zeros, ones, zeros))
-    return tf.reshape(matrix, [-1, 9])[:, :8]
+    theta, shear = (tf.cast(params[key], tf.float32) * (math.pi / 180) for key in ("theta", "shear"))
+    tx, ty, zx, zy = (tf.cast(params[key], tf.float32) for key in ("tx", "ty", "zx", "zy"))
+    # The product written out (few elementwise ops: XLA compiles them far faster than 3x3 matmuls).
+    a00, a01 = tf.cos(theta) * zx, -tf.sin(theta + shear) * zy
+    a10, a11 = tf.sin(theta) * zx, tf.cos(theta + shear) * zy
+    cx, cy = (width - 1) / 2, (height - 1) / 2  # rotate and scale about the centre
+    b0 = tf.cos(theta) * tx - tf.sin(theta) * ty + cx - a00 * cx - a01 * cy
+    b1 = tf.sin(theta) * tx + tf.cos(theta) * ty + cy - a10 * cx - a11 * cy
+    flip = tf.cast(params["flip_horizontal"], tf.bool)  # output x -> width - 1 - x
+    sign, offset = tf.where(flip, -1.0, 1.0), tf.where(flip, width - 1, 0.0)
+    zeros = tf.zeros_like(a00)
+    return tf.stack([a00 * sign, a01, b0 + a00 * offset, a10 * sign, a11, b1 + a10 * offset, zeros, zeros], axis=1)
 
 
 def warp(images, transforms, fill):
@@ -126,19 +124,18 @@ def _box_masks(shape, top, left, box_height, box_width):
     return tf.cast(inside, tf.float32)[..., None]
 
 
-def _box_corners(shape, box_height, box_width, seed):
-    """Top-left corners of boxes whose centres are uniform over the image."""
-    centre_seeds = tf.unstack(tf.random.split(seed, 2))
-    cy = tf.random.stateless_uniform([shape[0]], centre_seeds[0], 0, shape[1], tf.int32)
-    cx = tf.random.stateless_uniform([shape[0]], centre_seeds[1], 0, shape[2], tf.int32)
+def _box_corners(shape, box_height, box_width, u):
+    """Top-left corners of boxes whose centres are uniform over the pixels; u: (2, n) uniforms."""
+    cy = tf.cast(u[0] * tf.cast(shape[1], tf.float32), tf.int32)
+    cx = tf.cast(u[1] * tf.cast(shape[2], tf.float32), tf.int32)
     return cy - box_height // 2, cx - box_width // 2
 
 
-def cutout(images, side, seed):
-    """Black out one `side` x `side` square per image."""
+def cutout(images, side, u):
+    """Black out one `side` x `side` square per image; u: (2, n) uniforms for the centres."""
     shape = tf.shape(images)
     sides = tf.fill([shape[0]], side)
-    top, left = _box_corners(shape, sides, sides, seed)
+    top, left = _box_corners(shape, sides, sides, u)
     return images * (1 - _box_masks(shape, top, left, sides, sides))
 
 
@@ -156,8 +153,8 @@ def mix(images, labels, mixup_share, cutmix_share, seed):
     images and soft labels whose rows sum to 1: each source's label weight is
     its share of the blend (mixup) or of the pixels (cutmix, after clipping).
     """
-    shape, n = tf.shape(images), tf.shape(images)[0]
-    box_seed, choice_seed = tf.unstack(tf.random.split(seed, 2))
+    shape = tf.shape(images)
+    u = _uniforms(3, shape[0], seed)
     partner_images, partner_labels = tf.roll(images, 1, axis=0), tf.roll(labels, 1, axis=0)
     results = []
     if mixup_share is not None:
@@ -168,12 +165,12 @@ def mix(images, labels, mixup_share, cutmix_share, seed):
         cut = tf.sqrt(1 - cutmix_share)
         box_height = tf.cast(cut * tf.cast(shape[1], tf.float32), tf.int32)
         box_width = tf.cast(cut * tf.cast(shape[2], tf.float32), tf.int32)
-        masks = _box_masks(shape, *_box_corners(shape, box_height, box_width, box_seed), box_height, box_width)
+        masks = _box_masks(shape, *_box_corners(shape, box_height, box_width, u[:2]), box_height, box_width)
         pasted = tf.reduce_mean(masks, axis=[1, 2])
         results.append((images * (1 - masks) + partner_images * masks,
                         (1 - pasted) * labels + pasted * partner_labels))
     if len(results) == 1:
         return results[0]
-    use_mixup = tf.random.stateless_uniform([n], choice_seed) < 0.5
+    use_mixup = u[2] < 0.5
     return (tf.where(use_mixup[:, None, None, None], results[0][0], results[1][0]),
             tf.where(use_mixup[:, None], results[0][1], results[1][1]))
