@@ -6,7 +6,8 @@
    engine's `PyDataset` through Keras' own adapter (the `tf.data` wrapper fit
    uses), with each worker setting: 1 (fit's generator thread), 2 threads,
    2 processes. tf / idg compares with the fastest idg setting. The first
-   epoch (XLA compilation, worker start) is not timed.
+   epoch (XLA compilation, worker start) is not timed; the fastest of the
+   next 3 counts, since other jobs share the CPU.
 2. Training: `model.fit` images/s for `s0_model3` and `vgg16` without
    augmentation (preset none) and with preset s4 on each engine (idg: default
    1 worker, and 2 processes), timed over
@@ -44,6 +45,7 @@ from kcifar.fileio import write_text
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
+PIPELINE_EPOCHS = 3  # best of: other jobs share the CPU
 
 
 IDG_WORKERS = {"1 worker": dict(workers=1), "2 threads": dict(workers=2),
@@ -51,7 +53,7 @@ IDG_WORKERS = {"1 worker": dict(workers=1), "2 threads": dict(workers=2),
 
 
 def pipeline_rate(x, y, cfg, **workers):
-    """Images/s of one epoch over x, after one untimed epoch."""
+    """Images/s of the fastest of PIPELINE_EPOCHS epochs over x, after one untimed epoch."""
     ds = train_dataset(x, y, 10, BATCH, cfg, seed=0, **workers)
     if isinstance(ds, IdgDataset):
         adapter = PyDatasetAdapter(ds)
@@ -65,9 +67,11 @@ def pipeline_rate(x, y, cfg, **workers):
         def epoch():
             return sum(len(images) for images, _ in ds)
     epoch()
-    start = time.perf_counter()
-    count = epoch()
-    return count / (time.perf_counter() - start)
+    rates = []
+    for _ in range(PIPELINE_EPOCHS):
+        start = time.perf_counter()
+        rates.append(epoch() / (time.perf_counter() - start))
+    return max(rates)
 
 
 def pipeline_table(x_tf, x_idg, y_tf, y_idg):
@@ -172,7 +176,8 @@ def main():
         f"NumPy {np.__version__}, Python {platform.python_version()}",
         f"- Batch {BATCH}; CIFAR-10 training images (first N of the 45,000 left after a 5,000 validation split).",
         "",
-        f"## Pipeline images/s (tf: {args.tf_images} images per timed epoch; idg: {args.idg_images})",
+        f"## Pipeline images/s (tf: {args.tf_images} images per epoch; idg: {args.idg_images}; "
+        f"fastest of {PIPELINE_EPOCHS} epochs)",
         "",
         "idg worker settings are Keras PyDataset workers; processes cannot run the extras (TF ops after fork).",
         "",
