@@ -12,6 +12,7 @@ is kept unless ``--overwrite``.
 """
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -223,8 +224,6 @@ def read_history(run_dir: Path) -> list:
     path = run_dir / "history.csv"
     if not path.exists():
         return []
-    import csv
-
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -238,11 +237,10 @@ def resume_epoch(run_dir: Path) -> int:
 def _trim_history(run_dir: Path, epochs_done: int):
     """Drop history rows of epochs the backup does not hold (killed between the two writes)."""
     path = run_dir / "history.csv"
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        fileio.write_text(path, "".join(lines[: 1 + epochs_done]) if epochs_done else "")
-        if not epochs_done:
-            path.unlink()
+    if path.exists() and not epochs_done:
+        path.unlink()
+    elif path.exists():
+        fileio.write_text(path, "".join(path.read_text().splitlines(keepends=True)[: 1 + epochs_done]))
 
 
 def open_run_dir(runs_dir, recipe: dict, overwrite: bool) -> Path:

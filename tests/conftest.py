@@ -89,3 +89,12 @@ def real_cifar10(real_cifar10_dir):
     from kcifar.data import load_cifar
 
     return load_cifar("cifar10", data_dir=real_cifar10_dir)
+
+
+def one_line_error(main, argv, capsys) -> str:
+    """Run a kcifar command's ``main``; assert it fails with exit 2 and a single ``error:`` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    return err

@@ -12,6 +12,7 @@ import cv2
 import keras
 import numpy as np
 import pytest
+from conftest import one_line_error
 
 from kcifar import evaluate
 from kcifar.data import Split
@@ -219,11 +220,7 @@ def test_hundred_class_figures_are_large_enough_to_read(tmp_path):
 
 
 def _one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err
-    return err
+    return one_line_error(evaluate.main, argv, capsys)
 
 
 def test_missing_run_directory(tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import one_line_error
 from test_evaluate import colour_model, red_level
 
 from kcifar import predict
@@ -87,11 +88,7 @@ def test_class_names_from_flag_or_file(tmp_path, model_file):
 
 
 def _one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        predict.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err
-    return err
+    return one_line_error(predict.main, argv, capsys)
 
 
 def test_bad_input(tmp_path, model_file, capsys):
