@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import kcifar  # noqa: F401  (first: sets kcifar's TensorFlow defaults before TensorFlow loads)
 import keras
 import numpy as np
 import scipy
@@ -169,9 +170,10 @@ def main():
         + " ".join(sys.argv[1:]),
         "",
         f"- Date: {started:%Y-%m-%d %H:%M %Z} (`date`: {sh('date')} at the end)",
-        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; CPU shared with other jobs",
+        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; other jobs on the CPU: see the load",
         f"- Load (`uptime`) before: `{load_before}`",
         f"- Load (`uptime`) after: `{load_after}`",
+        f"- oneDNN: TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')} (kcifar's default: 1)",
         f"- Versions: TensorFlow {tf.__version__}, Keras {keras.__version__}, SciPy {scipy.__version__}, "
         f"NumPy {np.__version__}, Python {platform.python_version()}",
         f"- Batch {BATCH}; CIFAR-10 training images (first N of the 45,000 left after a 5,000 validation split).",

@@ -289,7 +289,8 @@ def environment() -> dict:
         "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},
         "machine": {"platform": platform.platform(), "arch": platform.machine(), "cpus": os.cpu_count(),
-                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
+                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
     }
 
 
