@@ -165,8 +165,12 @@ def test_tf_warp_gives_image_data_generator_pixels_for_the_same_parameters(prese
     expected = np.stack([generator.apply_transform(image, p) for image, p in zip(images, params)])
     stacked = {key: np.array([p[key] for p in params], np.float32)
                for key in ("theta", "tx", "ty", "shear", "zx", "zy", "flip_horizontal")}
-    got = warp(images, warp_transforms(stacked, 32.0, 32.0), PRESETS[preset].fill).numpy()
+    transforms = warp_transforms(stacked, 32.0, 32.0)
+    got = warp(images, transforms, PRESETS[preset].fill).numpy()
     np.testing.assert_allclose(got, expected, atol=0.02)
+    assert PRESETS[preset].whole_pixels == (preset == "crop_flip")
+    if PRESETS[preset].whole_pixels:  # the fast path reads one neighbour: the same pixels
+        np.testing.assert_array_equal(warp(images, transforms, PRESETS[preset].fill, bilinear=False).numpy(), got)
 
 
 def test_eval_dataset_is_ordered_one_hot_and_untouched():

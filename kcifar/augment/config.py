@@ -29,6 +29,11 @@ class Geometry:
     def warps(self):
         return bool(self.rotation or self.shift or self.shear or self.zoom)
 
+    @property
+    def whole_pixels(self):
+        """True when every warp moves pixels by whole pixels (integer shifts, mirror): no interpolation."""
+        return not (self.rotation or self.shear or self.zoom) and (self.shift == 0 or self.shift >= 1)
+
 
 PRESETS = {
     "none": Geometry(),
