@@ -82,7 +82,8 @@ def main():
         print(rows[-1], flush=True)
     import tensorflow as tf
 
-    avx512 = " ".join(sorted(set(sh("grep -o -w 'avx512[a-z_0-9]*' /proc/cpuinfo").split())))
+    from kcifar.train import cpu_description
+
     report = "\n".join([
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",
         "",
@@ -92,7 +93,7 @@ def main():
         "",
         f"- Date: {started:%Y-%m-%d %H:%M %Z}",
         f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; "
-        f"AVX-512 flags in /proc/cpuinfo: {avx512 or 'none'}",
+        f"CPU {cpu_description()}",
         f"- Load (`uptime`) before: `{load_before}`; after: `{sh('uptime')}`",
         f"- TensorFlow {tf.__version__}, Python {platform.python_version()}; float32, no XLA; "
         f"best of {args.repeats} fresh processes per cell",

@@ -284,11 +284,23 @@ def evaluate_test(model, data, batch_size: int) -> dict:
     return result
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its AVX-512 flags (speed figures depend on both), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    avx512 = sorted({flag for flag in info.split() if flag.startswith("avx512")})
+    return f"{model}; AVX-512: {' '.join(avx512) if avx512 else 'none'}"
+
+
 def environment() -> dict:
     return {
         "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},
         "machine": {"platform": platform.platform(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                    "cpu": cpu_description(),
                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
     }
