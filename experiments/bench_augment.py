@@ -10,10 +10,12 @@
    next 3 counts, since other jobs share the CPU.
 2. Training: `model.fit` images/s for `s0_model3` and `vgg16` without
    augmentation (preset none) and with preset s4 on each engine (idg: default
-   1 worker, and 2 processes), timed over
-   the steps after a warm-up, each config run `--repeats` times in turn
-   (A B C A B C) and the best kept, since other jobs share the CPU.
-   Compiled like `kcifar.train` on a CPU machine: Adam, one-hot
+   1 worker, and 2 processes). One model per network; the four configs take
+   turns in short blocks of steps (A B C D A B C D ..., `--rounds` blocks
+   each, first steps of each block untimed), so that the speed of this
+   shared machine, which drifts by 10-20 % over minutes, affects all alike;
+   the ratio to no augmentation is taken per round. Compiled like
+   `kcifar.train` on a CPU machine: Adam, one-hot
    CategoricalCrossentropy(from_logits=True), no XLA for the model.
 
 Targets (issue 5): tf engine >= 10x idg per preset; fit with tf augmentation
@@ -43,10 +45,12 @@ from kcifar import models
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset
 from kcifar.data import load_cifar
 from kcifar.fileio import write_text
+from kcifar.train import cpu_description
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
 PIPELINE_EPOCHS = 3  # best of: other jobs share the CPU
+SKIP_STEPS = 2  # untimed steps at the start of every fit call (iterator and worker start)
 
 
 IDG_WORKERS = {"1 worker": dict(workers=1), "2 threads": dict(workers=2),
@@ -102,35 +106,48 @@ class StepClock(keras.callbacks.Callback):
         self.times.append(time.perf_counter())
 
 
-def fit_rate(name, x, y, cfg, warmup, **workers):
-    """Training images/s of `model.fit` over the steps after `warmup`."""
+def step_time(model, data, steps):
+    """Mean seconds per training step of one `fit` call, after SKIP_STEPS untimed steps."""
+    clock = StepClock()
+    model.fit(data, steps_per_epoch=steps + SKIP_STEPS, epochs=1, verbose=0, callbacks=[clock])
+    return (clock.times[-1] - clock.times[SKIP_STEPS - 1]) / steps
+
+
+def fit_rates(name, x, y, configs, block_steps, rounds):
+    """Per config, the training step times of `rounds` blocks of `block_steps`
+    steps, the configs taking turns on one model (A B C D A B C D ...)."""
     keras.utils.set_random_seed(0)
     model = models.build(name)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.CategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")], jit_compile=False)
-    clock = StepClock()
-    model.fit(train_dataset(x, y, 10, BATCH, cfg, seed=0, **workers), epochs=1, verbose=0,
-              callbacks=[clock])
-    steps = len(clock.times) - 1 - warmup
-    return steps * BATCH / (clock.times[-1] - clock.times[warmup])
+    data = {label: train_dataset(x, y, 10, BATCH, cfg, seed=0, **workers)
+            for label, (cfg, workers) in configs.items()}
+    for label in configs:  # tracing, XLA compilation, first worker start: not timed
+        step_time(model, data[label], 1)
+    times = {label: [] for label in configs}
+    for _ in range(rounds):
+        for label in configs:
+            times[label].append(step_time(model, data[label], block_steps))
+    return {label: np.array(t) for label, t in times.items()}
 
 
-def fit_table(x, y, model_steps, repeats):
+def fit_table(x, y, model_steps, rounds):
     idg = AugmentConfig(preset="s4", engine="idg")
     configs = {"none": (AugmentConfig(), {}), "s4 tf": (AugmentConfig(preset="s4"), {}),
                "s4 idg": (idg, {}), "s4 idg 2 processes": (idg, IDG_WORKERS["2 processes"])}
-    rows = ["| model | steps timed | no augmentation | s4, tf engine | s4, idg 1 worker | s4, idg 2 processes |",
+    rows = ["| model | rounds x steps | no augmentation | s4, tf engine | s4, idg 1 worker | s4, idg 2 processes |",
             "|---|---:|---:|---:|---:|---:|"]
-    for name, (steps, warmup) in model_steps.items():
-        n = (steps + warmup + 1) * BATCH
-        best = {label: 0.0 for label in configs}
-        for _ in range(repeats):
-            for label, (cfg, workers) in configs.items():
-                best[label] = max(best[label], fit_rate(name, x[:n], y[:n], cfg, warmup, **workers))
-                print(f"  {name} {label}: {best[label]:,.0f} img/s (best so far)", flush=True)
-        base = best["none"]
-        rows.append(f"| {name} | {steps} | {base:,.1f} | "
-                    + " | ".join(f"{best[k]:,.1f} ({best[k] / base:.0%})" for k in list(configs)[1:]) + " |")
+    for name, block_steps in model_steps.items():
+        n = BATCH * (block_steps + SKIP_STEPS) * 4  # enough that no block wraps around an epoch twice
+        times = fit_rates(name, x[:n], y[:n], configs, block_steps, rounds)
+        base = times["none"]
+
+        def cell(label):
+            ratio = base / times[label]  # per round: speed with augmentation / without
+            return (f"{BATCH / np.median(times[label]):,.1f} ({np.median(ratio):.0%}; "
+                    f"{ratio.min():.0%}-{ratio.max():.0%})")
+        rows.append(f"| {name} | {rounds} x {block_steps} | {BATCH / np.median(base):,.1f} | "
+                    + " | ".join(cell(label) for label in list(configs)[1:]) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -144,9 +161,9 @@ def main():
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     parser.add_argument("--tf-images", type=int, default=12800, help="images per timed tf-engine epoch")
     parser.add_argument("--idg-images", type=int, default=3200, help="images per timed idg-engine epoch")
-    parser.add_argument("--s0-steps", type=int, default=150)
-    parser.add_argument("--vgg-steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--s0-steps", type=int, default=20, help="timed steps per block, s0_model3")
+    parser.add_argument("--vgg-steps", type=int, default=8, help="timed steps per block, vgg16")
+    parser.add_argument("--rounds", type=int, default=8, help="blocks per config, taken in turn")
     parser.add_argument("--skip-fit", action="store_true")
     args = parser.parse_args()
 
@@ -158,8 +175,7 @@ def main():
     fit = []
     if not args.skip_fit:
         print("fit", flush=True)
-        fit = fit_table(x, y, {"s0_model3": (args.s0_steps, 10), "vgg16": (args.vgg_steps, 5)},
-                        args.repeats)
+        fit = fit_table(x, y, {"s0_model3": args.s0_steps, "vgg16": args.vgg_steps}, args.rounds)
     load_after = sh("uptime")
     report = "\n".join([
         "# Online augmentation speed: tf engine vs ImageDataGenerator engine",
@@ -170,7 +186,7 @@ def main():
         + " ".join(sys.argv[1:]),
         "",
         f"- Date: {started:%Y-%m-%d %H:%M %Z} (`date`: {sh('date')} at the end)",
-        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; other jobs on the CPU: see the load",
+        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; CPU {cpu_description()}",
         f"- Load (`uptime`) before: `{load_before}`",
         f"- Load (`uptime`) after: `{load_after}`",
         f"- oneDNN: TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')} (kcifar's default: 1)",
@@ -185,8 +201,8 @@ def main():
         "",
         *pipeline,
         "",
-        *([f"## model.fit training images/s (best of {args.repeats}; jit_compile=False, Adam; % of no augmentation)",
-           "", *fit, ""]
+        *(["## model.fit training images/s (median over rounds; in brackets: speed with augmentation / without, "
+            "median and range of the per-round ratios)", "", *fit, ""]
           if fit else []),
     ])
     print(report)
