@@ -138,7 +138,7 @@ def fit_table(x, y, model_steps, rounds):
     rows = ["| model | rounds x steps | no augmentation | s4, tf engine | s4, idg 1 worker | s4, idg 2 processes |",
             "|---|---:|---:|---:|---:|---:|"]
     for name, block_steps in model_steps.items():
-        n = BATCH * (block_steps + SKIP_STEPS) * 4  # enough that no block wraps around an epoch twice
+        n = BATCH * (block_steps + SKIP_STEPS) * 4  # every fit call starts a new, reshuffled epoch of these
         times = fit_rates(name, x[:n], y[:n], configs, block_steps, rounds)
         base = times["none"]
 

@@ -289,7 +289,7 @@ def cpu_description() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown"
+        return f"{platform.processor() or 'unknown'}; AVX-512: unknown"
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     avx512 = sorted({flag for flag in info.split() if flag.startswith("avx512")})
     return f"{model}; AVX-512: {' '.join(avx512) if avx512 else 'none'}"
