@@ -45,7 +45,7 @@ from kcifar import models
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset
 from kcifar.data import load_cifar
 from kcifar.fileio import write_text
-from kcifar.train import cpu_description
+from kcifar.run import cpu_description
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)

@@ -82,7 +82,7 @@ def main():
         print(rows[-1], flush=True)
     import tensorflow as tf
 
-    from kcifar.train import cpu_description
+    from kcifar.run import cpu_description
 
     report = "\n".join([
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",

@@ -35,7 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import evaluate, fileio, pretrained, recipe as krecipe, train as ktrain
+from kcifar import evaluate, fileio, optim, pretrained, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
@@ -255,11 +255,11 @@ def fit_stage(model, recipe, stage, train_ds, steps, val_ds, run_dir, initial_ep
     """Compile and fit one stage; EarlyStopping keeps the best validation weights.
     Returns (epochs run, best value of the early-stopping monitor or None)."""
     spec = stage_recipe(recipe, stage)
-    ktrain.compile_model(model, spec, steps, ktrain.jit_enabled(spec["train"]["jit"]))
+    run.compile_model(model, spec, steps, run.jit_enabled(spec["train"]["jit"]))
     stop = spec["early_stopping"]
-    callbacks = [ktrain.EpochStats(steps * spec["train"]["batch_size"]), keras.callbacks.TerminateOnNaN(),
+    callbacks = [run.EpochStats(steps * spec["train"]["batch_size"]), keras.callbacks.TerminateOnNaN(),
                  keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
-    plateau = ktrain.optim.plateau_callback(spec["schedule"], "val_loss" if val_ds is not None else "loss")
+    plateau = optim.plateau_callback(spec["schedule"], "val_loss" if val_ds is not None else "loss")
     callbacks += [plateau] if plateau else []
     if stop["enabled"] and val_ds is not None:
         callbacks.insert(0, keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=stop["patience"],
@@ -375,10 +375,10 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     """Run ``recipe`` (see ``resolve_recipe``) into ``runs_dir/<name>``: the run
     directory, metrics.json and evaluation of ``kcifar.train``."""
     ft = recipe["finetune"]
-    ktrain.seed_everything(recipe["seed"], recipe["train"]["deterministic"])
-    ktrain.set_precision(recipe["train"]["precision"])
-    data, train_split = ktrain.load_data(recipe, data_dir)
-    run_dir = ktrain.open_run_dir(runs_dir, recipe, overwrite)
+    run.seed_everything(recipe["seed"], recipe["train"]["deterministic"])
+    run.set_precision(recipe["train"]["precision"])
+    data, train_split = run.load_data(recipe, data_dir)
+    run_dir = run.open_run_dir(runs_dir, recipe, overwrite)
     (run_dir / "history.csv").unlink(missing_ok=True)  # a stopped fine-tune restarts its stages
     started = time.perf_counter()
     backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
@@ -388,7 +388,7 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     with fileio.atomic_path(run_dir / "best.keras") as tmp:
         model.save(tmp)
     evaluation = evaluate.evaluate_run(run_dir, model, data)
-    metrics = ktrain.summarize(recipe, ktrain.read_history(run_dir), test_metrics(evaluation),
+    metrics = run.summarize(recipe, run.read_history(run_dir), test_metrics(evaluation),
                                time.perf_counter() - started, len(train_split))
     metrics.update(resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
                    fast_path=ft["cache_features"])

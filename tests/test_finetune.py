@@ -124,12 +124,12 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
     assert sorted(p.name for p in cached.iterdir()) == ["key.json", "train.npy", "train_flip.npy",
                                                            "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
-    assert len(finetune.ktrain.read_history(run_dir)) == metrics["epochs_run"] == 3
+    assert len(finetune.run.read_history(run_dir)) == metrics["epochs_run"] == 3
     assert metrics["finished"] and metrics["stage_epochs"] == [2, 1] and metrics["resolution"] == 32
     assert metrics["test"]["n"] == metrics["test_exact"]["n"] == 200
     assert metrics["test"]["top1"] > 0.15  # chance is 0.10; ImageNet features help even at 32 x 32
     saved = keras.models.load_model(run_dir / "best.keras")
-    data = finetune.ktrain.load_data(recipe, mini_cifar10)[0]
+    data = finetune.run.load_data(recipe, mini_cifar10)[0]
     predicted = saved.predict(data.test.x.astype("float32"), verbose=0).argmax(1)
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert np.mean(predicted == data.test.y) == pytest.approx(evaluation["all"]["top1"], abs=1e-6)

@@ -19,7 +19,8 @@ from conftest import own_stderr_lines
 
 from kcifar import recipe as krecipe
 from kcifar.errors import KcifarError
-from kcifar.train import best_so_far, train
+from kcifar.run import best_so_far
+from kcifar.train import train
 
 QUICK = ["data.train_subset=3000", "data.val_size=1000", "train.batch_size=64"]
 
@@ -115,18 +116,18 @@ MIRRORED = textwrap.dedent("""
     import sys, numpy as np, tensorflow as tf, keras
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from kcifar import recipe, train
+    from kcifar import models, recipe, run, train
     r = recipe.resolve(None, ["train.batch_size=32"])
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (32, 32, 32, 3)).astype("float32")
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, 32)]
     losses = []
     for name in ("default", "mirrored"):
-        strategy = train.make_strategy(name)
+        strategy = run.make_strategy(name)
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            model = train.models.build("s3_tutorial")
-            train.compile_model(model, r, steps_per_epoch=10, jit=False)
+            model = models.build("s3_tutorial")
+            run.compile_model(model, r, steps_per_epoch=10, jit=False)
         losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
         print(name, strategy.num_replicas_in_sync, losses[-1])
     r = recipe.resolve(None, ["train.strategy=mirrored", "train.epochs=1", "data.val_size=20", "name=m"])
