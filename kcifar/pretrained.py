@@ -28,6 +28,7 @@ import numpy as np
 
 from kcifar import models
 from kcifar.errors import KcifarError
+from kcifar.fileio import keras_home
 from kcifar.models.efficientnet_lite import LITE_MEAN, LITE_STD, VARIANTS, block_prefixes, stage_table
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -183,8 +184,8 @@ def find_lite_pth(variant="lite0") -> Path:
 
 
 def cache_dir() -> Path:
-    """``$KERAS_HOME/kcifar`` or ``~/.keras/kcifar``."""
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "kcifar"
+    """``<Keras home>/kcifar`` (see ``kcifar.fileio.keras_home``)."""
+    return keras_home() / "kcifar"
 
 
 def build_lite(variant="lite0", num_classes=1000, input_shape=(224, 224, 3), resolution=None):
@@ -214,7 +215,6 @@ def converted_weights(variant="lite0", pth=None) -> Path:
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-        keras.backend.clear_session()
     return target
 
 

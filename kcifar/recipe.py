@@ -40,7 +40,8 @@ DEFAULTS = {
     "loss": {"label_smoothing": 0.0},
     "augment": {"preset": "none", "engine": "tf", "cutout": 0, "mixup": 0.0, "cutmix": 0.0},
     "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 10},
-    "documented": {"accuracy": 0.0, "source": ""},  # the figure the documents report, if any
+    # the figure the documents report, if any, and its data set ("" = the recipe's own)
+    "documented": {"accuracy": 0.0, "source": "", "dataset": ""},
 }
 
 CHOICES = {
@@ -56,6 +57,7 @@ CHOICES = {
                       "warmup_cosine", "onecycle"],
     "augment.engine": ["tf", "idg"],
     "early_stopping.monitor": ["val_accuracy", "val_loss"],
+    "documented.dataset": ["", "cifar10", "cifar100"],
 }
 FREE_FORM = {"model_args"}
 
@@ -108,10 +110,14 @@ def parse_override(assignment: str) -> dict:
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise KcifarError(f"override '{assignment}' is not key=value, e.g. optimizer.learning_rate=0.01")
-    nested = _parse_value(text.strip())
-    for part in reversed(key.strip().split(".")):
-        nested = {part: nested}
-    return nested
+    return nested(key.strip(), _parse_value(text.strip()))
+
+
+def nested(key: str, value) -> dict:
+    """``("optimizer.learning_rate", 0.01)`` -> ``{"optimizer": {"learning_rate": 0.01}}``."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def read_toml(path) -> dict:

@@ -10,7 +10,9 @@ the documents report (``accuracy``, a fraction, and ``source``).
 "ours - documented" uses the pixel-exact test figure where the run has one
 (the rebuilt CIFAR-10 test set is bit-exact only on images 0-999; the other
 9,000 passed through JPEG and cost accuracy), else the figure on all test
-images; the table says which.
+images; the table says which. A figure documented on another data set
+(``documented.dataset``, e.g. CIFAR-100's beside a CIFAR-10 run) is shown but
+never subtracted: such rows say "no CIFAR-10 figure documented".
 """
 
 import argparse
@@ -23,12 +25,13 @@ import time
 from pathlib import Path
 
 from kcifar.errors import KcifarError, cli
-from kcifar.evaluate import read_recipe
 from kcifar.fileio import write_text
+from kcifar.run import read_recipe
 
 COLUMNS = ["run", "model", "dataset", "finished", "epochs", "best_epoch", "val_top1_pct", "test_top1_all_pct",
            "test_top1_exact_pct", "test_exact_n", "wall_time_s", "train_images_per_s", "documented_pct",
            "documented_source", "compared_with", "difference_pp", "machine"]
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 def _compact(value):
@@ -78,7 +81,9 @@ def read_run(run_dir) -> dict:
         "machine": _compact(metrics.get("machine")),
     }
     ours = "exact" if row["test_top1_exact_pct"] is not None else "all"
-    if row["documented_pct"] is not None and row[f"test_top1_{ours}_pct"] is not None:
+    if documented.get("dataset", row["dataset"]) not in ("", row["dataset"]):  # never subtract across data sets
+        row["compared_with"] = f"no {DATASET_NAMES.get(row['dataset'], row['dataset'])} figure documented"
+    elif row["documented_pct"] is not None and row[f"test_top1_{ours}_pct"] is not None:
         row["compared_with"] = "pixel-exact test" if ours == "exact" else "all test"
         row["difference_pp"] = round(row[f"test_top1_{ours}_pct"] - row["documented_pct"], 2)
     return row
@@ -102,7 +107,8 @@ def to_markdown(rows, command) -> str:
     for r in rows:
         exact = "–" if r["test_top1_exact_pct"] is None else f"{r['test_top1_exact_pct']:.2f} % (n={r['test_exact_n']})"
         documented = "–" if r["documented_pct"] is None else f"{r['documented_pct']:.2f} % ({r['documented_source']})"
-        difference = "–" if r["difference_pp"] is None else f"{r['difference_pp']:+.2f} pp ({r['compared_with']})"
+        difference = (f"{r['difference_pp']:+.2f} pp ({r['compared_with']})" if r["difference_pp"] is not None
+                      else r["compared_with"] or "–")
         speed = "–" if r["train_images_per_s"] is None else f"{r['train_images_per_s']:.0f}"
         lines.append("| " + " | ".join([
             r["run"] + ("" if r["finished"] else " (unfinished)"), str(r["model"]), str(r["dataset"]),

@@ -80,6 +80,15 @@ def seed_everything(seed: int, deterministic: bool):
         tf.config.experimental.enable_op_determinism()
 
 
+def set_up(recipe: dict):
+    """Seed, precision and the ``tf.distribute`` strategy of ``recipe["train"]``; returns the strategy."""
+    spec = recipe["train"]
+    strategy = make_strategy(spec["strategy"])
+    seed_everything(recipe["seed"], spec["deterministic"])
+    set_precision(spec["precision"])
+    return strategy
+
+
 # ------------------------------------------------------------ data and model
 
 
@@ -143,21 +152,18 @@ class EpochStats(keras.callbacks.Callback):
         logs["train_images_per_s"] = self.images_per_epoch / ((self.validation_start or end) - self.start)
 
 
-class BestModelSaver(keras.callbacks.Callback):
-    """Saves the whole model to ``path`` when ``monitor`` improves, atomically (a kill
-    never leaves half a file, which Keras' ModelCheckpoint does not promise).
-    Without a validation split the monitor is absent and every epoch is saved."""
+class BestModelSaver(keras.callbacks.ModelCheckpoint):
+    """Keras' ModelCheckpoint (whole model, best epoch only when ``monitor`` is
+    given) whose file is replaced atomically: a kill never leaves half a file.
+    ``best``: the monitor's best value before a resumed run."""
 
-    def __init__(self, path, monitor: str, best=None):
-        super().__init__()
-        self.path, self.monitor, self.best = Path(path), monitor, best
-        self.better = np.less if monitor.endswith("loss") else np.greater
+    def __init__(self, path, monitor=None, best=None):
+        super().__init__(str(path), monitor=monitor or "loss", mode=mode(monitor or "loss"),
+                         save_best_only=monitor is not None, initial_value_threshold=best)
 
-    def on_epoch_end(self, epoch, logs=None):
-        value = logs.get(self.monitor)
-        if value is None or self.best is None or self.better(value, self.best):
-            self.best = value
-            with fileio.atomic_path(self.path) as tmp:
+    def _save_model(self, epoch, batch, logs):
+        if self._should_save_model(epoch, batch, logs, self.filepath):
+            with fileio.atomic_path(self.filepath) as tmp:
                 self.model.save(tmp)
 
 
@@ -174,16 +180,28 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.best, self.wait = self.resume_best, self.resume_wait
 
 
-def best_so_far(history: list, monitor: str):
-    """(best value, epochs since it) from earlier history rows, or (None, 0)."""
-    values = [float(row[monitor]) for row in history if row.get(monitor) not in (None, "")]
-    if not values:
-        return None, 0
-    best_index = int(np.argmin(values) if monitor.endswith("loss") else np.argmax(values))
-    return values[best_index], len(values) - 1 - best_index
+def mode(monitor: str) -> str:
+    """"min" for a loss, else "max": what Keras' callbacks call the direction of ``monitor``."""
+    return "min" if monitor.endswith("loss") else "max"
 
 
-def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: list):
+def best_index(values, monitor: str):
+    """Index of the first best value of ``monitor`` among ``values`` (NaN ignored), or None.
+    The epoch EarlyStopping and BestModelSaver keep."""
+    values = np.asarray([] if values is None else values, dtype=float)
+    if np.all(np.isnan(values)):
+        return None
+    return int(np.nanargmin(values) if mode(monitor) == "min" else np.nanargmax(values))
+
+
+def best_so_far(history: dict, monitor: str):
+    """(best value, epochs since it) from an earlier run's history, or (None, 0)."""
+    values = history.get(monitor)
+    best = best_index(values, monitor)
+    return (None, 0) if best is None else (float(values[best]), len(values) - 1 - best)
+
+
+def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict):
     stop = recipe["early_stopping"]
     has_val = recipe["data"]["val_size"] > 0
     monitor = stop["monitor"]
@@ -191,12 +209,13 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
     callbacks = [
         EpochStats(images_per_epoch),
         keras.callbacks.TerminateOnNaN(),
-        BestModelSaver(run_dir / "best.keras", monitor if has_val else "(no validation split)", best),
+        BestModelSaver(run_dir / "best.keras", monitor if has_val else None, best),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
     ]
     if stop["enabled"]:
-        callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, patience=stop["patience"], verbose=1,
+        callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
+                                                   verbose=1,
                                                    resume_best=best, resume_wait=wait))
     plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
     if plateau:
@@ -209,12 +228,86 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
 # ------------------------------------------------------------ the run directory
 
 
-def read_history(run_dir: Path) -> list:
-    path = run_dir / "history.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_recipe(run_dir) -> dict:
+    path = Path(run_dir) / "recipe.toml"
+    if not path.is_file():
+        raise KcifarError(f"{path} is missing; is {run_dir} a run directory written by kcifar.train?")
+    return krecipe.read_toml(path)
+
+
+def _setting(recipe: dict, section: str, key: str):
+    """``recipe[section][key]`` (``section`` None: top level), else kcifar.recipe's default."""
+    table, default = (recipe, krecipe.DEFAULTS) if section is None else (recipe.get(section, {}),
+                                                                          krecipe.DEFAULTS[section])
+    return table.get(key, default[key])
+
+
+def data_settings(recipe: dict) -> dict:
+    """The load_cifar arguments a run used."""
+    return {"name": _setting(recipe, None, "dataset"), "label_mode": _setting(recipe, "data", "label_mode"),
+            "val_size": int(_setting(recipe, "data", "val_size")), "seed": int(_setting(recipe, None, "seed"))}
+
+
+def monitor_of(recipe: dict) -> str:
+    """The early-stopping monitor a run's best epoch was chosen by."""
+    return _setting(recipe, "early_stopping", "monitor")
+
+
+def read_history(run_dir) -> dict:
+    """``run_dir/history.csv`` (Keras CSVLogger) as {column: float array}, one row per epoch.
+
+    A resumed run can log an epoch twice; the later row wins. No file: {}.
+    """
+    path = Path(run_dir) / "history.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return {}
+    by_epoch = {}
+    for row in rows:
+        try:
+            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
+                                                  for k, v in row.items() if k}
+        except (KeyError, ValueError):
+            raise KcifarError(f"{path} is not a Keras CSVLogger history (bad row {row}); "
+                              "remove it or restore it from the run") from None
+    if not by_epoch:
+        return {}
+    columns = list(next(iter(by_epoch.values())))
+    ordered = [by_epoch[e] for e in sorted(by_epoch)]
+    return {c: np.array([row.get(c, np.nan) for row in ordered]) for c in columns}
+
+
+CLASSES_FILE = "classes.txt"
+
+
+def write_class_names(run_dir: Path, class_names):
+    """``classes.txt``: the class names of the model's outputs, one per line, in order."""
+    fileio.write_text(Path(run_dir) / CLASSES_FILE, "".join(f"{name}\n" for name in class_names))
+
+
+def read_class_names(path) -> list:
+    """Class names from a file with one name per line (a run's ``classes.txt``)."""
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise KcifarError(f"cannot read class names from {path} ({error}); "
+                          "pass a text file with one class name per line") from None
+
+
+def load_model(path):
+    """A Keras model from a .keras file, without its optimizer (not needed to predict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KcifarError(f"{path} does not exist; pass a run directory (runs/NAME) or a .keras model file")
+    if path.suffix != ".keras":
+        raise KcifarError(f"{path} is not a .keras file; pass a model saved by Keras 3 (model.save('x.keras'))")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KcifarError(f"{path} is not a loadable Keras model ({reason[:200]}); save it again") from None
 
 
 def resume_epoch(run_dir: Path) -> int:
@@ -232,8 +325,9 @@ def _trim_history(run_dir: Path, epochs_done: int):
         fileio.write_text(path, "".join(path.read_text().splitlines(keepends=True)[: 1 + epochs_done]))
 
 
-def open_run_dir(runs_dir, recipe: dict, overwrite: bool) -> Path:
-    """Create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write the recipe."""
+def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Path:
+    """Create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write the recipe
+    and the class names."""
     run_dir = Path(runs_dir) / recipe["name"]
     saved = run_dir / "recipe.toml"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -247,6 +341,7 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool) -> Path:
             raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
                               "rerun with the same recipe to resume, or pass --overwrite or another --name")
     fileio.write_text(saved, krecipe.to_toml(recipe))
+    write_class_names(run_dir, class_names)
     _trim_history(run_dir, resume_epoch(run_dir))
     return run_dir
 
@@ -275,7 +370,7 @@ def environment() -> dict:
     return {
         "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},
-        "machine": {"platform": platform.platform(), "arch": platform.machine(), "cpus": os.cpu_count(),
+        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
                     "cpu": cpu_description(),
                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
@@ -290,19 +385,26 @@ def offline_aug_record(folder: str):
     return {"folder": str(Path(folder).resolve()), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
 
 
-def summarize(recipe: dict, history: list, test: dict, wall_time: float, n_train: int) -> dict:
+def test_scores(evaluation: dict) -> dict:
+    """metrics.json's test fields from ``kcifar.evaluate.evaluate_run``'s result (the one scoring)."""
+    def pick(entry):
+        return {"top1": entry["top1"], "top5": entry["top5"], "loss": entry["loss"], "n": entry["n"]}
+
+    subset = evaluation.get("subset")
+    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None}
+
+
+def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n_train: int) -> dict:
     """metrics.json: the kept model's epoch (best by the early-stopping monitor) and its scores."""
-    monitor = recipe["early_stopping"]["monitor"]
-    scores = [float(r[monitor]) for r in history if r.get(monitor)]
-    best = (int(np.argmin(scores)) if monitor.endswith("loss") else int(np.argmax(scores))) if scores else None
-    speeds = [float(r["train_images_per_s"]) for r in history if r.get("train_images_per_s")]
+    best = best_index(history.get(recipe["early_stopping"]["monitor"]), recipe["early_stopping"]["monitor"])
+    speeds = [s for s in history.get("train_images_per_s", []) if np.isfinite(s)]
     steady = speeds[1:] or speeds  # the first epoch includes graph tracing
     return {
         "run": recipe["name"], "model": recipe["model"], "dataset": recipe["dataset"], "finished": True,
-        "best_val_accuracy": float(history[best]["val_accuracy"]) if scores else None,  # of the kept model
-        "best_epoch": best + 1 if scores else None,  # counted from 1
-        "epochs_run": len(history),
-        **test,
+        "best_val_accuracy": float(history["val_accuracy"][best]) if best is not None else None,  # of the kept model
+        "best_epoch": best + 1 if best is not None else None,  # counted from 1
+        "epochs_run": len(history.get("epoch", [])),
+        **test_scores(evaluation),
         "wall_time_s": round(wall_time, 1),
         "train_images_per_s": round(float(np.median(steady)), 1) if steady else None,
         "seed": recipe["seed"],
@@ -310,3 +412,11 @@ def summarize(recipe: dict, history: list, test: dict, wall_time: float, n_train
         "offline_aug": offline_aug_record(recipe["data"]["offline_aug"]),
         **environment(),
     }
+
+
+def finish(run_dir: Path, recipe: dict, evaluation: dict, wall_time: float, n_train: int, **extra) -> dict:
+    """Write ``metrics.json`` (``summarize`` plus ``extra``), drop the backup; returns the metrics."""
+    metrics = {**summarize(recipe, read_history(run_dir), evaluation, wall_time, n_train), **extra}
+    fileio.write_json(run_dir / "metrics.json", metrics)
+    shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
+    return metrics

@@ -1,18 +1,21 @@
 """``python -m kcifar.train``: train a zoo model from a recipe, honestly evaluated.
 
-The flow, one function each: resolve the recipe -> load the data (validation
-split carved from training) -> build and compile the model under a
-``tf.distribute`` strategy -> ``model.fit`` with Keras callbacks -> measure the
-test set once, with the model that scored best on validation -> ``metrics.json``.
+The flow, on the run library (``kcifar.run``): resolve the recipe -> load the
+data (validation split carved from training) -> build and compile the model
+under a ``tf.distribute`` strategy -> ``model.fit`` with Keras callbacks ->
+measure the test set once (``kcifar.evaluate``), with the model that scored
+best on validation -> ``evaluation.json``, figures and ``metrics.json``.
 
-A run lives in ``runs/<name>/``: ``recipe.toml``, ``history.csv``, ``best.keras``,
-``backup/`` (BackupAndRestore) and ``metrics.json``. Starting the same command
-again resumes an interrupted run from its last finished epoch; a finished run
-is kept unless ``--overwrite``.
+Starting the same command again resumes an interrupted run from its last
+finished epoch; a finished run is kept unless ``--overwrite``.
 """
 
+if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
+    from kcifar.errors import start_command
+
+    start_command()
+
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import data as kdata, fileio, models, recipe as krecipe, run
+from kcifar import data as kdata, evaluate, models, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -35,20 +38,6 @@ def build_model(recipe: dict, data, train: kdata.Split):
                         **stats, **recipe["model_args"])
 
 
-def evaluate_test(model, data, batch_size: int) -> dict:
-    """Test top-1/top-5 on all test images and, when known, on the pixel-exact subset."""
-
-    def measure(x, y):
-        scores = model.evaluate(eval_dataset(x, y, data.num_classes, batch_size), verbose=0, return_dict=True)
-        return {"top1": scores["accuracy"], "top5": scores["top5"], "n": int(len(y))}
-
-    result = {"test": measure(data.test.x, data.test.y), "test_exact": None}
-    if data.test_exact_mask is not None:
-        mask = data.test_exact_mask
-        result["test_exact"] = measure(data.test.x[mask], data.test.y[mask])
-    return result
-
-
 # ------------------------------------------------------------ the whole run
 
 
@@ -58,47 +47,44 @@ class RunResult:
     metrics: dict
     model: keras.Model  # with the kept (best validation) weights
     data: kdata.CifarData
+    evaluation: dict = None  # kcifar.evaluate.evaluate_run's result on the test split
 
 
 def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
-    """Train ``recipe`` into ``runs_dir/<name>``, resuming it when interrupted."""
+    """Train ``recipe`` into ``runs_dir/<name>``, resuming it when interrupted; evaluate
+    the kept model once on the test set (evaluation.json, figures, metrics.json)."""
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     spec = recipe["train"]
-    strategy = run.make_strategy(spec["strategy"])
-    run.seed_everything(recipe["seed"], spec["deterministic"])
-    run.set_precision(spec["precision"])
+    strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
     batch_size = spec["batch_size"]
     steps_per_epoch = -(-len(train_split) // batch_size)
     with strategy.scope():
         model = build_model(recipe, data, train_split)
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
-    run_dir = run.open_run_dir(runs_dir, recipe, overwrite)
+    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
     first_epoch = run.resume_epoch(run_dir)
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)
-    started = time.perf_counter() - sum(float(r.get("epoch_time_s") or 0) for r in history)
-    aug = AugmentConfig(**recipe["augment"])
+    started = time.perf_counter() - float(np.nansum(history.get("epoch_time_s", [])))
     has_val = len(data.val) > 0
     model.fit(
-        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, aug, seed=recipe["seed"],
-                      first_epoch=first_epoch),
+        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, AugmentConfig(**recipe["augment"]),
+                      seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
         callbacks=run.make_callbacks(run_dir, recipe, len(train_split), history),
     )
     history = run.read_history(run_dir)
-    if history and not np.isfinite(float(history[-1]["loss"])):
-        raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history)}; "
+    if history and not np.isfinite(history["loss"][-1]):
+        raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
-    model.set_weights(keras.models.load_model(run_dir / "best.keras", compile=False).get_weights())
-    metrics = run.summarize(recipe, history, evaluate_test(model, data, batch_size), time.perf_counter() - started,
-                        len(train_split))
-    fileio.write_json(run_dir / "metrics.json", metrics)
-    shutil.rmtree(run_dir / run.BACKUP_DIR, ignore_errors=True)
-    return RunResult(run_dir, metrics, model, data)
+    model.load_weights(run_dir / "best.keras")
+    evaluation = evaluate.evaluate_run(run_dir, model, data)
+    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split))
+    return RunResult(run_dir, metrics, model, data, evaluation)
 
 
 # ------------------------------------------------------------ command line
@@ -136,20 +122,14 @@ def recipe_from_args(args) -> dict:
     for flag, (key, _) in FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(_nested(key, value))
+            overrides.append(krecipe.nested(key, value))
     if args.deterministic:
-        overrides.append(_nested("train.deterministic", True))
+        overrides.append(krecipe.nested("train.deterministic", True))
     return krecipe.resolve(args.recipe, overrides)
 
 
 def argv_sets_anything(args) -> bool:
     return bool(args.set) or any(getattr(args, flag) is not None for flag in FLAGS)
-
-
-def _nested(key, value):
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
 
 
 @cli
@@ -160,11 +140,8 @@ def main(argv=None):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
     result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=0 if args.quiet else 2)
-    from kcifar import evaluate  # the step after training: figures and the full evaluation
-
-    evaluation = evaluate.evaluate_run(result.run_dir, result.model, result.data)
-    print(evaluate.describe(evaluation))
-    print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(evaluation['figures'])})")
+    print(evaluate.describe(result.evaluation))
+    print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(result.evaluation['figures'])})")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import one_line_error
 
-from kcifar import evaluate
-from kcifar.data import Split
+from kcifar import evaluate, run
+from kcifar.data import CIFAR10_CLASSES, CIFAR100_COARSE, CIFAR100_FINE, Split, superclass_groups
 from kcifar.errors import KcifarError
 
-CIFAR10 = evaluate.CIFAR10_CLASSES
+CIFAR10 = CIFAR10_CLASSES
 SCALE = 100.0
 
 
@@ -140,21 +140,22 @@ def test_logits_that_do_not_fit_the_classes_are_refused():
 
 def test_history_keeps_the_last_row_of_a_repeated_epoch_and_finds_the_best(tmp_path):
     (tmp_path / "history.csv").write_text(HISTORY)
-    history = evaluate.read_history(tmp_path / "history.csv")
+    history = run.read_history(tmp_path)
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     assert history["val_loss"].tolist() == [1.80, 1.52, 1.30, 1.45]
-    assert evaluate.best_epoch_index(history, "val_loss") == 2
-    assert evaluate.best_epoch_index(history, "val_accuracy") == 2
-    assert evaluate.best_epoch_index(history, "val_top5") == 3
-    assert evaluate.read_history(tmp_path / "missing.csv") == {}
+    assert run.best_index(history["val_loss"], "val_loss") == 2
+    assert run.best_index(history["val_accuracy"], "val_accuracy") == 2
+    assert run.best_index(history["val_top5"], "val_top5") == 3
+    assert run.best_index(history.get("absent"), "val_loss") is None
+    assert run.read_history(tmp_path / "missing") == {}
 
 
 def test_cifar100_fine_classes_group_into_twenty_superclasses():
-    groups = evaluate.superclass_groups(evaluate.CIFAR100_FINE)
+    groups = superclass_groups(CIFAR100_FINE)
     assert len(groups) == 20 and all(len(members) == 5 for _, members in groups)
     assert sorted(i for _, members in groups for i in members) == list(range(100))
-    assert evaluate.CIFAR100_FINE[:3] == ["apple", "aquarium_fish", "baby"] and len(evaluate.CIFAR100_COARSE) == 20
-    assert evaluate.superclass_groups(CIFAR10) is None
+    assert CIFAR100_FINE[:3] == ["apple", "aquarium_fish", "baby"] and len(CIFAR100_COARSE) == 20
+    assert superclass_groups(CIFAR10) is None
 
 
 # ------------------------------------------------------------ a run directory end to end
@@ -211,7 +212,7 @@ def test_hundred_class_figures_are_large_enough_to_read(tmp_path):
     y = np.arange(300) % 100
     split = Split(rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8), y)
     logits = rng.normal(size=(300, 100)) + 3 * np.eye(100)[y]
-    names = evaluate.write_figures(tmp_path, split, logits, evaluate.CIFAR100_FINE)
+    names = evaluate.write_figures(tmp_path, split, logits, CIFAR100_FINE)
     assert {n: png_size(tmp_path / n) for n in names} == {
         "confusion.png": (2400, 2000), "per_class_accuracy.png": (900, 2160), "predictions.png": (1300, 840)}
 

@@ -87,16 +87,35 @@ def test_recipe_rejects_unknown_finetune_keys(tmp_path, capsys):
     assert recipe["finetune"]["resolution"] == 96 and recipe["name"] == "finetune_efficientnet_lite0"
 
 
+def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
+    """A backbone run retrained with --overwrite keeps its path but not its features."""
+    run_dir = tmp_path / "backbone_run"
+    run_dir.mkdir()
+    recipe = finetune.resolve_recipe(None, [{"finetune": {"backbone": str(run_dir)}}])
+    folders = []
+    for seed in (1, 2, 2):
+        keras.utils.set_random_seed(seed)
+        models.build("s3_tutorial").save(run_dir / "best.keras")
+        folders.append(finetune.feature_dir(recipe, finetune.load_backbone(str(run_dir))))
+    assert folders[0] != folders[1] and folders[1] == folders[2]
+
+
+def test_shuffled_features_mix_originals_and_mirrors_in_every_epoch():
+    """90,000 cached rows (45,000 originals, then their 45,000 mirrors), 45,000-row epochs:
+    the first epoch must hold about as many mirrors as originals."""
+    x = np.repeat(np.array([[0], [1]], np.float16), 45_000, axis=0)  # 0 = original, 1 = mirror
+    batches = finetune.array_dataset(x, np.zeros(90_000, np.int64), 10, 1000, shuffle=True, seed=0)
+    first_epoch = np.concatenate([features.numpy() for features, _ in batches.take(45)])
+    assert len(first_epoch) == 45_000 and 0.48 < first_epoch.mean() < 0.52
+
+
 @pytest.fixture(scope="module")
-def mini_cifar10(tmp_path_factory):
+def mini_cifar10(tmp_path_factory, real_cifar10_dir):
     """A small real CIFAR-10 copy in the official layout: 300 training and the
-    first 200 (pixel-exact) test images, so a whole run takes seconds."""
+    first 200 test images (pixel-exact in every copy we know), so a whole run takes seconds."""
     from kcifar.data import load_cifar
 
-    try:
-        full = load_cifar("cifar10", val_size=0)
-    except KcifarError as error:
-        pytest.skip(f"CIFAR-10 not available: {error}")
+    full = load_cifar("cifar10", data_dir=real_cifar10_dir, val_size=0)
     folder = tmp_path_factory.mktemp("mini") / "cifar-10-batches-py"
     folder.mkdir()
 
@@ -120,7 +139,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 1, "stage1_epochs": 2,
                                                           "stage2_epochs": 1, "stage1_lr": 0.003}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    cached = finetune.feature_dir(recipe)
+    cached = finetune.feature_dir(recipe, finetune.load_backbone("efficientnet_lite0", resolution=32))
     assert sorted(p.name for p in cached.iterdir()) == ["key.json", "train.npy", "train_flip.npy",
                                                            "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
@@ -143,7 +162,8 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 2, "cache_features": False,
                                                           "stage1_epochs": 1, "stage2_epochs": 1}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    assert not finetune.feature_dir(recipe).joinpath("train.npy").exists()
+    backbone = finetune.load_backbone("efficientnet_lite0", resolution=32)
+    assert not finetune.feature_dir(recipe, backbone).joinpath("train.npy").exists()
     assert metrics["stage_epochs"] == [1, 1] and metrics["fast_path"] is False
     saved = keras.models.load_model(run_dir / "best.keras")
     trainable = {layer.name for layer in finetune.flat_layers(saved) if layer.trainable and layer.weights}

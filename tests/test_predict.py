@@ -8,7 +8,8 @@ import pytest
 from conftest import one_line_error
 from test_evaluate import colour_model, red_level
 
-from kcifar import predict
+from kcifar import predict, run
+from kcifar.data import CIFAR10_CLASSES
 from kcifar.errors import KcifarError
 
 
@@ -33,11 +34,24 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_model(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "colour_run"
-    run.mkdir()
-    colour_model().save(run / "best.keras")
-    (run / "recipe.toml").write_text('name = "colour_run"\ndataset = "cifar10"\n[data]\nlabel_mode = "fine"\n')
-    return run / "best.keras"
+    run_dir = tmp_path_factory.mktemp("runs") / "colour_run"
+    run_dir.mkdir()
+    colour_model().save(run_dir / "best.keras")
+    (run_dir / "recipe.toml").write_text('name = "colour_run"\ndataset = "cifar10"\n[data]\nlabel_mode = "fine"\n')
+    run.write_class_names(run_dir, CIFAR10_CLASSES)
+    return run_dir / "best.keras"
+
+
+def test_class_names_come_from_the_run_directory(tmp_path, run_model):
+    own = tmp_path / "own_classes"
+    own.mkdir()
+    (own / "best.keras").write_bytes(run_model.read_bytes())
+    run.write_class_names(own, [f"thing{i}" for i in range(10)])  # not CIFAR-10's: no table can give them
+    (own / "recipe.toml").write_text(run_model.with_name("recipe.toml").read_text())
+    assert predict.class_names_for_model(own / "best.keras") == [f"thing{i}" for i in range(10)]
+    (own / "classes.txt").unlink()
+    with pytest.raises(KcifarError, match="no classes.txt beside it"):
+        predict.class_names_for_model(own / "best.keras")
 
 
 def test_png_and_jpeg_of_any_size_read_as_rgb(tmp_path, run_model, capsys):
@@ -93,7 +107,7 @@ def _one_line_error(argv, capsys):
 
 def test_bad_input(tmp_path, model_file, capsys):
     photo = write_photo(tmp_path / "x.png", 1)
-    assert "not inside a run directory" in _one_line_error([str(model_file), str(photo)], capsys)
+    assert "no classes.txt beside it" in _one_line_error([str(model_file), str(photo)], capsys)
     assert "100 class names" in _one_line_error([str(model_file), str(photo), "--classes", "cifar100"], capsys)
     assert "does not exist" in _one_line_error([str(tmp_path / "no.keras"), str(photo), "--classes", "cifar10"], capsys)
     (tmp_path / "bad.keras").write_text("junk")

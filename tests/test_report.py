@@ -48,6 +48,15 @@ def test_table_compares_the_exact_figure_with_the_documented_one(tmp_path):
     assert f"python -m kcifar.report" in text and "- vgg: arch=x86_64, cpus=2" in text
 
 
+def test_a_figure_documented_on_another_data_set_is_not_subtracted(tmp_path):
+    run = write_run(tmp_path, "lite0", metrics(0.905, exact=0.96), (0.78, "S1 goal (CIFAR-100, 0.78)"))
+    with open(run / "recipe.toml", "a") as f:
+        f.write('dataset = "cifar100"\n')  # appended inside [documented]
+    row = report.read_run(run)
+    assert row["difference_pp"] is None and row["compared_with"] == "no CIFAR-10 figure documented"
+    assert "| no CIFAR-10 figure documented |" in report.to_markdown([row], "python -m kcifar.report runs/lite0")
+
+
 def test_cli_writes_both_files_and_leaves_no_temporaries(tmp_path, capsys):
     run = write_run(tmp_path, "r", metrics(0.5))
     report.main([str(run), "--out", str(tmp_path / "results" / "t")])

@@ -19,7 +19,6 @@ from conftest import own_stderr_lines
 
 from kcifar import recipe as krecipe
 from kcifar.errors import KcifarError
-from kcifar.run import best_so_far
 from kcifar.train import train
 
 QUICK = ["data.train_subset=3000", "data.val_size=1000", "train.batch_size=64"]
@@ -40,7 +39,9 @@ def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path)
     assert {"recipe.toml", "history.csv", "best.keras", "metrics.json"} <= {p.name for p in run.iterdir()}
     assert not (run / "backup").exists()  # removed once the run is finished
     assert metrics["best_val_accuracy"] >= 0.30  # chance is 0.10
-    assert metrics["test"]["n"] == 10000 and metrics["test_exact"]["n"] == 1000
+    assert metrics["test"]["n"] == 10000
+    assert metrics["test_exact"] is None or metrics["test_exact"]["n"] == 1000  # only beside our rebuilt copy
+    assert metrics["test"]["loss"] > 0  # one scoring: evaluation.json's, loss included
     assert 0.2 < metrics["test"]["top1"] <= metrics["test"]["top5"] <= 1
     assert metrics["epochs_run"] == 3 and metrics["train_images_per_s"] > 0
     assert "AVX-512: " in metrics["machine"]["cpu"]  # speeds differ with the CPU: say which ran
@@ -177,10 +178,3 @@ def test_interrupted_run_of_another_recipe_is_refused(tiny_cifar10, tmp_path):
     (run / "recipe.toml").write_text(krecipe.to_toml({**recipe, "seed": 1}))
     with pytest.raises(KcifarError, match="interrupted run of a different recipe"):
         train(recipe, tmp_path, verbose=0)
-
-
-def test_best_so_far_counts_patience_from_history():
-    rows = [{"val_accuracy": "0.2"}, {"val_accuracy": "0.5"}, {"val_accuracy": "0.4"}, {"val_accuracy": "0.3"}]
-    assert best_so_far(rows, "val_accuracy") == (0.5, 2)
-    assert best_so_far([{"val_loss": "2"}, {"val_loss": "1"}], "val_loss") == (1.0, 0)
-    assert best_so_far([], "val_loss") == (None, 0)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -23,9 +22,6 @@ def image_data_generator(geometry):
         shear_range=geometry.shear, zoom_range=geometry.zoom, horizontal_flip=geometry.hflip,
         fill_mode=geometry.fill, cval=0.0)
 
-
-# Keras' legacy generator calls SciPy through a deprecated alias, once per channel.
-warnings.filterwarnings("ignore", message="Please import `affine_transform`", category=DeprecationWarning)
 
 def random_warp_params(geometry, count, height, width, rng):
     """`count` warps in the format of `ImageDataGenerator.get_random_transform`, drawn

@@ -1,13 +1,10 @@
 """A picture of what a config does: each row one original image, then augmented versions of it."""
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kcifar.augment import augment_once  # noqa: E402
-from kcifar.fileio import atomic_path  # noqa: E402
+from kcifar.augment import augment_once
+from kcifar.fileio import atomic_path
 
 
 def one_per_class(y, count):
@@ -40,8 +37,8 @@ def preview(x, y, class_names, cfg, path, copies=7, seed=0):
     """Write a PNG grid: column 0 the originals, columns 1.. augmented draws; returns the path."""
     draws = [augment_once(x, y, len(class_names), cfg, seed=seed + k) for k in range(copies)]
     soft = cfg.mixup or cfg.cutmix
-    fig, axes = plt.subplots(len(x), copies + 1, figsize=(1.35 * (copies + 1), (2.0 if soft else 1.7) * len(x) + 0.7),
-                             squeeze=False)
+    fig = Figure(figsize=(1.35 * (copies + 1), (2.0 if soft else 1.7) * len(x) + 0.7))  # no pyplot, no backend
+    axes = fig.subplots(len(x), copies + 1, squeeze=False)
     for row in range(len(x)):
         tiles = [(x[row], f"original\n{class_names[y[row]]}")]
         tiles += [(images[row], f"#{k + 1}" + (f"\n{label_text(labels[row], class_names)}" if soft else ""))
@@ -58,5 +55,4 @@ def preview(x, y, class_names, cfg, path, copies=7, seed=0):
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     return path

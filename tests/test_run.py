@@ -1,0 +1,66 @@
+"""kcifar.run, the library under train and finetune: which epoch is best, the saver,
+the Keras home, and an import that changes nothing in the process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from kcifar import data, pretrained, run
+
+
+def test_best_index_is_the_first_best_by_the_monitors_direction():
+    assert run.best_index([0.2, 0.5, 0.5, 0.3], "val_accuracy") == 1
+    assert run.best_index([2.0, 1.0, 1.0, 1.5], "val_loss") == 1
+    assert run.best_index([np.nan, 0.4, np.nan], "val_accuracy") == 1
+    assert run.best_index([], "val_loss") is None and run.best_index(None, "val_loss") is None
+
+
+def test_best_so_far_counts_patience_from_history():
+    assert run.best_so_far({"val_accuracy": np.array([0.2, 0.5, 0.4, 0.3])}, "val_accuracy") == (0.5, 2)
+    assert run.best_so_far({"val_loss": np.array([2.0, 1.0])}, "val_loss") == (1.0, 0)
+    assert run.best_so_far({}, "val_loss") == (None, 0)
+
+
+def test_best_model_saver_keeps_the_best_epoch_and_leaves_no_temporaries(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    saver = run.BestModelSaver(tmp_path / "best.keras", "val_accuracy", best=0.5)
+    saver.set_model(model)
+    saved = []
+    for epoch, accuracy in enumerate([0.4, 0.6, 0.55, 0.7]):
+        model.layers[0].set_weights([np.full((2, 1), epoch, np.float32), np.zeros(1, np.float32)])
+        saver.on_epoch_end(epoch, {"val_accuracy": accuracy})
+        saved.append(keras.models.load_model(tmp_path / "best.keras").layers[0].get_weights()[0][0, 0]
+                     if (tmp_path / "best.keras").exists() else None)
+    assert saved == [None, 1, 1, 3]  # 0.4 does not beat the resumed run's 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
+
+
+def test_one_keras_home_when_the_variable_is_empty(monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", "")
+    assert data.keras_cache_dir() == Path.home() / ".keras" / "datasets"
+    assert pretrained.cache_dir() == Path.home() / ".keras" / "kcifar"
+
+
+IMPORT_EVERYTHING = """
+import os, sys, warnings
+filters = list(warnings.filters)
+import kcifar, kcifar.train, kcifar.finetune, kcifar.evaluate, kcifar.predict, kcifar.report
+import kcifar.augment.preview, kcifar.augment.__main__
+assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ, "import set TF_ENABLE_ONEDNN_OPTS"
+assert not any("affine_transform" in str(f[1]) for f in warnings.filters), "import added a warning filter"
+import matplotlib
+assert matplotlib.get_backend() == "svg", "import chose another matplotlib backend"
+print("clean")
+"""
+
+
+def test_importing_kcifar_changes_nothing_in_the_process():
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True,
+                         env={**env, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "svg"}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
