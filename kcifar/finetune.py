@@ -40,7 +40,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import evaluate, fileio, optim, pretrained, recipe as krecipe, run
+from kcifar import evaluate, fileio, pretrained, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
@@ -119,7 +119,7 @@ def flat_layers(model):
     return layers
 
 
-def blocks(model):
+def block_names(model):
     """Block names, in order, of the layers that hold weights (consecutive layers
     with one name prefix form a block)."""
     names = []
@@ -134,7 +134,7 @@ def split_point(backbone, unfreeze_blocks):
     """The name of the first layer of the top ``unfreeze_blocks`` blocks (None for 0)."""
     if unfreeze_blocks <= 0:
         return None
-    names = blocks(backbone)
+    names = block_names(backbone)
     if unfreeze_blocks >= len(names):
         raise KcifarError(f"unfreeze_blocks={unfreeze_blocks} but the backbone has {len(names)} blocks "
                           f"({', '.join(names)}); unfreeze fewer, or train the whole model without cache_features")
@@ -206,7 +206,7 @@ def resolve_recipe(path=None, overrides=()) -> dict:
     finetune = copy.deepcopy(FINETUNE_DEFAULTS)
     for layer in layers:
         table = layer.pop("finetune", {})
-        krecipe._check(table, FINETUNE_DEFAULTS, "finetune.")
+        krecipe.check(table, FINETUNE_DEFAULTS, "finetune.")
         finetune.update(table)
     if finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0:
         raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1 and unfreeze_blocks >= 0")
@@ -256,24 +256,30 @@ def unfreeze_top(backbone, unfreeze_blocks):
 # ------------------------------------------------------------ training
 
 
-def fit_stage(model, recipe, stage, train_ds, steps, val_ds, run_dir, initial_epoch, verbose):
-    """Compile and fit one stage; EarlyStopping keeps the best validation weights.
-    Returns (epochs run, best value of the early-stopping monitor or None)."""
+def fit_stage(model, recipe, stage, train_ds, val_ds, steps, run_dir, verbose):
+    """Compile and fit one stage with the run library's callbacks, so a killed stage resumes
+    at its last finished epoch and a finished one is not run again. The model ends with the
+    stage's best weights (by the early-stopping monitor). Returns (epochs run, best monitor
+    value or None)."""
+    best_path = run_dir / f"stage{stage}.keras"
+    finished = run.finished_stages(run_dir)
+    if str(stage) in finished:  # finished before the run was stopped
+        model.load_weights(best_path)
+        return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
     spec = stage_recipe(recipe, stage)
+    first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
     run.compile_model(model, spec, steps, run.jit_enabled(spec["train"]["jit"]))
-    stop = spec["early_stopping"]
-    callbacks = [run.EpochStats(steps * spec["train"]["batch_size"]), keras.callbacks.TerminateOnNaN(),
-                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
-    plateau = optim.plateau_callback(spec["schedule"], "val_loss" if val_ds is not None else "loss")
-    callbacks += [plateau] if plateau else []
-    if stop["enabled"] and val_ds is not None:
-        callbacks.insert(0, keras.callbacks.EarlyStopping(monitor=stop["monitor"], patience=stop["patience"],
-                                                          restore_best_weights=True, verbose=1))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=initial_epoch + spec["train"]["epochs"],
-                        initial_epoch=initial_epoch, steps_per_epoch=steps, verbose=verbose, callbacks=callbacks)
-    values = history.history.get(stop["monitor"])
-    best = (min(values) if stop["monitor"].endswith("loss") else max(values)) if values else None
-    return len(history.epoch), best
+    logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
+    model.fit(train_ds, validation_data=val_ds, epochs=first + spec["train"]["epochs"], initial_epoch=first,
+              steps_per_epoch=steps, verbose=verbose,
+              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path))
+    model.load_weights(best_path)
+    logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
+    monitor = spec["early_stopping"]["monitor"]
+    best = run.best_index(logged.get(monitor), monitor)
+    result = len(logged["epoch"]), None if best is None else float(logged[monitor][best])
+    run.record_stage(run_dir, stage, *result)
+    return result
 
 
 def stage2_if_better(model, layers, recipe, stage1_best, fit):
@@ -282,8 +288,7 @@ def stage2_if_better(model, layers, recipe, stage1_best, fit):
     saved = [layer.get_weights() for layer in layers]
     epochs, best = fit()
     monitor = recipe["early_stopping"]["monitor"]
-    if best is not None and stage1_best is not None and (
-            best >= stage1_best if monitor.endswith("loss") else best <= stage1_best):
+    if best is not None and stage1_best is not None and not run.improves(best, stage1_best, monitor):
         for layer, weights in zip(layers, saved):
             layer.set_weights(weights)
         print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
@@ -357,16 +362,16 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     head = new_head(classes, ft["head_dropout"])
     head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
     val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
-    epochs1, best1 = fit_stage(head_model, recipe, 1, array_dataset(pooled["train"], train_y, classes, batch, True,
-                                                                    recipe["seed"]), steps, val, run_dir, 0, verbose)
+    train_ds = array_dataset(pooled["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
+    epochs1, best1 = fit_stage(head_model, recipe, 1, train_ds, val, steps, run_dir, verbose)
     epochs2 = 0
     if top is not None and ft["stage2_epochs"] > 0:
         unfreeze_top(backbone, ft["unfreeze_blocks"])
         top_model = stack(keras.Input(cut["train"].shape[1:]), [top] + head, "top_and_head")
         val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
-        train_ds = array_dataset(cut["train"], train_y, classes, batch, True, recipe["seed"])
+        train_ds = array_dataset(cut["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
         epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
-            top_model, recipe, 2, train_ds, steps, val, run_dir, epochs1, verbose))
+            top_model, recipe, 2, train_ds, val, steps, run_dir, verbose))
     return head, (epochs1, epochs2)
 
 
@@ -381,24 +386,27 @@ def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
                              seed=recipe["seed"])
     val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
     backbone.trainable = False
-    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, steps, val, run_dir, 0, verbose)
+    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val, steps, run_dir, verbose)
     epochs2 = 0
     if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0:
         unfreeze_top(backbone, ft["unfreeze_blocks"])
         epochs2 = stage2_if_better(model, [backbone] + head, recipe, best1, lambda: fit_stage(
-            model, recipe, 2, train_ds, steps, val, run_dir, epochs1, verbose))
+            model, recipe, 2, train_ds, val, steps, run_dir, verbose))
     return head, (epochs1, epochs2)
 
 
 def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2):
     """Run ``recipe`` (see ``resolve_recipe``) into ``runs_dir/<name>``, under the recipe's
-    ``train.strategy``: the run directory, metrics.json and evaluation of ``kcifar.train``."""
+    ``train.strategy``: the run directory, metrics.json and evaluation of ``kcifar.train``.
+    Starting it again after a kill resumes it (finished stages are kept, the stage in
+    progress continues at its last finished epoch)."""
     ft = recipe["finetune"]
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
-    (run_dir / "history.csv").unlink(missing_ok=True)  # a stopped fine-tune restarts its stages
-    started = time.perf_counter()
+    if run.resume_epoch(run_dir):
+        print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
+    started = run.start_clock(run.read_history(run_dir))
     with strategy.scope():
         backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
         train_fn = train_on_features if ft["cache_features"] else train_on_images

@@ -62,7 +62,8 @@ CHOICES = {
 FREE_FORM = {"model_args"}
 
 
-def _check(recipe, defaults=DEFAULTS, prefix=""):
+def check(recipe, defaults=DEFAULTS, prefix=""):
+    """Raise a KcifarError for a key, type or choice of ``recipe`` that ``defaults`` does not allow."""
     for key, value in recipe.items():
         path = prefix + key
         if key not in defaults:
@@ -72,7 +73,7 @@ def _check(recipe, defaults=DEFAULTS, prefix=""):
             if not isinstance(value, dict):
                 raise KcifarError(f"recipe key '{path}' must be a table, got {value!r}")
             if path not in FREE_FORM:
-                _check(value, expected, path + ".")
+                check(value, expected, path + ".")
             continue
         if not _same_type(value, expected):
             raise KcifarError(f"recipe key '{path}' must be {type(expected).__name__}, got {value!r}")
@@ -135,7 +136,7 @@ def resolve(path=None, overrides=()) -> dict:
     recipe = copy.deepcopy(DEFAULTS)
     layers = ([read_toml(path)] if path else []) + [parse_override(o) if isinstance(o, str) else o for o in overrides]
     for layer in layers:
-        _check(layer)
+        check(layer)
         _merge(recipe, layer)
     if not recipe["name"]:
         recipe["name"] = Path(path).stem if path else recipe["model"]

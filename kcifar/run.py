@@ -194,6 +194,11 @@ def best_index(values, monitor: str):
     return int(np.nanargmin(values) if mode(monitor) == "min" else np.nanargmax(values))
 
 
+def improves(value, best, monitor: str) -> bool:
+    """Whether ``value`` of ``monitor`` beats ``best``."""
+    return value < best if mode(monitor) == "min" else value > best
+
+
 def best_so_far(history: dict, monitor: str):
     """(best value, epochs since it) from an earlier run's history, or (None, 0)."""
     values = history.get(monitor)
@@ -201,7 +206,9 @@ def best_so_far(history: dict, monitor: str):
     return (None, 0) if best is None else (float(values[best]), len(values) - 1 - best)
 
 
-def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict):
+def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict, best_path=None):
+    """Keras callbacks of a resumable run (or stage): EarlyStopping and the best-model file
+    (``best_path``, default ``best.keras``) continue from ``history``, the rows logged so far."""
     stop = recipe["early_stopping"]
     has_val = recipe["data"]["val_size"] > 0
     monitor = stop["monitor"]
@@ -209,14 +216,13 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
     callbacks = [
         EpochStats(images_per_epoch),
         keras.callbacks.TerminateOnNaN(),
-        BestModelSaver(run_dir / "best.keras", monitor if has_val else None, best),
+        BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
     ]
     if stop["enabled"]:
         callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
-                                                   verbose=1,
-                                                   resume_best=best, resume_wait=wait))
+                                                   verbose=1, resume_best=best, resume_wait=wait))
     plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
     if plateau:
         callbacks.append(plateau)
@@ -311,9 +317,31 @@ def load_model(path):
 
 
 def resume_epoch(run_dir: Path) -> int:
-    """The epoch an interrupted run continues at (0 for a new run)."""
+    """The epoch an interrupted run continues at: its backup's, else the end of its
+    last finished stage (0 for a new run)."""
     meta = run_dir / BACKUP_DIR / "training_metadata.json"
-    return int(json.loads(meta.read_text())["epoch"]) if meta.exists() else 0
+    if meta.exists():
+        return int(json.loads(meta.read_text())["epoch"])
+    return sum(stage["epochs"] for stage in finished_stages(run_dir).values())
+
+
+STAGES_FILE = "stages.json"
+
+
+def finished_stages(run_dir: Path) -> dict:
+    """{stage: {"epochs", "best"}} of the stages a run in stages (finetune) has finished;
+    each stage's best model is ``stage<N>.keras``."""
+    path = run_dir / STAGES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_stage(run_dir: Path, stage: int, epochs: int, best):
+    fileio.write_json(run_dir / STAGES_FILE, {**finished_stages(run_dir), str(stage): {"epochs": epochs, "best": best}})
+
+
+def start_clock(history: dict) -> float:
+    """``time.perf_counter()`` less the training time of the epochs an interrupted run already logged."""
+    return time.perf_counter() - float(np.nansum(history.get("epoch_time_s", [])))
 
 
 def _trim_history(run_dir: Path, epochs_done: int):
@@ -415,8 +443,11 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
 
 
 def finish(run_dir: Path, recipe: dict, evaluation: dict, wall_time: float, n_train: int, **extra) -> dict:
-    """Write ``metrics.json`` (``summarize`` plus ``extra``), drop the backup; returns the metrics."""
+    """Write ``metrics.json`` (``summarize`` plus ``extra``), drop the backup and the stages'
+    files; returns the metrics."""
     metrics = {**summarize(recipe, read_history(run_dir), evaluation, wall_time, n_train), **extra}
     fileio.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
+    for path in [run_dir / STAGES_FILE, *run_dir.glob("stage*.keras")]:
+        path.unlink(missing_ok=True)
     return metrics

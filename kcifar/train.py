@@ -68,7 +68,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)
-    started = time.perf_counter() - float(np.nansum(history.get("epoch_time_s", [])))
+    started = run.start_clock(history)
     has_val = len(data.val) > 0
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, AugmentConfig(**recipe["augment"]),

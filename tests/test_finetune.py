@@ -63,7 +63,7 @@ def test_run_directory_as_backbone(tmp_path):
 @needs_lite0
 def test_split_backbone_recomposes_the_backbone():
     backbone = finetune.load_backbone("efficientnet_lite0", resolution=64)
-    assert finetune.blocks(backbone)[-3:] == ["block6d", "block7a", "top"]
+    assert finetune.block_names(backbone)[-3:] == ["block6d", "block7a", "top"]
     bottom, top = finetune.split_backbone(backbone, 2)
     assert bottom.output.shape[1:] == (2, 2, 192)  # the input of block7a at 64 x 64
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
@@ -143,7 +143,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
     assert sorted(p.name for p in cached.iterdir()) == ["key.json", "train.npy", "train_flip.npy",
                                                            "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
-    assert len(finetune.run.read_history(run_dir)) == metrics["epochs_run"] == 3
+    assert len(finetune.run.read_history(run_dir)["epoch"]) == metrics["epochs_run"] == 3
     assert metrics["finished"] and metrics["stage_epochs"] == [2, 1] and metrics["resolution"] == 32
     assert metrics["test"]["n"] == metrics["test_exact"]["n"] == 200
     assert metrics["test"]["top1"] > 0.15  # chance is 0.10; ImageNet features help even at 32 x 32
@@ -168,3 +168,42 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
     saved = keras.models.load_model(run_dir / "best.keras")
     trainable = {layer.name for layer in finetune.flat_layers(saved) if layer.trainable and layer.weights}
     assert {"top_conv", "block7a_project_conv", "predictions"} <= trainable and "block6d_project_conv" not in trainable
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Stops the process's work the way a kill would, after the backup of ``epoch`` is written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_killed_finetune_resumes_in_its_stage_under_the_recipes_strategy(tiny_cifar10, tmp_path, monkeypatch):
+    backbone_dir = tmp_path / "backbone"
+    backbone_dir.mkdir()
+    models.build("s3_tutorial").save(backbone_dir / "best.keras")
+    recipe = finetune.resolve_recipe(None, [{
+        "name": "r", "data": {"val_size": 20}, "train": {"batch_size": 10, "strategy": "default"},
+        "early_stopping": {"enabled": False},
+        "finetune": {"backbone": str(backbone_dir), "unfreeze_blocks": 1, "stage1_epochs": 3, "stage2_epochs": 2}}])
+    strategies = []
+    make_strategy, make_callbacks = finetune.run.make_strategy, finetune.run.make_callbacks
+    monkeypatch.setattr(finetune.run, "make_strategy", lambda name: strategies.append(name) or make_strategy(name))
+    monkeypatch.setattr(finetune.run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [KillAfterEpoch(3)])
+    with pytest.raises(KeyboardInterrupt):  # killed in stage 2's first epoch (epoch 3 counted from 0)
+        finetune.finetune(recipe, tmp_path / "runs", verbose=0)
+    run_dir = tmp_path / "runs" / "r"
+    stage1_rows = (run_dir / "history.csv").read_text().splitlines()[:4]
+    assert finetune.run.finished_stages(run_dir)["1"]["epochs"] == 3 and finetune.run.resume_epoch(run_dir) == 4
+
+    monkeypatch.setattr(finetune.run, "make_callbacks", make_callbacks)
+    _, metrics, _ = finetune.finetune(recipe, tmp_path / "runs", verbose=0)
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2", "3", "4"]
+    assert history[:4] == stage1_rows  # stage 1 was not run again
+    assert metrics["stage_epochs"] == [3, 2] and metrics["epochs_run"] == 5 and strategies == ["default", "default"]
+    assert not list(run_dir.glob("stage*")) and not (run_dir / "backup").exists()

@@ -46,7 +46,7 @@ def test_registry_holds_every_documented_name():
                   "vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet56"}
     assert documented <= set(models.names())
     for name in documented:
-        assert models.describe(name).source and models.describe(name).description
+        assert models.entry(name).source and models.entry(name).description
 
 
 @pytest.mark.parametrize("name, params", [
@@ -213,9 +213,9 @@ def test_a_module_registers_a_builder_in_one_decorator(monkeypatch):
 
     @models.register("tiny_gap", source="test", description="GAP then Dense")
     def tiny_gap(x, num_classes, *, hidden=()):
-        return models.blocks.head(x, num_classes, "gap", hidden)
+        return models.parts.head(x, num_classes, "gap", hidden)
 
-    assert "tiny_gap" in models.names() and models.describe("tiny_gap").options() == {"hidden": ()}
+    assert "tiny_gap" in models.names() and models.entry("tiny_gap").options() == {"hidden": ()}
     assert registry.trainable_params(models.build("tiny_gap", 7, hidden=[4])) == 3 * 4 + 4 + 4 * 7 + 7
     with pytest.raises(KcifarError, match="registered twice"):
         models.register("tiny_gap", "test", "again")(tiny_gap)

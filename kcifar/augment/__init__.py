@@ -25,7 +25,7 @@ one-hot (soft with mixup/cutmix).
 import numpy as np
 import tensorflow as tf
 
-from kcifar.augment.config import ENGINES, PRESETS, AugmentConfig, Geometry
+from kcifar.augment.config import ENGINES, PRESETS, AugmentConfig, Geometry, batch_seed
 from kcifar.augment.idg import IdgDataset
 from kcifar.augment.tf_ops import augment_batch
 from kcifar.errors import KcifarError
@@ -73,7 +73,7 @@ def _epoch_batches(n, batch_size, seed, epoch):
     """(indices, seed) of every batch of one epoch, a function of (seed, epoch) alone."""
     order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
     batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
-    return batches.map(lambda i, indices: (indices, epoch * 1_000_003 + i))
+    return batches.map(lambda i, indices: (indices, batch_seed(epoch, i)))
 
 
 def augment_once(x, y, num_classes, cfg, seed=0):

@@ -86,3 +86,9 @@ class AugmentConfig:
     @property
     def extras(self):
         return bool(self.cutout or self.mixup or self.cutmix)
+
+
+def batch_seed(epoch, index):
+    """The seed of batch ``index`` of ``epoch`` (ints or tensors): one formula for both engines,
+    so a batch's draws depend on (seed, epoch, index) alone."""
+    return epoch * 1_000_003 + index

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kcifar.augment.config import batch_seed
 from kcifar.augment.tf_ops import augment_batch
 from kcifar.errors import KcifarError
 
@@ -88,7 +89,7 @@ class IdgDataset(keras.utils.PyDataset):
             warps = random_warp_params(self.cfg.geometry, len(images), *images.shape[1:3], rng)
             images = np.stack([self.generator.apply_transform(image, w) for image, w in zip(images, warps)])
         if self.cfg.extras:
-            seed = tf.constant([self.seed, self.epoch * 1_000_003 + index], tf.int64)
+            seed = tf.constant([self.seed, batch_seed(self.epoch, index)], tf.int64)
             images, labels = (np.asarray(t) for t in augment_batch(
                 images, labels, dataclasses.replace(self.cfg, preset="none"), seed))
         return images, labels

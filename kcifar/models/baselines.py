@@ -8,7 +8,7 @@ left out keeps ``conv_net``'s default; every option stays overridable through
 
 import functools
 
-from kcifar.models import blocks as B
+from kcifar.models import parts as B
 from kcifar.models.registry import register
 
 

@@ -18,7 +18,7 @@ import math
 import keras
 
 from kcifar.errors import KcifarError
-from kcifar.models import blocks as B
+from kcifar.models import parts as B
 from kcifar.models.registry import register
 
 LITE_MEAN = (127.0, 127.0, 127.0)

@@ -23,7 +23,7 @@ from typing import Callable
 import keras
 
 from kcifar.errors import KcifarError
-from kcifar.models import blocks
+from kcifar.models import parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def describe(name: str) -> ModelEntry:
+def entry(name: str) -> ModelEntry:
     """The registry entry of ``name`` (source, description, builder, options())."""
     if name not in _REGISTRY:
         raise KcifarError(f"unknown model {name!r}; valid models: {', '.join(names())}")
@@ -74,18 +74,18 @@ def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd"
 
     ``normalization``: ``meanstd`` (``mean``/``std`` on the 0..255 scale,
     default CIFAR-10 train statistics), ``minus1_1``, ``unit`` or ``none``.
-    ``overrides`` are the builder's own options (see ``describe(name).options()``).
+    ``overrides`` are the builder's own options (see ``entry(name).options()``).
     """
-    entry = describe(name)
-    unknown = sorted(set(overrides) - set(entry.options()))
+    model_entry = entry(name)
+    unknown = sorted(set(overrides) - set(model_entry.options()))
     if unknown:
-        valid = ", ".join(entry.options()) or "none"
+        valid = ", ".join(model_entry.options()) or "none"
         raise KcifarError(f"model {name!r} has no option {', '.join(unknown)}; valid options: {valid}")
     if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise KcifarError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     inputs = keras.Input(tuple(input_shape), name="image")
-    x = blocks.normalize(inputs, normalization, mean, std)
-    outputs = entry.builder(x, int(num_classes), **overrides)
+    x = parts.normalize(inputs, normalization, mean, std)
+    outputs = model_entry.builder(x, int(num_classes), **overrides)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -118,8 +118,8 @@ def table(num_classes=10) -> list[dict]:
     """One row per registered model: name, source, trainable params, forward MFLOPs, description."""
     rows = []
     for name in names():
-        model, entry = build(name, num_classes), describe(name)
-        rows.append({"name": name, "source": entry.source, "params": trainable_params(model),
-                     "mflops": forward_flops(model) / 1e6, "description": entry.description})
+        model, model_entry = build(name, num_classes), entry(name)
+        rows.append({"name": name, "source": model_entry.source, "params": trainable_params(model),
+                     "mflops": forward_flops(model) / 1e6, "description": model_entry.description})
         keras.backend.clear_session()
     return rows

@@ -5,7 +5,7 @@ import functools
 import keras
 
 from kcifar.errors import KcifarError
-from kcifar.models import blocks as B
+from kcifar.models import parts as B
 from kcifar.models.registry import register
 
 WIDTHS = (16, 32, 64)

@@ -2,7 +2,7 @@
 
 import functools
 
-from kcifar.models import blocks as B
+from kcifar.models import parts as B
 from kcifar.models.registry import register
 
 # Conv widths per block (Simonyan & Zisserman 2015, configurations A, B, D, E).
