@@ -21,8 +21,7 @@
 Targets (issue 5): tf engine >= 10x idg per preset; fit with tf augmentation
 >= 95 % of fit without.
 
-    KCIFAR_DATA_DIR=/work/shared/datasets python experiments/bench_augment.py \
-        --out experiments/results/bench_augment.md
+    KCIFAR_DATA_DIR=FOLDER python experiments/bench_augment.py --out experiments/results/bench_augment.md
 """
 
 import argparse
@@ -31,21 +30,23 @@ import datetime
 import os
 import platform
 import subprocess
-import sys
 import time
 
-import kcifar  # noqa: F401  (first: sets kcifar's TensorFlow defaults before TensorFlow loads)
-import keras
-import numpy as np
-import scipy
-import tensorflow as tf
-from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+from kcifar.errors import start_command
 
-from kcifar import models
-from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset
-from kcifar.data import load_cifar
-from kcifar.fileio import write_text
-from kcifar.run import cpu_description
+start_command()  # kcifar's TensorFlow defaults (oneDNN on), set before TensorFlow loads
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
+
+from kcifar import models  # noqa: E402
+from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset  # noqa: E402
+from kcifar.data import load_cifar  # noqa: E402
+from kcifar.fileio import write_text  # noqa: E402
+from kcifar.run import code_version, command_line, cpu_description  # noqa: E402
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
@@ -180,11 +181,11 @@ def main():
     report = "\n".join([
         "# Online augmentation speed: tf engine vs ImageDataGenerator engine",
         "",
-        "Command (from the repository root):",
+        "Command (from the repository root, with KCIFAR_DATA_DIR pointing at the CIFAR-10 folder):",
         "",
-        "    KCIFAR_DATA_DIR=/work/shared/datasets /work/venv/bin/python experiments/bench_augment.py "
-        + " ".join(sys.argv[1:]),
+        f"    {command_line()}",
         "",
+        f"- Code: commit {code_version()}",
         f"- Date: {started:%Y-%m-%d %H:%M %Z} (`date`: {sh('date')} at the end)",
         f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; CPU {cpu_description()}",
         f"- Load (`uptime`) before: `{load_before}`",

@@ -82,15 +82,16 @@ def main():
         print(rows[-1], flush=True)
     import tensorflow as tf
 
-    from kcifar.run import cpu_description
+    from kcifar.run import code_version, command_line, cpu_description
 
     report = "\n".join([
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",
         "",
         "Command (from the repository root):",
         "",
-        "    /work/venv/bin/python experiments/bench_onednn.py " + " ".join(sys.argv[1:]),
+        f"    {command_line()}",
         "",
+        f"- Code: commit {code_version()}",
         f"- Date: {started:%Y-%m-%d %H:%M %Z}",
         f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; "
         f"CPU {cpu_description()}",

@@ -414,7 +414,8 @@ def main(argv=None):
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(describe(load_cifar(args.dataset, args.data_dir, args.label_mode, args.val_size, args.seed)))
+    print(describe(load_cifar(args.dataset, data_dir=args.data_dir, label_mode=args.label_mode, val_size=args.val_size,
+                              seed=args.seed)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import shlex
 import sys
 import time
@@ -35,10 +36,18 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 def _compact(value):
-    """A metrics.json entry such as ``machine`` on one line: ``k=v, k=v``."""
+    """A metrics.json entry such as ``machine`` on one line: ``k=v, k=v`` (never the host's
+    kernel string, which older runs recorded as ``platform``)."""
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
+        return ", ".join(f"{k}={v}" for k, v in value.items() if k != "platform")
     return None if value is None else str(value)
+
+
+def shown_path(path) -> str:
+    """``path`` relative to the current folder (the repository root) when inside it, else
+    ``.../<parent>/<name>``: no folder above the checkout goes into a results file."""
+    relative = os.path.relpath(Path(path).resolve())
+    return relative if not relative.startswith("..") else f".../{Path(path).resolve().parent.name}/{Path(path).name}"
 
 
 def _pct(fraction):
@@ -140,7 +149,7 @@ def write_report(run_dirs, out="experiments/results/table", command=None):
     if not run_dirs:
         raise KcifarError("no runs given; pass run directories such as runs/NAME")
     rows = [read_run(d) for d in run_dirs]
-    command = command or "python -m kcifar.report " + " ".join(shlex.quote(str(d)) for d in run_dirs)
+    command = command or "python -m kcifar.report " + " ".join(shlex.quote(shown_path(d)) for d in run_dirs)
     out = Path(out)
     md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")
     write_text(md, to_markdown(rows, command))
@@ -154,7 +163,8 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
     parser.add_argument("--out", default="experiments/results/table", help="path prefix of the .md and .csv")
     args = parser.parse_args(argv)
-    command = "python -m kcifar.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    shown = [shown_path(a) if Path(a).exists() else a for a in (argv if argv is not None else sys.argv[1:])]
+    command = "python -m kcifar.report " + " ".join(shlex.quote(a) for a in shown)
     for path in write_report(args.runs, args.out, command):
         print(f"wrote {path}")
 

@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,7 +97,8 @@ def set_up(recipe: dict):
 def load_data(recipe: dict, data_dir=None):
     """The recipe's splits; ``train_subset`` keeps a stratified part of the training split."""
     spec = recipe["data"]
-    data = kdata.load_cifar(recipe["dataset"], data_dir, spec["label_mode"], spec["val_size"], recipe["seed"])
+    data = kdata.load_cifar(recipe["dataset"], data_dir=data_dir, label_mode=spec["label_mode"],
+                            val_size=spec["val_size"], seed=recipe["seed"])
     train = data.train
     if spec["train_subset"]:
         train = kdata.stratified_subset(train, spec["train_subset"], recipe["seed"])
@@ -403,6 +406,32 @@ def environment() -> dict:
                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
     }
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def command_line(argv=None) -> str:
+    """This process's command as typed from the repository root, without the interpreter's
+    path: ``python -m kcifar.report ...`` or ``python experiments/x.py ...``; ``argv``
+    (default ``sys.argv[1:]``) as given."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    program = f"-m {spec.name}" if spec else os.path.relpath(Path(sys.argv[0]).resolve(), REPOSITORY)
+    return " ".join(["python", program, *(sys.argv[1:] if argv is None else argv)])
+
+
+def code_version() -> str:
+    """The commit of the checkout kcifar runs from (``plus uncommitted changes`` when dirty)."""
+    root = REPOSITORY
+    try:
+        commit, dirty = (subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+                         for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"]))
+    except (OSError, subprocess.CalledProcessError):
+        return "not recorded (not a git checkout)"
+    return commit + (" plus uncommitted changes" if dirty else "")
 
 
 def offline_aug_record(folder: str):

@@ -57,6 +57,18 @@ def test_a_figure_documented_on_another_data_set_is_not_subtracted(tmp_path):
     assert "| no CIFAR-10 figure documented |" in report.to_markdown([row], "python -m kcifar.report runs/lite0")
 
 
+def test_no_path_above_the_checkout_and_no_kernel_string_in_the_table(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    run = write_run(tmp_path / "elsewhere" / "runs", "r", metrics(0.5, machine={"platform": "Linux-6.1-x86_64",
+                                                                                 "arch": "x86_64"}))
+    report.main([str(run), "--out", "results/t"])
+    text = (checkout / "results" / "t.md").read_text() + (checkout / "results" / "t.csv").read_text()
+    assert str(tmp_path) not in text and "Linux-6.1" not in text
+    assert "python -m kcifar.report .../runs/r --out results/t" in text and "arch=x86_64" in text
+
+
 def test_cli_writes_both_files_and_leaves_no_temporaries(tmp_path, capsys):
     run = write_run(tmp_path, "r", metrics(0.5))
     report.main([str(run), "--out", str(tmp_path / "results" / "t")])

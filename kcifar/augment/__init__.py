@@ -50,8 +50,8 @@ def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=1, use_mul
     """
     x, y = _check_arrays(x, y, num_classes, batch_size)
     if cfg.engine == "idg":
-        return IdgDataset(x, y, num_classes, batch_size, cfg, seed, workers, use_multiprocessing,
-                          first_epoch=first_epoch or 0)
+        return IdgDataset(x, y, num_classes, batch_size, cfg, seed=seed, workers=workers,
+                          use_multiprocessing=use_multiprocessing, first_epoch=first_epoch or 0)
     if first_epoch is None:
         indices = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)

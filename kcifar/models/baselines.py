@@ -36,9 +36,11 @@ def conv_net(x, num_classes, *, blocks=((32,), (64,)), kernel_size=3, padding="s
     """
     blocks = [[width] if isinstance(width, int) else list(width) for width in blocks]
     for index, widths in enumerate(blocks, start=1):
-        x = B.conv_block(x, widths, f"block{index}", kernel_size, padding, batch_norm, activation,
-                         pool, pool_last or index < len(blocks), dropout, dropout_position, residual)
-    return B.head(x, num_classes, head, dense_units, head_batch_norm, activation, head_dropout)
+        x = B.conv_block(x, widths, f"block{index}", kernel_size=kernel_size, padding=padding, use_bn=batch_norm,
+                         activation=activation, pool_kind=pool, pooled=pool_last or index < len(blocks),
+                         dropout_rate=dropout, dropout_position=dropout_position, residual=residual)
+    return B.head(x, num_classes, kind=head, dense_units=dense_units, use_bn=head_batch_norm, activation=activation,
+                  dropout_rate=head_dropout)
 
 
 # S0 dense widths are not given: 512/256(/128) assumed. Optimizer, learning rate

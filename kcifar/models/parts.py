@@ -109,7 +109,7 @@ def conv_block(x, filters, prefix, kernel_size=3, padding="same", use_bn=True, a
     shortcut = x
     for index, width in enumerate(filters, start=1):
         last = index == len(filters)
-        x = conv_bn_act(x, width, prefix, index, kernel_size, padding=padding, use_bn=use_bn,
+        x = conv_bn_act(x, width, prefix, suffix=index, kernel_size=kernel_size, padding=padding, use_bn=use_bn,
                         activation=None if (residual and last) else activation)
     if residual:
         if shortcut.shape[-1] != x.shape[-1]:
