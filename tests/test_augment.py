@@ -1,4 +1,5 @@
-"""kcifar.augment: both engines keep shapes and labels, are seeded, and draw the same transforms."""
+"""kcifar.augment: both engines keep shapes and labels, are seeded, and draw the same transforms;
+the tf engine agrees with Keras' own RandomRotation, RandomZoom, MixUp and CutMix where they overlap."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ import pytest
 
 from kcifar.augment import PRESETS, AugmentConfig, Geometry, IdgDataset, eval_dataset, train_dataset
 from kcifar.augment.idg import image_data_generator, random_warp_params
-from kcifar.augment.tf_ops import warp, warp_transforms
+from kcifar.augment.tf_ops import augment_batch, warp, warp_transforms
 from kcifar.errors import KcifarError
 
 ENGINES = ["tf", "idg"]
@@ -293,3 +294,71 @@ def test_idg_engine_draws_warps_as_image_data_generator_does(preset):
         np.testing.assert_allclose([b.mean(), b.std()], [a.mean(), a.std()], atol=0.08 * a.std() + 1e-9)
         if preset == "crop_flip" and key in ("tx", "ty"):
             assert set(a) == set(b) == set(range(-4, 5))
+
+
+# ------------------------------------------------------------ parity with Keras' own augmentation layers
+
+
+def warp_params(n, **fixed):
+    """ImageDataGenerator warp parameters for n images: identity but for ``fixed``."""
+    params = dict(theta=np.zeros(n), tx=np.zeros(n), ty=np.zeros(n), shear=np.zeros(n), zx=np.ones(n),
+                  zy=np.ones(n), flip_horizontal=np.zeros(n, bool))
+    return {**params, **{key: np.full(n, value) for key, value in fixed.items()}}
+
+
+def sampled_inside(transform, size=32):
+    """Output pixels whose source point and its bilinear neighbours lie inside the image:
+    there the edge rules (SciPy's hard edge vs Keras' fill) play no part."""
+    rows, cols = np.mgrid[:size, :size].astype(np.float32)
+    x = transform[0] * cols + transform[1] * rows + transform[2]
+    y = transform[3] * cols + transform[4] * rows + transform[5]
+    return (x >= 0) & (x <= size - 2) & (y >= 0) & (y <= size - 2)
+
+
+@pytest.mark.parametrize("keras_layer, ours", [
+    (keras.layers.RandomRotation(factor=(30 / 360, 30 / 360), fill_mode="constant"), dict(theta=30.0)),
+    (keras.layers.RandomRotation(factor=(-12 / 360, -12 / 360), fill_mode="constant"), dict(theta=-12.0)),
+    (keras.layers.RandomZoom(height_factor=(0.2, 0.2), width_factor=(0.2, 0.2), fill_mode="constant"),
+     dict(zx=1.2, zy=1.2)),  # Keras' positive factor zooms out, as ImageDataGenerator's zoom above 1
+    (keras.layers.RandomZoom(height_factor=(-0.15, -0.15), width_factor=(-0.1, -0.1), fill_mode="constant"),
+     dict(zx=0.9, zy=0.85)),
+])
+def test_tf_warp_gives_keras_random_rotation_and_zoom_pixels(keras_layer, ours):
+    """For the same angle or scale (Keras' factors fixed to one value), the tf engine's warp
+    and Keras' RandomRotation / RandomZoom (bilinear) agree wherever the edge rules do not matter."""
+    images = random_images(4)[0].astype(np.float32)
+    expected = keras.ops.convert_to_numpy(keras_layer(images, training=True))
+    transforms = warp_transforms(warp_params(4, **ours), 32.0, 32.0)
+    got = warp(images, transforms, "constant").numpy()
+    inside = sampled_inside(transforms.numpy()[0])
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(got[:, inside], expected[:, inside], atol=2e-3)
+
+
+def mixing_shares(images, labels, fills):
+    """Per image of a mixed batch of flat images (image i filled with fills[i], one-hot label i):
+    (share of the image that comes from its partner, label weight of the partner's class)."""
+    n = len(fills)
+    partner_weight = labels * (1 - np.eye(n))
+    partner = partner_weight.argmax(axis=1)
+    own, apart = images[..., 0], np.broadcast_to((fills[partner] - fills)[:, None, None], images.shape[:3])
+    blended = np.divide(own - fills[:, None, None], apart, out=np.zeros_like(own), where=apart != 0)  # 1 = partner's
+    return blended.mean(axis=(1, 2)), partner_weight.max(axis=1)
+
+
+@pytest.mark.parametrize("keras_layer, cfg, keras_tolerance", [
+    (keras.layers.MixUp(alpha=0.4, seed=1), AugmentConfig(mixup=0.4), 1e-4),
+    # Keras' CutMix weighs the labels by the box it drew, before rounding and clipping
+    # to the image: up to a few points off the pasted pixels; ours by the pasted pixels.
+    (keras.layers.CutMix(factor=1.0, seed=1), AugmentConfig(cutmix=1.0), 0.1),
+])
+def test_mixed_labels_follow_the_pixels_like_keras_mixup_and_cutmix(keras_layer, cfg, keras_tolerance):
+    fills = np.arange(32, dtype=np.float32) * 7 + 10
+    images = np.broadcast_to(fills[:, None, None, None], (32, 32, 32, 3)).copy()
+    labels = np.eye(32, dtype=np.float32)
+    theirs = keras_layer({"images": images, "labels": labels}, training=True)
+    pixels, weights = mixing_shares(*(keras.ops.convert_to_numpy(theirs[k]) for k in ("images", "labels")), fills)
+    assert np.abs(pixels - weights).max() < keras_tolerance and weights.max() > 0.1
+    ours = augment_batch(images, labels, cfg, np.array([1, 2]))
+    pixels, weights = mixing_shares(*(np.asarray(t) for t in ours), fills)
+    assert np.abs(pixels - weights).max() < 1e-4 and weights.max() > 0.1
