@@ -89,13 +89,19 @@ def read_run(run_dir) -> dict:
         "difference_pp": None,
         "machine": _compact(metrics.get("machine")),
     }
+    return {**row, **compare(row, documented.get("dataset") or row["dataset"])}
+
+
+def compare(row: dict, documented_dataset: str) -> dict:
+    """``compared_with`` and ``difference_pp``: ours (pixel-exact where there is a figure)
+    minus the documented figure, never across data sets."""
+    if documented_dataset != row["dataset"]:
+        return {"compared_with": f"no {DATASET_NAMES.get(row['dataset'], row['dataset'])} figure documented"}
     ours = "exact" if row["test_top1_exact_pct"] is not None else "all"
-    if documented.get("dataset", row["dataset"]) not in ("", row["dataset"]):  # never subtract across data sets
-        row["compared_with"] = f"no {DATASET_NAMES.get(row['dataset'], row['dataset'])} figure documented"
-    elif row["documented_pct"] is not None and row[f"test_top1_{ours}_pct"] is not None:
-        row["compared_with"] = "pixel-exact test" if ours == "exact" else "all test"
-        row["difference_pp"] = round(row[f"test_top1_{ours}_pct"] - row["documented_pct"], 2)
-    return row
+    if row["documented_pct"] is None or row[f"test_top1_{ours}_pct"] is None:
+        return {}
+    return {"compared_with": "pixel-exact test" if ours == "exact" else "all test",
+            "difference_pp": round(row[f"test_top1_{ours}_pct"] - row["documented_pct"], 2)}
 
 
 def _cell(value, unit=""):
