@@ -47,7 +47,7 @@ class RunResult:
     metrics: dict
     model: keras.Model  # with the kept (best validation) weights
     data: kdata.CifarData
-    evaluation: dict = None  # kcifar.evaluate.evaluate_run's result on the test split
+    evaluation: dict | None = None  # kcifar.evaluate.evaluate_run's result on the test split
 
 
 def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
