@@ -48,8 +48,9 @@ def build(x, y, out_dir, *, ops, copies: int, seed: int = 0, prob: float = 0.5, 
     Resumes a run killed with the same arguments (finished shards are kept)
     and refuses a directory made with other ones. Returns the manifest.
     """
-    _check_arguments(x, y, copies, seed, prob, shard_size, workers)
-    plan = _plan(x, y, ops, copies, seed, prob, originals, shard_size, source or {})
+    _check_arguments(x, y, copies=copies, seed=seed, prob=prob, shard_size=shard_size, workers=workers)
+    plan = _plan(x, y, ops=ops, copies=copies, seed=seed, prob=prob, originals=originals, shard_size=shard_size,
+                 source=source or {})
     out_dir = Path(out_dir)
     manifest = _start(out_dir, plan)
     todo = [i for i, shard in enumerate(manifest["shards"]) if not _finished(out_dir, shard)]
@@ -69,7 +70,7 @@ def build(x, y, out_dir, *, ops, copies: int, seed: int = 0, prob: float = 0.5, 
     return manifest
 
 
-def _check_arguments(x, y, copies, seed, prob, shard_size, workers):
+def _check_arguments(x, y, *, copies, seed, prob, shard_size, workers):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x) or not len(x):
         raise KcifarError(f"need uint8 images (n, 32, 32, 3) and n labels, got {x.dtype} {x.shape}, {len(y)} labels")
     if copies < 1 or shard_size < 1 or workers < 1:
@@ -82,7 +83,7 @@ def _check_arguments(x, y, copies, seed, prob, shard_size, workers):
         raise KcifarError("more than 2**32 source images; split the data set")
 
 
-def _plan(x, y, ops, copies, seed, prob, originals, shard_size, source) -> dict:
+def _plan(x, y, *, ops, copies, seed, prob, originals, shard_size, source) -> dict:
     """What decides the shards' bytes, as the manifest records it; a resumed run must match it exactly."""
     augment = {"ops": [{"name": op.name, "magnitude": m, "meaning": op.meaning} for op, m in ops],
                "prob": prob, "seed": seed, "copies": copies, "originals": originals, "shard_size": shard_size,

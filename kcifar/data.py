@@ -386,7 +386,8 @@ def load_cifar(name="cifar10", data_dir=None, label_mode="fine", val_size=5000, 
     path = locate(name, data_dir)
     full_train, test, class_names = _read_copy(_Reader(path, layout), name, label_mode)
     train, val = carve_validation(full_train, int(val_size), seed)
-    return CifarData(name, label_mode, train, val, test, class_names, str(path), _exact_mask(path, len(test)))
+    return CifarData(name, label_mode, train=train, val=val, test=test, class_names=class_names, source=str(path),
+                     test_exact_mask=_exact_mask(path, len(test)))
 
 
 # ---------------------------------------------------------------- command line

@@ -153,14 +153,14 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     label = f"{title} ({split_name}, {len(split.y):,} images)" if title else f"{split_name}, {len(split.y):,} images"
     predicted = np.asarray(logits).argmax(axis=1)
     confusion = confusion_matrix(split.y, predicted, len(class_names))
+    probabilities = softmax(np.asarray(logits[:GRID_IMAGES], np.float64), axis=1)
     paths = [
         plots.confusion(confusion, class_names, out_dir / f"confusion{suffix}.png",
                         groups=superclass_groups(class_names), title=f"Confusion matrix: {label}"),
         plots.per_class_accuracy(confusion, class_names, out_dir / f"per_class_accuracy{suffix}.png",
                                  title=f"Accuracy per class: {label}"),
-        plots.prediction_grid(split.x[:GRID_IMAGES], split.y[:GRID_IMAGES], softmax(np.asarray(logits[:GRID_IMAGES], np.float64), axis=1),
-                              class_names, out_dir / f"predictions{suffix}.png",
-                              title=f"Predictions on the first {min(GRID_IMAGES, len(split.y))} images: {label}"),
+        plots.prediction_grid(split.x[:GRID_IMAGES], split.y[:GRID_IMAGES], probabilities, class_names,
+                              out_dir / f"predictions{suffix}.png", title=f"Predictions on the first {min(GRID_IMAGES, len(split.y))} images: {label}"),
     ]
     if history:
         paths.append(plots.learning_curves(history, out_dir / "learning_curves.png",
@@ -190,10 +190,10 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
     logits = predict_logits(model, split.x)
     result = {"run": recipe.get("name") or run_dir.name, "dataset": data.name, "label_mode": data.label_mode,
               "data_source": data.source, "split": split_name}
-    result.update(metrics_from_logits(logits, split.y, data.class_names, subset_mask,
-                                      f"all {len(split.y):,}", subset_label))
-    result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name,
-                                      run.read_history(run_dir), monitor, result["run"])
+    result.update(metrics_from_logits(logits, split.y, data.class_names, mask=subset_mask,
+                                      all_label=f"all {len(split.y):,}", mask_label=subset_label))
+    result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name=split_name,
+                                      history=run.read_history(run_dir), monitor=monitor, title=result["run"])
     write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
     return result
 

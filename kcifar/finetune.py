@@ -133,7 +133,7 @@ def stack(inputs, layers, name):
 # ------------------------------------------------------------ training
 
 
-def fit_stage(model, recipe, stage, train_ds, val_ds, steps, run_dir, verbose):
+def fit_stage(model, recipe, stage, train_ds, *, val_ds, steps, run_dir, verbose):
     """Compile and fit one stage with the run library's callbacks, so a killed stage resumes
     at its last finished epoch and a finished one is not run again. The model ends with the
     stage's best weights (by the early-stopping monitor). Returns (epochs run, best monitor
@@ -232,7 +232,8 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
     val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
     train_ds = array_dataset(pooled["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
-    epochs1, best1 = fit_stage(head_model, recipe, 1, train_ds, val, steps, run_dir, verbose)
+    epochs1, best1 = fit_stage(head_model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir,
+                               verbose=verbose)
     epochs2 = 0
     if top is not None and ft["stage2_epochs"] > 0:
         unfreeze_top(backbone, ft["unfreeze_blocks"])
@@ -240,7 +241,7 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
         val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
         train_ds = array_dataset(cut["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
         epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
-            top_model, recipe, 2, train_ds, val, steps, run_dir, verbose))
+            top_model, recipe, 2, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
     return head, (epochs1, epochs2)
 
 
@@ -255,12 +256,12 @@ def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
                              seed=recipe["seed"])
     val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
     backbone.trainable = False
-    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val, steps, run_dir, verbose)
+    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose)
     epochs2 = 0
     if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0:
         unfreeze_top(backbone, ft["unfreeze_blocks"])
         epochs2 = stage2_if_better(model, [backbone] + head, recipe, best1, lambda: fit_stage(
-            model, recipe, 2, train_ds, val, steps, run_dir, verbose))
+            model, recipe, 2, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
     return head, (epochs1, epochs2)
 
 

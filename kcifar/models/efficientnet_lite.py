@@ -108,5 +108,5 @@ def efficientnet_lite(x, num_classes, *, variant="lite0", resolution=None, dropo
 
 for _variant in VARIANTS:
     register(f"efficientnet_{_variant}", "Tan & Le 2019 (Lite)",
-             f"EfficientNet-{_variant.capitalize()}: B0 blocks, no SE, ReLU6; ImageNet weights via kcifar.models.pretrained")(
+             f"EfficientNet-{_variant.capitalize()}: B0 blocks, no SE, ReLU6; ImageNet weights: weights='imagenet'")(
         functools.partial(efficientnet_lite, variant=_variant))
