@@ -467,6 +467,7 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
         "seed": recipe["seed"],
         "train_images": n_train,
         "offline_aug": offline_aug_record(recipe["data"]["offline_aug"]),
+        "code": code_version(),
         **environment(),
     }
 

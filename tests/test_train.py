@@ -45,6 +45,7 @@ def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path)
     assert 0.2 < metrics["test"]["top1"] <= metrics["test"]["top5"] <= 1
     assert metrics["epochs_run"] == 3 and metrics["train_images_per_s"] > 0
     assert "AVX-512: " in metrics["machine"]["cpu"]  # speeds differ with the CPU: say which ran
+    assert metrics["code"] and "platform" not in metrics["machine"]  # the commit, no host kernel string
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["best_epoch"] == metrics["best_epoch"] and saved["finished"] is True
     assert krecipe.read_toml(run / "recipe.toml") == recipe
