@@ -120,7 +120,8 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
                      "epochs": recipe["train"]["epochs"], "images_per_s": speed, "per_run_s": per_run,
                      "runs_left": left, "left_s": left * per_run, "source": source,
                      "idg": recipe["augment"]["engine"] == "idg" and recipe["augment"]["preset"] != "none",
-                     "early_stopping": recipe["early_stopping"]["enabled"]})
+                     "early_stopping": recipe["early_stopping"]["enabled"]
+                     and recipe["early_stopping"]["patience"] < recipe["train"]["epochs"]})
     return rows
 
 

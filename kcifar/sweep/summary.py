@@ -4,9 +4,11 @@ Each cell's row holds, over the seeds finished, the mean ± sample standard
 deviation (n - 1; none with one seed) of the best validation top-1, the test
 top-1 on all test images and on the pixel-exact subset (where the data has
 one), the epochs run, the wall time and the training images/s, all read from
-the runs' own ``metrics.json``. The figures: test top-1 (all images: more
-images, less noise between cells) against the first varied key, one line per
-combination of the others; and the validation curves of every run overlaid.
+the runs' own ``metrics.json``. No documented figure here: a study may run a
+recipe on another data set than the documented one (kcifar.documented compares).
+The figures: test top-1 (all images: more images, less noise between cells)
+against the first varied key, one line per combination of the others; and the
+validation curves of every run overlaid.
 
 With an output folder other than the runs' folder the small files of each run
 (metrics.json, history.csv, evaluation.json, provenance.json, recipe.toml,
@@ -134,8 +136,6 @@ def cell_row(study, cell, runs) -> dict:
         "train_images": next((m.get("train_images") for m in metrics), None),
         "wall_time_s_mean": _mean([m.get("wall_time_s") for m in metrics]),
         "train_images_per_s_mean": _mean([m.get("train_images_per_s") for m in metrics]),
-        "documented_pct": round(100 * recipe["documented"]["accuracy"], 2) if recipe["documented"]["accuracy"] else None,
-        "documented_source": recipe["documented"]["source"] or None,
         "cpu": _joined(m.get("machine", {}).get("cpu") for m in metrics),
         "date": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else None,
         "commit": _joined(run["provenance"].get("commit") for run in runs),
