@@ -160,6 +160,15 @@ def test_budget_stop_interrupt_resume_skip_and_summary(tiny_cifar10, tmp_path, m
     assert "| learning_rate-0.001 | 0.001 | 2/2 |" in text and "## Test top-1 per class" in text
 
 
+def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
+    study = load_study(write_study(tmp_path, f'seeds = [0, 1]\n{TINY_BASE}\n[grid]\n"model_args.widthh" = [1, 2]\n'))
+    lines = []
+    progress = runner.run_study(study, tmp_path / "runs", log=lines.append)
+    assert [name for name, _ in progress.failed] == ["widthh-1-s0", "widthh-1-s1", "widthh-2-s0", "widthh-2-s1"]
+    assert all("has no option widthh" in message for _, message in progress.failed) and progress.ran == []
+    assert lines[-1] == "tiny: 0 run(s) trained now, 0 finished before, 4 failed, 0 left for later"
+
+
 # ------------------------------------------------------------ summary numbers and dry-run (no training)
 
 

@@ -34,7 +34,8 @@ def main(argv=None):
     if args.dry_run:
         print(estimate.describe(study, estimate.estimate(study, args.runs_dir)))
         return
-    summary.check_writable(args.out or args.runs_dir)
+    for folder in {args.runs_dir, args.out or args.runs_dir}:
+        summary.check_writable(folder)
     if not args.summarize:
         runner.run_study(study, args.runs_dir, args.data_dir, args.budget_min, command, verbose=2 if args.verbose else 0)
     for path in summary.write_summary(study, args.runs_dir, args.out, command):

@@ -1,7 +1,9 @@
 """``--dry-run``: the runs of a study and how long they should take on this machine.
 
 Cost of one run, in training-image equivalents: ``epochs x (train images +
-validation images / 3) + 2 x test images / 3`` (a forward pass is about a
+validation images / 3) + 2 x test images / 3``, the image counts of the real
+CIFAR (50,000 training, 10,000 test; ``data.train_subset`` if set), whatever
+data the study will be given (a forward pass is about a
 third of a training step; the test set is measured twice, by kcifar.train and
 by the evaluation). The speed, first found wins:
 

@@ -2,7 +2,9 @@
 
 A finished run (``metrics.json`` says ``finished``) is skipped, an interrupted
 one resumes where kcifar.train's backup left it, and with a budget no new run
-starts once the budget is spent (the one running is finished, not cut).
+starts once the budget is spent (the one running is finished, not cut). A run
+that fails with a KcifarError (a diverged loss, a run folder of another
+recipe) is reported and the others go on; the next call tries it again.
 After training, each run is evaluated (``evaluation.json``, per-class
 accuracy, learning-curve PNG) and gets ``provenance.json``: when it finished,
 on which CPU, at which git commit, by which command.
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kcifar import fileio
+from kcifar.errors import KcifarError
 
 PROVENANCE = "provenance.json"
 
@@ -26,6 +29,7 @@ class Progress:
     ran: list = field(default_factory=list)  # run names trained (or finished) by this call
     skipped: list = field(default_factory=list)  # already finished before
     left: list = field(default_factory=list)  # not started: the budget was spent
+    failed: list = field(default_factory=list)  # (run name, error message): tried again next time
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -73,10 +77,15 @@ def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command=""
             progress.left.append(recipe["name"])
             continue
         log(f"[{index}/{total}] {recipe['name']}: training" + (" (resuming)" if run_dir.exists() else ""))
-        run_one(recipe, folder, data_dir, command, verbose)
-        progress.ran.append(recipe["name"])
+        try:
+            run_one(recipe, folder, data_dir, command, verbose)
+            progress.ran.append(recipe["name"])
+        except KcifarError as error:  # e.g. diverged: the other runs go on
+            log(f"[{index}/{total}] {recipe['name']} failed: {error}")
+            progress.failed.append((recipe["name"], str(error)))
     log(f"{study.name}: {len(progress.ran)} run(s) trained now, {len(progress.skipped)} finished before, "
-        f"{len(progress.left)} left for later" + (f" (budget of {budget_min:g} min spent)" if progress.left else ""))
+        f"{len(progress.failed)} failed, {len(progress.left)} left for later"
+        + (f" (budget of {budget_min:g} min spent)" if progress.left else ""))
     return progress
 
 

@@ -21,6 +21,7 @@ import csv
 import datetime
 import io
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 from kcifar import fileio, plots
 from kcifar.errors import KcifarError
 from kcifar.evaluate import read_history
+from kcifar.sweep.runner import is_finished
 from kcifar.sweep.study import format_value
 
 SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",
@@ -43,14 +45,8 @@ def check_writable(folder):
     path = Path(folder).absolute()
     while not path.exists():
         path = path.parent
-    if not path.is_dir() or not _access_w(path):
-        raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another --out")
-
-
-def _access_w(path):
-    import os
-
-    return os.access(path, os.W_OK | os.X_OK)
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another folder")
 
 
 def scrub_paths(text: str) -> str:
@@ -59,9 +55,11 @@ def scrub_paths(text: str) -> str:
 
 
 def record(study, runs_folder: Path, out: Path):
-    """Copy each run's small files from ``runs_folder`` into ``out``, paths scrubbed, each file atomically."""
+    """Copy each finished run's small files from ``runs_folder`` into ``out``, paths scrubbed, each file atomically."""
     for _, _, recipe in study.runs():
         source = runs_folder / recipe["name"]
+        if not is_finished(source):
+            continue
         for name in SMALL_FILES:
             if (source / name).is_file():
                 data = (source / name).read_bytes()
