@@ -197,11 +197,12 @@ def size_sweep():
     return (11.0, 5.5)
 
 
-def sweep_accuracy(x_labels, series, path, xlabel, title="Test top-1 per cell"):
+def sweep_accuracy(x_labels, series, path, xlabel, title="Test top-1 per cell", connect=True):
     """Mean ± std of each x (error bars) with every seed as a dot; one line per series.
 
     ``series`` maps a label to one list of values (percent, one per seed) per x label;
     the series are shifted a little sideways so that their bars do not hide each other.
+    ``connect=False`` draws no line between the x labels (cells that are not a scale).
     """
     fig = Figure(figsize=size_sweep(), layout="constrained")
     ax = fig.subplots()
@@ -211,7 +212,8 @@ def sweep_accuracy(x_labels, series, path, xlabel, title="Test top-1 per cell"):
         shift = positions + (i - (len(series) - 1) / 2) * width
         means = np.array([np.mean(v) if v else np.nan for v in values])
         stds = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
-        line = ax.errorbar(shift, means, yerr=stds, marker="o", capsize=4, label=label)
+        line = ax.errorbar(shift, means, yerr=stds, marker="o", capsize=4, label=label,
+                           linestyle="-" if connect else "none")
         for x, v in zip(shift, values):
             ax.scatter([x] * len(v), v, s=12, color=line[0].get_color(), alpha=0.45)
     ax.set_xticks(positions, x_labels, rotation=30 if max(map(len, x_labels), default=0) > 8 else 0, ha="right"
@@ -239,8 +241,9 @@ def overlaid_curves(cells, path, title="Learning curves"):
             for ax, column in zip(axes, ("accuracy", "loss")):
                 shown = f"val_{column}" if f"val_{column}" in history else column
                 if shown in history:
-                    ax.plot(np.asarray(history["epoch"]) + 1, history[shown], color=colour, linewidth=1.2,
-                            alpha=0.8, label=name if run == 0 else None)
+                    epochs = np.asarray(history["epoch"]) + 1
+                    ax.plot(epochs, history[shown], color=colour, linewidth=1.2, alpha=0.8,
+                            marker="o" if len(epochs) <= 30 else None, markersize=3, label=name if run == 0 else None)
     for ax, ylabel in zip(axes, ("validation top-1 (fraction of images)", "validation loss (cross-entropy)")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

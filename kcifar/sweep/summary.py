@@ -231,7 +231,7 @@ def draw_figures(study, cells, rows, out: Path) -> list:
         values = series.setdefault(label, [[] for _ in x_labels])
         x = x_labels.index(row[x_key] if x_key else row["cell"])
         values[x] += [100 * run["metrics"]["test"]["top1"] for run in runs if run["metrics"].get("test")]
-    top1 = plots.sweep_accuracy(x_labels, series, out / f"{study.name}_top1.png", xlabel=x_key or "cell",
+    top1 = plots.sweep_accuracy(x_labels, series, out / f"{study.name}_top1.png", xlabel=x_key or "cell", connect=x_key is not None,
                                 title=f"{study.name}: test top-1 on all test images (mean ± std over seeds, dots: seeds)")
     curves = plots.overlaid_curves([(cell.name, [run["history"] for run in runs]) for cell, runs in cells if runs],
                                    out / f"{study.name}_curves.png", title=f"{study.name}: every run's learning curves")
