@@ -230,3 +230,5 @@ def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
         assert "fitted to 1 run(s)" in source and speed == pytest.approx(estimate.step_speed(key, gflops))
     assert estimate.step_speed(measured_key, estimate.fitted_gflops(measured_key, 2000.0)) == pytest.approx(2000.0)
     assert estimate.step_speed(other_model, 50) < estimate.step_speed(measured_key, 50)  # more FLOPs, slower
+    overhead_only = ("s3_tutorial", "{}", "cifar10", 4)  # 4 images in 6.4 ms: the step overhead, not the FLOPs
+    assert "assumed 50 GFLOPS" in estimate.speed_for(other_model, [(overhead_only, 626.0)])[1]

@@ -10,7 +10,8 @@ by the evaluation). The speed, first found wins:
 1. the median training images/s of finished runs of the same model
    (``model_args``, data set) and batch size on this CPU (same ``cpu_description()``);
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
-   with GFLOPS the median fitted to the finished runs of other models on this CPU;
+   with GFLOPS the median fitted to the finished runs of other models on this CPU
+   (those whose steps took at least twice the overhead: the others measure only it);
 3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
 
 Finished runs are looked for (``metrics.json`` with ``recipe.toml`` beside it)
@@ -91,9 +92,10 @@ def speed_for(key, measured) -> tuple:
     same = [speed for k, speed in measured if k == key]
     if same:
         return statistics.median(same), f"measured: {len(same)} run(s) of this model and batch on this CPU"
-    if measured:
-        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in measured)
-        return step_speed(key, gflops), f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(measured)} run(s) on this CPU"
+    informative = [(k, speed) for k, speed in measured if k[3] / speed > 2 * STEP_OVERHEAD_S]
+    if informative:
+        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in informative)
+        return step_speed(key, gflops), f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(informative)} run(s) on this CPU"
     return step_speed(key, FALLBACK_GFLOPS), (f"FLOPs at an assumed {FALLBACK_GFLOPS:g} GFLOPS + "
                                               f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no run recorded on this CPU)")
 
