@@ -29,7 +29,7 @@ from pathlib import Path
 from kcifar import fileio, plots
 from kcifar.errors import KcifarError
 from kcifar.evaluate import read_history
-from kcifar.sweep.runner import is_finished
+from kcifar.sweep.runner import git_commit, is_finished
 from kcifar.sweep.study import format_value
 
 SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",
@@ -199,7 +199,8 @@ def to_markdown(study, cells, rows, figures, command) -> str:
     done = sum(r["seeds_done"] for r in rows)
     lines = [f"# Study `{study.name}`" + (f": {study.description}" if study.description else ""), "",
              f"Study file `{study.path.name}`, seeds {study.seeds}, {len(rows)} cells; {done} of "
-             f"{len(rows) * len(study.seeds)} runs finished. Summary written {now} by `{scrub_paths(command)}`.", "",
+             f"{len(rows) * len(study.seeds)} runs finished. Summary written {now} at commit {git_commit()} by "
+             f"`{scrub_paths(command)}`.", "",
              "Top-1 accuracy in percent, mean ± sample standard deviation over the seeds finished (no ± with one "
              "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
              "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
