@@ -10,6 +10,7 @@ classes they are ordered by the given groups (CIFAR-100 super-classes).
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -189,4 +190,65 @@ def prediction_grid(images, true, probabilities, class_names, path, title="Predi
     wrong_count = int(np.sum(probabilities.argmax(axis=1) != true)) if count else 0
     fig.suptitle(f"{title}\ntop line: predicted class and its probability; bottom line: true class; "
                  f"{wrong_count} of {count} wrong (framed red)")
+    return _save(fig, path)
+
+
+def size_sweep():
+    return (11.0, 5.5)
+
+
+def sweep_accuracy(x_labels, series, path, xlabel, title="Test top-1 per cell", connect=True):
+    """Mean ± std of each x (error bars) with every seed as a dot; one line per series.
+
+    ``series`` maps a label to one list of values (percent, one per seed) per x label;
+    the series are shifted a little sideways so that their bars do not hide each other.
+    ``connect=False`` draws no line between the x labels (cells that are not a scale).
+    """
+    fig = Figure(figsize=size_sweep(), layout="constrained")
+    ax = fig.subplots()
+    positions = np.arange(len(x_labels), dtype=float)
+    width = 0.3 / max(1, len(series) - 1) if len(series) > 1 else 0.0
+    for i, (label, values) in enumerate(series.items()):
+        shift = positions + (i - (len(series) - 1) / 2) * width
+        means = np.array([np.mean(v) if v else np.nan for v in values])
+        stds = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+        line = ax.errorbar(shift, means, yerr=stds, marker="o", capsize=4, label=label,
+                           linestyle="-" if connect else "none")
+        for x, v in zip(shift, values):
+            ax.scatter([x] * len(v), v, s=12, color=line[0].get_color(), alpha=0.45)
+    ax.set_xticks(positions, x_labels, rotation=30 if max(map(len, x_labels), default=0) > 8 else 0, ha="right"
+                  if max(map(len, x_labels), default=0) > 8 else "center")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def overlaid_curves(cells, path, title="Learning curves"):
+    """Validation top-1 and validation loss per epoch of every run, one colour per cell.
+
+    ``cells`` is [(cell name, [history dicts of its runs])], histories as in
+    ``learning_curves``; runs without a validation split show their training curves.
+    """
+    fig = Figure(figsize=size_learning_curves(), layout="constrained")
+    axes = fig.subplots(1, 2)
+    palette = colormaps["tab10" if len(cells) <= 10 else "tab20"].colors
+    for i, (name, histories) in enumerate(cells):
+        colour = palette[i % len(palette)]
+        for run, history in enumerate(histories):
+            for ax, column in zip(axes, ("accuracy", "loss")):
+                shown = f"val_{column}" if f"val_{column}" in history else column
+                if shown in history:
+                    epochs = np.asarray(history["epoch"]) + 1
+                    ax.plot(epochs, history[shown], color=colour, linewidth=1.2, alpha=0.8,
+                            marker="o" if len(epochs) <= 30 else None, markersize=3, label=name if run == 0 else None)
+    for ax, ylabel in zip(axes, ("validation top-1 (fraction of images)", "validation loss (cross-entropy)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2 if len(cells) > 8 else 1)
+    fig.suptitle(title + " (one line per run, one colour per cell)")
     return _save(fig, path)

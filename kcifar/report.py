@@ -169,11 +169,18 @@ def write_report(run_dirs, out="experiments/results/table", command=None):
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcifar.report", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    parser.add_argument("runs", nargs="*", help="run directories (runs/NAME)")
     parser.add_argument("--out", default="experiments/results/table", help="path prefix of the .md and .csv")
+    parser.add_argument("--documented", action="store_true",
+                        help="write experiments/REPORT.md instead: every documented figure beside experiments/results/")
     args = parser.parse_args(argv)
     shown = [shown_path(a) if Path(a).exists() else a for a in (argv if argv is not None else sys.argv[1:])]
     command = "python -m kcifar.report " + " ".join(shlex.quote(a) for a in shown)
+    if args.documented:
+        from kcifar import documented
+
+        print(f"wrote {documented.write_report(command=command)}")
+        return
     for path in write_report(args.runs, args.out, command):
         print(f"wrote {path}")
 

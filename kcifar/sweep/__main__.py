@@ -1,0 +1,47 @@
+"""``python -m kcifar.sweep STUDY.toml``: run (or continue) a study, then write its summary."""
+
+import argparse
+import shlex
+import sys
+
+from kcifar.errors import cli, start_command
+from kcifar.sweep import estimate, runner, summary
+from kcifar.sweep.study import load_study
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m kcifar.sweep",
+        description="Run every unfinished cell x seed of a study (finished runs are skipped, an interrupted one "
+                    "resumes), then write <study>.md, .csv and figures. See kcifar/sweep/study.py for the file format.")
+    parser.add_argument("study", help="study file, e.g. experiments/sweeps/s0_study1.toml")
+    parser.add_argument("--runs-dir", default="runs", help="runs go to RUNS_DIR/<study>/<cell>-s<seed> (default: runs)")
+    parser.add_argument("--data-dir", help="folder holding the CIFAR data (default: $KCIFAR_DATA_DIR, Keras cache)")
+    parser.add_argument("--out", help="where the summary goes (default: RUNS_DIR/<study>); another folder, e.g. "
+                                      "experiments/results/<study>, also gets each run's small files")
+    parser.add_argument("--budget-min", type=float, help="start no new run after this many minutes")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells with a time estimate; train nothing")
+    parser.add_argument("--summarize", action="store_true", help="only write the summary of the runs finished so far")
+    parser.add_argument("--verbose", action="store_true", help="Keras' per-epoch log")
+    return parser.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    start_command()
+    command = "python -m kcifar.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
+    study = load_study(args.study)
+    if args.dry_run:
+        print(estimate.describe(study, estimate.estimate(study, args.runs_dir)))
+        return
+    for folder in {args.runs_dir, args.out or args.runs_dir}:
+        summary.check_writable(folder)
+    if not args.summarize:
+        runner.run_study(study, args.runs_dir, args.data_dir, args.budget_min, command, verbose=2 if args.verbose else 0)
+    for path in summary.write_summary(study, args.runs_dir, args.out, command):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

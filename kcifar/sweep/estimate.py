@@ -1,0 +1,144 @@
+"""``--dry-run``: the runs of a study and how long they should take on this machine.
+
+Cost of one run, in training-image equivalents: ``epochs x (train images +
+validation images / 3) + 2 x test images / 3``, the image counts of the real
+CIFAR (50,000 training, 10,000 test; ``data.train_subset`` if set), whatever
+data the study will be given (a forward pass is about a
+third of a training step; the test set is measured twice, by kcifar.train and
+by the evaluation). The speed, first found wins:
+
+1. the median training images/s of finished runs of the same model
+   (``model_args``, data set) and batch size on this CPU (same ``cpu_description()``);
+2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
+   with GFLOPS the median fitted to the finished runs of other models on this CPU
+   (those whose steps took at least twice the overhead: the others measure only it);
+3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
+
+Finished runs are looked for (``metrics.json`` with ``recipe.toml`` beside it)
+under the runs folder and ``experiments/results/``. EarlyStopping can end a
+run sooner, so the times are upper bounds for such recipes; ImageDataGenerator
+augmentation (``augment.engine = "idg"``) is CPU-bound and slower than this
+model of the cost says.
+"""
+
+import functools
+import json
+import statistics
+from pathlib import Path
+
+from kcifar.recipe import read_toml
+
+# Rough, from results/runs.csv (2 AVX2 cores, oneDNN off): S3 tutorial at batch 4, 626 images/s, is
+# nearly all per-step overhead (6.4 ms a step); ResNet-20 at batch 128, 215 images/s, is 3 x 81.6 MFLOPs
+# an image at about 53 GFLOPS. The AVX-512 CPU trains VGG16 2.1x faster than the AVX2 one, both with
+# oneDNN (README): on it these times are pessimistic.
+STEP_OVERHEAD_S = 0.006
+FALLBACK_GFLOPS = 50.0
+TEST_IMAGES = 10000
+TRAIN_IMAGES = 50000
+
+
+@functools.lru_cache(maxsize=None)
+def forward_mflops(model: str, model_args: str, dataset: str) -> float:
+    """Forward MFLOPs per image (kcifar.models' count); ``model_args`` as sorted JSON."""
+    import keras
+
+    from kcifar import models
+    from kcifar.models.registry import forward_flops
+
+    model_obj = models.build(model, num_classes=100 if dataset == "cifar100" else 10, **json.loads(model_args))
+    flops = forward_flops(model_obj) / 1e6
+    keras.backend.clear_session()
+    return flops
+
+
+def model_key(recipe: dict) -> tuple:
+    """(model, model_args as JSON, data set, batch size): what a measured speed is the speed of."""
+    return (recipe["model"], json.dumps(recipe.get("model_args", {}), sort_keys=True), recipe.get("dataset", "cifar10"),
+            recipe.get("train", {}).get("batch_size", 32))
+
+
+def step_speed(key, gflops: float) -> float:
+    """Training images/s of the step-time model (module docstring)."""
+    batch = key[3]
+    return batch / (STEP_OVERHEAD_S + batch * 3 * forward_mflops(*key[:3]) * 1e6 / (gflops * 1e9))
+
+
+def fitted_gflops(key, images_per_s: float) -> float:
+    """The GFLOPS at which the step-time model gives the measured speed (compute part at least 10 % of a step)."""
+    batch = key[3]
+    compute_s = max(batch / images_per_s - STEP_OVERHEAD_S, 0.1 * batch / images_per_s)
+    return batch * 3 * forward_mflops(*key[:3]) * 1e6 / compute_s / 1e9
+
+
+def measured_runs(folders, cpu: str) -> list:
+    """[(model key, training images/s)] of finished runs on this CPU found under ``folders``."""
+    found = []
+    for folder in folders:
+        for metrics_path in sorted(Path(folder).glob("**/metrics.json")) if Path(folder).is_dir() else []:
+            try:
+                metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+                recipe = read_toml(metrics_path.parent / "recipe.toml")
+            except Exception:  # anything unreadable is not a measurement
+                continue
+            speed = metrics.get("train_images_per_s")
+            if metrics.get("finished") and speed and (metrics.get("machine") or {}).get("cpu") == cpu:
+                found.append((model_key({"model": metrics.get("model"), **recipe}), speed))
+    return found
+
+
+def speed_for(key, measured) -> tuple:
+    """(training images/s, where the figure comes from) for the model ``key``."""
+    same = [speed for k, speed in measured if k == key]
+    if same:
+        return statistics.median(same), f"measured: {len(same)} run(s) of this model and batch on this CPU"
+    informative = [(k, speed) for k, speed in measured if k[3] / speed > 2 * STEP_OVERHEAD_S]
+    if informative:
+        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in informative)
+        return step_speed(key, gflops), f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(informative)} run(s) on this CPU"
+    return step_speed(key, FALLBACK_GFLOPS), (f"FLOPs at an assumed {FALLBACK_GFLOPS:g} GFLOPS + "
+                                              f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no run recorded on this CPU)")
+
+
+def run_cost(recipe: dict) -> float:
+    """Training-image equivalents of one run (see the module docstring)."""
+    data = recipe["data"]
+    train = data["train_subset"] or TRAIN_IMAGES - data["val_size"]
+    return recipe["train"]["epochs"] * (train + data["val_size"] / 3) + 2 * TEST_IMAGES / 3
+
+
+def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
+    """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
+    from kcifar.sweep.runner import is_finished
+    from kcifar.run import cpu_description
+
+    measured = measured_runs([runs_dir, results_dir], cpu_description())
+    rows = []
+    for cell in study.cells:
+        recipe = cell.recipes[0]
+        key = model_key(recipe)
+        speed, source = speed_for(key, measured)
+        left = sum(not is_finished(Path(runs_dir) / study.name / r["name"]) for r in cell.recipes)
+        per_run = run_cost(recipe) / speed
+        rows.append({"cell": cell.name, "model": recipe["model"], "mflops": forward_mflops(*key[:3]),
+                     "epochs": recipe["train"]["epochs"], "images_per_s": speed, "per_run_s": per_run,
+                     "runs_left": left, "left_s": left * per_run, "source": source,
+                     "idg": recipe["augment"]["engine"] == "idg" and recipe["augment"]["preset"] != "none",
+                     "early_stopping": recipe["early_stopping"]["enabled"]
+                     and recipe["early_stopping"]["patience"] < recipe["train"]["epochs"]})
+    return rows
+
+
+def describe(study, rows) -> str:
+    """The dry-run table a person reads."""
+    lines = [f"study {study.name}: {len(study.cells)} cells x {len(study.seeds)} seeds {study.seeds}; runs go to "
+             f"runs/{study.name}/<cell>-s<seed>", "",
+             f"{'cell':<40} {'model':<14} {'MFLOPs':>8} {'epochs':>6} {'img/s':>7} {'min/run':>8} {'left':>4}  speed from"]
+    for r in rows:
+        flags = (" [EarlyStopping: at most]" if r["early_stopping"] else "") + (" [idg augmentation: slower]" if r["idg"] else "")
+        lines.append(f"{r['cell']:<40} {r['model']:<14} {r['mflops']:>8.1f} {r['epochs']:>6} {r['images_per_s']:>7.0f} "
+                     f"{r['per_run_s'] / 60:>8.1f} {r['runs_left']:>4}  {r['source']}{flags}")
+    total = sum(r["left_s"] for r in rows)
+    lines += ["", f"runs left: {sum(r['runs_left'] for r in rows)}; estimated time left: {total / 3600:.1f} h "
+              f"({total / 60:.0f} min) on this machine, one run at a time"]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Run a study's cells one after another, so that the same command continues it after any stop.
+
+A finished run (``metrics.json`` says ``finished``) is skipped, an interrupted
+one resumes where kcifar.train's backup left it, and with a budget no new run
+starts once the budget is spent (the one running is finished, not cut). A run
+that fails with a KcifarError (a diverged loss, a run folder of another
+recipe) is reported and the others go on; the next call tries it again.
+After training, each run is evaluated (``evaluation.json``, per-class
+accuracy, learning-curve PNG) and gets ``provenance.json``: when it finished,
+on which CPU, at which git commit, by which command.
+"""
+
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kcifar import fileio
+from kcifar.errors import KcifarError
+
+PROVENANCE = "provenance.json"
+
+
+@dataclass
+class Progress:
+    ran: list = field(default_factory=list)  # run names trained (or finished) by this call
+    skipped: list = field(default_factory=list)  # already finished before
+    left: list = field(default_factory=list)  # not started: the budget was spent
+    failed: list = field(default_factory=list)  # (run name, error message): tried again next time
+
+
+def is_finished(run_dir: Path) -> bool:
+    path = Path(run_dir) / "metrics.json"
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("finished", False)
+
+
+def provenance(command: str) -> dict:
+    from kcifar.run import code_version, cpu_description
+
+    return {"finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_description(), "commit": code_version(), "command": command}
+
+
+def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command="", verbose=0, log=None) -> Progress:
+    """Train every unfinished run of ``study`` under ``runs_dir/<study>/``; returns what happened."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    folder, progress, started = Path(runs_dir) / study.name, Progress(), time.monotonic()
+    total = len(study.cells) * len(study.seeds)
+    for index, (cell, seed, recipe) in enumerate(study.runs(), 1):
+        run_dir = folder / recipe["name"]
+        if is_finished(run_dir):
+            if not (run_dir / PROVENANCE).is_file():  # stopped after training, before its evaluation
+                evaluate_saved(run_dir, recipe, data_dir, command)
+            progress.skipped.append(recipe["name"])
+            continue
+        if budget_min is not None and time.monotonic() - started >= 60 * budget_min:
+            progress.left.append(recipe["name"])
+            continue
+        log(f"[{index}/{total}] {recipe['name']}: training" + (" (resuming)" if run_dir.exists() else ""))
+        try:
+            run_one(recipe, folder, data_dir, command, verbose)
+            progress.ran.append(recipe["name"])
+        except KcifarError as error:  # e.g. diverged: the other runs go on
+            log(f"[{index}/{total}] {recipe['name']} failed: {error}")
+            progress.failed.append((recipe["name"], str(error)))
+    log(f"{study.name}: {len(progress.ran)} run(s) trained now, {len(progress.skipped)} finished before, "
+        f"{len(progress.failed)} failed, {len(progress.left)} left for later"
+        + (f" (budget of {budget_min:g} min spent)" if progress.left else ""))
+    return progress
+
+
+def run_one(recipe: dict, folder: Path, data_dir, command: str, verbose: int):
+    """Train (or resume) one run (kcifar.train evaluates it too) and write its provenance."""
+    import keras
+
+    from kcifar.train import train
+
+    result = train(recipe, folder, data_dir, verbose=verbose)
+    fileio.write_json(result.run_dir / PROVENANCE, provenance(command))
+    keras.backend.clear_session()  # one process trains many models: free the last one's graph
+
+
+def evaluate_saved(run_dir: Path, recipe: dict, data_dir, command: str):
+    """Evaluate a finished run from its best.keras, then write its provenance."""
+    from kcifar import evaluate, run
+    from kcifar.data import load_cifar
+
+    data = load_cifar(data_dir=data_dir, **run.data_settings(recipe))
+    evaluate.evaluate_run(run_dir, run.load_model(run_dir / "best.keras"), data)
+    fileio.write_json(run_dir / PROVENANCE, provenance(command))

@@ -1,0 +1,258 @@
+"""A study's summary: ``<study>.md`` + ``<study>.csv`` (one row per cell) and two figures.
+
+Each cell's row holds, over the seeds finished, the mean ± sample standard
+deviation (n - 1; none with one seed) of the best validation top-1, the test
+top-1 on all test images and on the pixel-exact subset (where the data has
+one), the epochs run, the wall time and the training images/s, all read from
+the runs' own ``metrics.json``. No documented figure here: a study may run a
+recipe on another data set than the documented one (kcifar.documented compares).
+The figures: test top-1 (all images: more images, less noise between cells)
+against the first varied key, one line per combination of the others; and the
+validation curves of every run overlaid.
+
+With an output folder other than the runs' folder the small files of each run
+(metrics.json, history.csv, evaluation.json, provenance.json, recipe.toml,
+learning_curves.png; never a model) are copied there first, absolute paths of
+this machine replaced by ``…/<last part>``, and the summary is made from the
+copies: ``experiments/results/<study>/`` then holds everything the report needs.
+"""
+
+import csv
+import datetime
+import io
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+from kcifar import fileio, plots
+from kcifar.errors import KcifarError
+from kcifar.run import code_version, read_history
+from kcifar.sweep.runner import is_finished
+from kcifar.sweep.study import format_value
+
+SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",
+               "learning_curves.png"]
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\",]+)")
+STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
+         ("test_exact_top1", "test top-1, pixel-exact")]
+PROVENANCE_COLUMNS = ["cpu", "date", "commit", "command"]
+
+
+def check_writable(folder):
+    """Refuse, before any training, an output folder that cannot be created or written."""
+    path = Path(folder).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another folder")
+
+
+def scrub_paths(text: str) -> str:
+    """Absolute paths of this machine -> ``…/<last part>`` (recorded files name no local folder)."""
+    return ABSOLUTE_PATH.sub(r"…/\1", text)
+
+
+def record(study, runs_folder: Path, out: Path):
+    """Copy each finished run's small files from ``runs_folder`` into ``out``, paths scrubbed, each file atomically."""
+    for _, _, recipe in study.runs():
+        source = runs_folder / recipe["name"]
+        if not is_finished(source):
+            continue
+        for name in SMALL_FILES:
+            if (source / name).is_file():
+                data = (source / name).read_bytes()
+                if not name.endswith(".png"):
+                    data = scrub_paths(data.decode("utf-8")).encode("utf-8")
+                fileio.write_bytes(out / recipe["name"] / name, data)
+
+
+# ------------------------------------------------------------ reading runs
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise KcifarError(f"{path} is not valid JSON ({error}); rerun that cell or remove the file") from None
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """A finished run's files (metrics, history, evaluation, provenance), or None when unfinished."""
+    metrics = _json(run_dir / "metrics.json")
+    if not metrics or not metrics.get("finished"):
+        return None
+    return {"metrics": metrics, "history": read_history(run_dir),
+            "evaluation": _json(run_dir / "evaluation.json"), "provenance": _json(run_dir / "provenance.json") or {}}
+
+
+def read_cells(study, folder: Path) -> list:
+    """[(cell, [finished runs' files])] in study order."""
+    return [(cell, [run for recipe in cell.recipes if (run := read_run(folder / recipe["name"]))])
+            for cell in study.cells]
+
+
+# ------------------------------------------------------------ one row per cell
+
+
+def mean_std(values):
+    """(mean, sample std) in percent of fractions, rounded to 0.01; None where undefined."""
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return None, None
+    return round(statistics.fmean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else None
+
+
+def _mean(values, digits=1):
+    values = [v for v in values if v is not None]
+    return round(statistics.fmean(values), digits) if values else None
+
+
+def _joined(values):
+    return "; ".join(sorted({v for v in values if v})) or None
+
+
+def cell_row(study, cell, runs) -> dict:
+    metrics = [run["metrics"] for run in runs]
+    recipe = cell.recipes[0]
+    row = {"cell": cell.name, **{key: format_value(cell.settings[key]) if key in cell.settings else ""
+                                 for key in study.keys},
+           "dataset": recipe["dataset"], "seeds": len(study.seeds), "seeds_done": len(runs)}
+    values = {"val_top1": [m.get("best_val_accuracy") for m in metrics],
+              "test_all_top1": [(m.get("test") or {}).get("top1") for m in metrics],
+              "test_exact_top1": [(m.get("test_exact") or {}).get("top1") for m in metrics]}
+    for stat, _ in STATS:
+        row[f"{stat}_mean"], row[f"{stat}_std"] = mean_std(values[stat])
+    dates = sorted(run["provenance"].get("finished_utc") or "" for run in runs if run["provenance"])
+    row.update({
+        "test_exact_n": next(((m.get("test_exact") or {}).get("n") for m in metrics if m.get("test_exact")), None),
+        "epochs_mean": _mean([m.get("epochs_run") for m in metrics]),
+        "max_epochs": recipe["train"]["epochs"],
+        "train_images": next((m.get("train_images") for m in metrics), None),
+        "wall_time_s_mean": _mean([m.get("wall_time_s") for m in metrics]),
+        "train_images_per_s_mean": _mean([m.get("train_images_per_s") for m in metrics]),
+        "cpu": _joined(m.get("machine", {}).get("cpu") for m in metrics),
+        "date": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else None,
+        "commit": _joined(run["provenance"].get("commit") for run in runs),
+        "command": _joined(run["provenance"].get("command") for run in runs),
+    })
+    return row
+
+
+def to_csv(rows) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------ markdown
+
+
+def _pm(row, stat):
+    mean, std = row[f"{stat}_mean"], row[f"{stat}_std"]
+    return "–" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}") + " %"
+
+
+def _minutes(seconds):
+    return "–" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def cells_table(study, rows) -> list:
+    header = ["cell", *study.keys, "seeds done", *[label for _, label in STATS], "epochs (of max)",
+              "wall time, min", "train images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        epochs = "–" if r["epochs_mean"] is None else f"{r['epochs_mean']:g} ({r['max_epochs']})"
+        speed = "–" if r["train_images_per_s_mean"] is None else f"{r['train_images_per_s_mean']:.0f}"
+        lines.append("| " + " | ".join([r["cell"], *[r[k] for k in study.keys], f"{r['seeds_done']}/{r['seeds']}",
+                                         *[_pm(r, stat) for stat, _ in STATS], epochs,
+                                         _minutes(r["wall_time_s_mean"]), speed]) + " |")
+    return lines
+
+
+def per_class_table(cells) -> list:
+    """Test top-1 per class (all test images), mean over the seeds; only for 10 classes or fewer."""
+    rows = []
+    for cell, runs in cells:
+        per_class = [run["evaluation"]["per_class"] for run in runs if run["evaluation"]]
+        if per_class and len(per_class[0]) <= 10:
+            classes = [entry["class"] for entry in per_class[0]]
+            means = [mean_std([seed[i]["accuracy"] for seed in per_class])[0] for i in range(len(classes))]
+            rows.append((cell.name, len(per_class), classes, means))
+    if not rows:
+        return []
+    classes = rows[0][2]
+    lines = ["", "## Test top-1 per class (all test images), mean over the seeds", "",
+             "| cell | seeds | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 2)]
+    lines += [f"| {name} | {n} | " + " | ".join("–" if m is None else f"{m:.1f}" for m in means) + " |"
+              for name, n, _, means in rows]
+    return lines
+
+
+def to_markdown(study, cells, rows, figures, command) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    done = sum(r["seeds_done"] for r in rows)
+    lines = [f"# Study `{study.name}`" + (f": {study.description}" if study.description else ""), "",
+             f"Study file `{study.path.name}`, seeds {study.seeds}, {len(rows)} cells; {done} of "
+             f"{len(rows) * len(study.seeds)} runs finished. Summary written {now} at commit {code_version()} by "
+             f"`{scrub_paths(command)}`.", "",
+             "Top-1 accuracy in percent, mean ± sample standard deviation over the seeds finished (no ± with one "
+             "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
+             "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
+             "(this machine's CIFAR-10: images 0-999). Epochs: mean epochs run (EarlyStopping) of the recipe's "
+             "maximum. Wall time per run.", ""]
+    lines += cells_table(study, rows)
+    lines += ["", *[f"![{title}]({name})" for name, title in figures]]
+    lines += per_class_table(cells)
+    lines += ["", "## Where each cell ran", "", "| cell | finished (UTC) | CPU | commit | command |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['cell']} | {r['date'] or '–'} | {r['cpu'] or '–'} | {r['commit'] or 'not recorded'} | "
+              f"{'`' + r['command'] + '`' if r['command'] else 'not recorded'} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------ figures
+
+
+def draw_figures(study, cells, rows, out: Path) -> list:
+    """[(file name, title)] of the figures written (none before the first finished run)."""
+    if not any(runs for _, runs in cells):
+        return []
+    x_key = study.keys[0] if study.keys else None
+    other_keys = study.keys[1:]
+    x_labels = list(dict.fromkeys(r[x_key] if x_key else r["cell"] for r in rows))
+    series = {}
+    for (cell, runs), row in zip(cells, rows):
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in other_keys) or "test top-1, all"
+        values = series.setdefault(label, [[] for _ in x_labels])
+        x = x_labels.index(row[x_key] if x_key else row["cell"])
+        values[x] += [100 * run["metrics"]["test"]["top1"] for run in runs if run["metrics"].get("test")]
+    top1 = plots.sweep_accuracy(x_labels, series, out / f"{study.name}_top1.png", xlabel=x_key or "cell", connect=x_key is not None,
+                                title=f"{study.name}: test top-1 on all test images (mean ± std over seeds, dots: seeds)")
+    curves = plots.overlaid_curves([(cell.name, [run["history"] for run in runs]) for cell, runs in cells if runs],
+                                   out / f"{study.name}_curves.png", title=f"{study.name}: every run's learning curves")
+    return [(top1.name, "test top-1 against the swept key"), (curves.name, "learning curves of the cells")]
+
+
+# ------------------------------------------------------------ the whole summary
+
+
+def write_summary(study, runs_dir="runs", out=None, command="") -> list:
+    """Write the study's summary (and, with ``out``, its recorded copy); returns the paths written."""
+    runs_folder = Path(runs_dir) / study.name
+    out = Path(out) if out else runs_folder
+    check_writable(out)
+    if out.resolve() != runs_folder.resolve():
+        record(study, runs_folder, out)
+    cells = read_cells(study, out)
+    rows = [cell_row(study, cell, runs) for cell, runs in cells]
+    figures = draw_figures(study, cells, rows, out)
+    md, csv_path = out / f"{study.name}.md", out / f"{study.name}.csv"
+    fileio.write_text(csv_path, to_csv(rows))
+    fileio.write_text(md, to_markdown(study, cells, rows, figures, command))
+    return [md, csv_path] + [out / name for name, _ in figures]

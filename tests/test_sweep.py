@@ -1,0 +1,234 @@
+"""kcifar.sweep: study files, skip / resume / budget on a tiny synthetic grid, summaries, dry-run, bad input."""
+
+import csv
+import json
+import statistics
+
+import pytest
+from conftest import one_line_error
+
+from kcifar import recipe as krecipe
+from kcifar.sweep import estimate, runner, summary
+from kcifar.sweep.__main__ import main
+from kcifar.sweep.study import load_study
+
+TINY_BASE = """
+[base]
+data.val_size = 20
+train.epochs = 2
+train.batch_size = 16
+early_stopping.enabled = false
+"""
+
+
+def write_study(folder, body, name="tiny"):
+    path = folder / f"{name}.toml"
+    path.write_text(body)
+    return path
+
+
+def tiny_grid(folder, seeds="[0, 1]"):
+    return write_study(folder, f'description = "tiny"\nseeds = {seeds}\n{TINY_BASE}\n'
+                               '[grid]\n"optimizer.learning_rate" = [0.001, 0.003]\n')
+
+
+# ------------------------------------------------------------ study files (no training)
+
+
+def test_grid_expands_into_named_cells_with_seeded_recipes(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.toml").write_text('model = "s0_base"\n[train]\nepochs = 8\n')
+    path = write_study(tmp_path, 'recipe = "recipes/base.toml"\nseeds = [3, 4]\n[base]\ndataset = "cifar10"\n'
+                                 '[grid]\n"model_args.blocks" = [[6, 16], [16, 32]]\n"train.batch_size" = [32, 64]\n'
+                                 '"train.epochs" = [4]\n')
+    study = load_study(path)
+    assert study.name == "tiny" and study.keys == ["model_args.blocks", "train.batch_size"]
+    assert [c.name for c in study.cells] == ["blocks-6x16_batch_size-32", "blocks-6x16_batch_size-64",
+                                             "blocks-16x32_batch_size-32", "blocks-16x32_batch_size-64"]
+    cell, seed, recipe = list(study.runs())[-1]
+    assert (seed, recipe["seed"], recipe["name"]) == (4, 4, "blocks-16x32_batch_size-64-s4")
+    assert recipe["model"] == "s0_base" and recipe["dataset"] == "cifar10"
+    assert recipe["model_args"] == {"blocks": [16, 32]} and recipe["train"] == {**recipe["train"], "batch_size": 64,
+                                                                                 "epochs": 4}
+
+
+def test_cell_list_takes_each_cells_recipe_and_name(tmp_path):
+    for step, epochs in (("a", 3), ("b", 5)):
+        (tmp_path / f"step_{step}.toml").write_text(f"[train]\nepochs = {epochs}\n")
+    path = write_study(tmp_path, 'seeds = [0]\n[base]\ndataset = "cifar10"\n'
+                                 '[[cells]]\nrecipe = "step_a.toml"\n'
+                                 '[[cells]]\nrecipe = "step_b.toml"\n'
+                                 '[[cells]]\nname = "b_capped"\nrecipe = "step_b.toml"\ntrain.epochs = 2\n')
+    study = load_study(path)
+    assert [c.name for c in study.cells] == ["step_a", "step_b", "b_capped"]
+    assert [c.recipes[0]["train"]["epochs"] for c in study.cells] == [3, 5, 2]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('seeds = [0]\n[grid]\n"optimizer.lr" = [0.1, 0.2]\n', "unknown recipe key 'optimizer.lr'"),
+    ("seeds = [0]\n[grid]\n", "[grid] must map recipe keys to non-empty lists"),
+    ('seeds = [0]\n[grid]\n"train.epochs" = []\n', "[grid] must map recipe keys to non-empty lists"),
+    ('recipe = "missing.toml"\nseeds = [0]\n[grid]\n"train.epochs" = [1, 2]\n', "base recipe"),
+    ('seeds = []\n[grid]\n"train.epochs" = [1, 2]\n', "seeds must be a non-empty list"),
+    ('seeds = [0]\n[grid]\nseed = [1, 2]\n', "the sweep sets seed itself"),
+    ('seeds = [0]\n[grid]\n"train.epochs" = [0, 1]\n', "train.epochs must be at least 1"),
+    ('seeds = [0]\n', "give either a [grid] table or a [[cells]] list"),
+    ('seeds = [0]\ngrid_typo = 1\n', "unknown key grid_typo"),
+])
+def test_bad_study_is_one_line_and_writes_nothing(tmp_path, capsys, body, message):
+    path = write_study(tmp_path, body)
+    err = one_line_error(main, [str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    err = one_line_error(main, [str(tiny_grid(tmp_path)), "--runs-dir", str(tmp_path / "runs"),
+                                "--out", str(tmp_path / "file" / "results")], capsys)
+    assert "cannot write" in err and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------ running: skip, resume, budget
+
+
+def _interrupt_second_epoch(monkeypatch):
+    """Make the next training raise KeyboardInterrupt at the end of its second epoch (after the
+    first epoch's backup), as a Ctrl-C there would."""
+    from kcifar import run
+
+    original = run.EpochStats.on_epoch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(run.EpochStats, "on_epoch_end", on_epoch_end)
+    return lambda: monkeypatch.setattr(run.EpochStats, "on_epoch_end", original)
+
+
+def test_budget_stop_interrupt_resume_skip_and_summary(tiny_cifar10, tmp_path, monkeypatch):
+    study = load_study(tiny_grid(tmp_path))
+    runs = tmp_path / "runs"
+    names = [recipe["name"] for _, _, recipe in study.runs()]
+
+    first = runner.run_study(study, runs, budget_min=1e-6, log=lambda line: None)
+    assert first.ran == names[:1] and first.left == names[1:] and first.skipped == []
+    finished_metrics = (runs / "tiny" / names[0] / "metrics.json").read_text()
+
+    restore = _interrupt_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(study, runs, log=lambda line: None)
+    restore()
+    interrupted = runs / "tiny" / names[1]
+    assert not (interrupted / "metrics.json").exists() and (interrupted / "backup").is_dir()
+
+    lines = []
+    last = runner.run_study(study, runs, command="python -m kcifar.sweep tiny.toml", log=lines.append)
+    assert last.skipped == names[:1] and last.ran == names[1:] and last.left == []
+    assert f"[2/4] {names[1]}: training (resuming)" in lines
+    assert (runs / "tiny" / names[0] / "metrics.json").read_text() == finished_metrics  # skipped, untouched
+    history = list(csv.DictReader((interrupted / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["0", "1"]  # resumed at epoch 2, no epoch twice
+    for name in names:
+        run = runs / "tiny" / name
+        assert {"metrics.json", "evaluation.json", "provenance.json", "learning_curves.png"} <= {p.name for p in run.iterdir()}
+    assert json.loads((runs / "tiny" / names[1] / "provenance.json").read_text())["command"].endswith("tiny.toml")
+
+    out = tmp_path / "results" / "tiny"
+    written = summary.write_summary(study, runs, out, command=f"python -m kcifar.sweep {tmp_path}/tiny.toml")
+    assert [p.name for p in written] == ["tiny.md", "tiny.csv", "tiny_top1.png", "tiny_curves.png"]
+    rows = list(csv.DictReader((out / "tiny.csv").open()))
+    assert [r["cell"] for r in rows] == ["learning_rate-0.001", "learning_rate-0.003"]
+    for row, cell in zip(rows, study.cells):
+        metrics = [json.loads((runs / "tiny" / r["name"] / "metrics.json").read_text()) for r in cell.recipes]
+        top1 = [100 * m["test"]["top1"] for m in metrics]
+        assert float(row["test_all_top1_mean"]) == pytest.approx(statistics.fmean(top1), abs=0.005)
+        assert float(row["test_all_top1_std"]) == pytest.approx(statistics.stdev(top1), abs=0.005)
+        assert float(row["val_top1_mean"]) == pytest.approx(
+            statistics.fmean(100 * m["best_val_accuracy"] for m in metrics), abs=0.005)
+        assert row["seeds_done"] == "2" and row["epochs_mean"] == "2.0" and row["test_exact_top1_mean"] == ""
+
+    recorded = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert f"{names[0]}/metrics.json" in recorded and f"{names[0]}/learning_curves.png" in recorded
+    assert not [p for p in recorded if p.endswith(".keras") or "backup" in p or "confusion" in p]
+    for path in out.rglob("*"):
+        if path.suffix in (".json", ".csv", ".md", ".toml"):
+            assert str(tmp_path) not in path.read_text(), f"{path} names a folder of this machine"
+    text = (out / "tiny.md").read_text()
+    assert "| learning_rate-0.001 | 0.001 | 2/2 |" in text and "## Test top-1 per class" in text
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
+    study = load_study(write_study(tmp_path, f'seeds = [0, 1]\n{TINY_BASE}\n[grid]\n"model_args.widthh" = [1, 2]\n'))
+    lines = []
+    progress = runner.run_study(study, tmp_path / "runs", log=lines.append)
+    assert [name for name, _ in progress.failed] == ["widthh-1-s0", "widthh-1-s1", "widthh-2-s0", "widthh-2-s1"]
+    assert all("has no option widthh" in message for _, message in progress.failed) and progress.ran == []
+    assert lines[-1] == "tiny: 0 run(s) trained now, 0 finished before, 4 failed, 0 left for later"
+
+
+# ------------------------------------------------------------ summary numbers and dry-run (no training)
+
+
+def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0):
+    run = folder / recipe["name"]
+    run.mkdir(parents=True)
+    (run / "recipe.toml").write_text(krecipe.to_toml(recipe))
+    metrics = {"run": recipe["name"], "model": recipe["model"], "finished": True, "best_val_accuracy": val,
+               "epochs_run": 3, "test": {"top1": top1, "n": 10000},
+               "test_exact": None if exact is None else {"top1": exact, "n": 1000}, "wall_time_s": 60.0,
+               "train_images_per_s": speed, "train_images": 45000, "machine": {"cpu": cpu}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.3,2.0,0.4,1.8\n1,0.5,1.5,0.5,1.6\n")
+    return run
+
+
+def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_path):
+    study = load_study(write_study(tmp_path, 'seeds = [0, 1, 2]\n[grid]\n"train.epochs" = [3, 4]\n'))
+    first, second = study.cells
+    for recipe, top1, exact in zip(first.recipes, (0.50, 0.60, 0.70), (0.52, 0.62, 0.75)):
+        fake_run(tmp_path / "runs" / "tiny", recipe, top1, exact)
+    fake_run(tmp_path / "runs" / "tiny", second.recipes[0], 0.40)  # one seed of three done
+    summary.write_summary(study, tmp_path / "runs")
+    rows = list(csv.DictReader((tmp_path / "runs" / "tiny" / "tiny.csv").open()))
+    assert (rows[0]["test_all_top1_mean"], rows[0]["test_all_top1_std"]) == ("60.0", "10.0")
+    assert (rows[0]["test_exact_top1_mean"], rows[0]["test_exact_top1_std"]) == ("63.0", "11.53")
+    assert (rows[1]["seeds_done"], rows[1]["test_all_top1_mean"], rows[1]["test_all_top1_std"]) == ("1", "40.0", "")
+    assert rows[0]["cpu"] == "test cpu" and rows[0]["commit"] == ""  # no provenance.json: not recorded
+    text = (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
+    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % |" in text
+    assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
+
+
+def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys):
+    from kcifar.run import cpu_description
+
+    study_path = tiny_grid(tmp_path, seeds="[0, 1, 2]")
+    study = load_study(study_path)
+    main([str(study_path), "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "learning_rate-0.001" in out and "learning_rate-0.003" in out and "runs left: 6" in out
+    assert "assumed 50 GFLOPS" in out and not (tmp_path / "runs").exists()
+
+    fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.5, cpu=cpu_description(), speed=1234.0)
+    rows = estimate.estimate(study, tmp_path / "runs", tmp_path / "no_results")
+    assert rows[0]["runs_left"] == 2 and rows[0]["images_per_s"] == 1234.0 and rows[0]["source"].startswith("measured")
+    assert rows[0]["per_run_s"] == pytest.approx((2 * (50000 - 20 + 20 / 3) + 2 * 10000 / 3) / 1234.0)
+    assert rows[1]["images_per_s"] == 1234.0  # another learning rate, same model and batch: same speed
+
+
+def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
+    measured_key = ("s3_tutorial", "{}", "cifar10", 32)
+    other_batch, other_model = measured_key[:3] + (128,), ("s0_base", "{}", "cifar10", 32)
+    speed, source = estimate.speed_for(measured_key[:3] + (32,), [(measured_key, 2000.0)])
+    assert speed == 2000.0 and source.startswith("measured")
+    for key in (other_batch, other_model):
+        speed, source = estimate.speed_for(key, [(measured_key, 2000.0)])
+        gflops = estimate.fitted_gflops(measured_key, 2000.0)
+        assert "fitted to 1 run(s)" in source and speed == pytest.approx(estimate.step_speed(key, gflops))
+    assert estimate.step_speed(measured_key, estimate.fitted_gflops(measured_key, 2000.0)) == pytest.approx(2000.0)
+    assert estimate.step_speed(other_model, 50) < estimate.step_speed(measured_key, 50)  # more FLOPs, slower
+    overhead_only = ("s3_tutorial", "{}", "cifar10", 4)  # 4 images in 6.4 ms: the step overhead, not the FLOPs
+    assert "assumed 50 GFLOPS" in estimate.speed_for(other_model, [(overhead_only, 626.0)])[1]
