@@ -309,7 +309,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     flags = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v is not None}
     recipe = resolve_recipe(args.recipe, list(args.set) + ([{"finetune": flags}] if flags else []))
-    run_dir, _, evaluation = finetune(recipe, args.runs_dir, args.data_dir, args.overwrite, 0 if args.quiet else 2)
+    run_dir, _, evaluation = finetune(recipe, args.runs_dir, args.data_dir, args.overwrite, run.progress_verbosity(args.quiet))
     print(evaluate.describe(evaluation))
     print(f"run directory: {run_dir} (metrics.json, evaluation.json, {', '.join(evaluation['figures'])})")
 

@@ -63,10 +63,26 @@ def make_strategy(name: str):
         return tf.distribute.MirroredStrategy(devices=devices)
 
 
+# CPU flags of native bfloat16 arithmetic: AMX tiles (Intel Xeon since Sapphire Rapids) or
+# AVX512_BF16 (Intel Cooper Lake, AMD Zen 4). Without them bfloat16 is emulated and slower.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def auto_precision() -> str:
+    """mixed_float16 on a GPU; on a CPU mixed_bfloat16 where it has native bfloat16, else float32.
+
+    Measured in experiments/results/speed_*.md: faster in bfloat16 on AMX and
+    AVX512_BF16 CPUs; slower on AVX2-only CPUs, so those keep float32.
+    """
+    if _is_gpu_machine():
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
+
+
 def set_precision(precision: str):
-    """float32 on CPU (measured faster here); mixed_float16 on GPU, for 'auto'."""
+    """Keras' global dtype policy; 'auto' is ``auto_precision()``."""
     if precision == "auto":
-        precision = "mixed_float16" if _is_gpu_machine() else "float32"
+        precision = auto_precision()
     keras.mixed_precision.set_global_policy(precision)
     return precision
 
@@ -74,6 +90,11 @@ def set_precision(precision: str):
 def jit_enabled(jit: str) -> bool:
     """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
     return _is_gpu_machine() if jit == "auto" else jit == "on"
+
+
+def progress_verbosity(quiet: bool) -> int:
+    """Keras' ``verbose``: 0 when quiet, a live progress bar on a terminal, else one line per epoch."""
+    return 0 if quiet else (1 if sys.stdout.isatty() else 2)
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -386,15 +407,36 @@ def _finished(run_dir: Path) -> bool:
 # ------------------------------------------------------------ recording
 
 
-def cpu_description() -> str:
-    """The CPU's model name and its AVX-512 flags (speed figures depend on both), from /proc/cpuinfo."""
+def _cpuinfo() -> str:
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
+        return ""
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...) from /proc/cpuinfo; empty elsewhere."""
+    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines()
+                     if line.startswith("flags")), []))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its AVX-512 and AMX flags (speed figures depend on them), from /proc/cpuinfo."""
+    info = _cpuinfo()
+    if not info:
         return f"{platform.processor() or 'unknown'}; AVX-512: unknown"
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    avx512 = sorted({flag for flag in info.split() if flag.startswith("avx512")})
-    return f"{model}; AVX-512: {' '.join(avx512) if avx512 else 'none'}"
+    flags = cpu_flags()
+    avx512 = sorted(flag for flag in flags if flag.startswith("avx512"))
+    amx = sorted(flag for flag in flags if flag.startswith("amx"))
+    return f"{model}; AVX-512: {' '.join(avx512) or 'none'}" + (f"; AMX: {' '.join(amx)}" if amx else "")
+
+
+def onednn_enabled() -> bool:
+    """Whether this TensorFlow process really runs oneDNN kernels (not only what the variable asks)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def environment() -> dict:
@@ -404,7 +446,9 @@ def environment() -> dict:
         "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
                     "cpu": cpu_description(),
                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")},
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                    "onednn": onednn_enabled()},
+        "precision": keras.mixed_precision.global_policy().name,
     }
 
 

@@ -139,7 +139,7 @@ def main(argv=None):
     if not args.recipe and not argv_sets_anything(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
-    result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=0 if args.quiet else 2)
+    result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
     print(evaluate.describe(result.evaluation))
     print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(result.evaluation['figures'])})")
 

@@ -67,6 +67,15 @@ def make_archive(folder: Path) -> Path:
     return archive
 
 
+@pytest.fixture(autouse=True)
+def float32_policy_after_each_test():
+    """Training sets Keras' global dtype policy (bfloat16 on some CPUs): no test leaks it to the next."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def tiny_cifar10(tmp_path, monkeypatch):
     """A tiny synthetic CIFAR-10 that kcifar finds through KCIFAR_DATA_DIR."""

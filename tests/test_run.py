@@ -65,3 +65,23 @@ def test_importing_kcifar_changes_nothing_in_the_process():
     out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True,
                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "svg"}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, gpu, expected", [
+    ({"avx2", "fma"}, False, "float32"),  # bfloat16 emulated: slower
+    ({"avx2", "avx512f", "avx512_bf16"}, False, "mixed_bfloat16"),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, False, "mixed_bfloat16"),  # Intel Sapphire Rapids and later
+    ({"avx2"}, True, "mixed_float16"),
+])
+def test_auto_precision_is_decided_by_the_device(monkeypatch, flags, gpu, expected):
+    monkeypatch.setattr(run, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(run, "_is_gpu_machine", lambda: gpu)
+    assert run.auto_precision() == expected
+    assert run.set_precision("auto") == expected and keras.mixed_precision.global_policy().name == expected
+
+
+def test_cpu_description_names_the_bfloat16_flags(monkeypatch):
+    monkeypatch.setattr(run, "_cpuinfo", lambda: "model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+                                                 "amx_bf16 amx_tile\n")
+    assert run.cpu_flags() >= {"avx512_bf16", "amx_bf16"}
+    assert run.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"

@@ -5,6 +5,7 @@ run in subprocesses."""
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -17,15 +18,15 @@ import numpy as np
 import pytest
 from conftest import own_stderr_lines
 
-from kcifar import recipe as krecipe
+from kcifar import recipe as krecipe, run
 from kcifar.errors import KcifarError
 from kcifar.train import train
 
 QUICK = ["data.train_subset=3000", "data.val_size=1000", "train.batch_size=64"]
 
 
-def run_cli(args, runs_dir, env_data_dir=None, **kwargs):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run_cli(args, runs_dir, env_data_dir=None, extra_env=(), **kwargs):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **dict(extra_env)}
     if env_data_dir:
         env["KCIFAR_DATA_DIR"] = str(env_data_dir)
     return subprocess.run([sys.executable, "-m", "kcifar.train", *args, "--runs-dir", str(runs_dir), "--quiet"],
@@ -57,13 +58,18 @@ def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path)
 
 def test_finished_run_is_not_overwritten(tiny_cifar10, tmp_path):
     args = ["--epochs", "1", "--val-size", "20", "--batch-size", "16", "--name", "tiny"]
-    assert run_cli(args, tmp_path / "runs").returncode == 0
+    assert run_cli(args, tmp_path / "runs", extra_env={"TF_ENABLE_ONEDNN_OPTS": "0"}).returncode == 0
     before = (tmp_path / "runs" / "tiny" / "metrics.json").read_text()
+    assert json.loads(before)["machine"]["onednn"] is False  # what the process ran, not only the variable
+    assert json.loads(before)["precision"] == run.auto_precision()
     again = run_cli(args, tmp_path / "runs")
     assert again.returncode == 2 and "holds a finished run; pass --overwrite" in again.stderr
     assert (tmp_path / "runs" / "tiny" / "metrics.json").read_text() == before
-    different = run_cli(args + ["--overwrite", "--lr", "0.01"], tmp_path / "runs")
+    different = run_cli(args + ["--overwrite", "--lr", "0.01", "--precision", "float32"], tmp_path / "runs",
+                        extra_env={"TF_ENABLE_ONEDNN_OPTS": "1"})
     assert different.returncode == 0
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert metrics["precision"] == "float32" and metrics["machine"]["onednn"] is (platform.machine() == "x86_64")
     figures = {p.name for p in (tmp_path / "runs" / "tiny").glob("*.png")}
     assert {"learning_curves.png", "confusion.png", "per_class_accuracy.png", "predictions.png"} <= figures
 
