@@ -333,6 +333,8 @@ def load_model(path):
         raise KcifarError(f"{path} does not exist; pass a run directory (runs/NAME) or a .keras model file")
     if path.suffix != ".keras":
         raise KcifarError(f"{path} is not a .keras file; pass a model saved by Keras 3 (model.save('x.keras'))")
+    from kcifar.models import parts  # noqa: F401  (registers kcifar's own layers with Keras)
+
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for a damaged or foreign file

@@ -7,10 +7,11 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kcifar import models
 from kcifar.errors import KcifarError
-from kcifar.models import registry
+from kcifar.models import parts, registry
 from kcifar.models.__main__ import main
 
 BATCH = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
@@ -65,7 +66,7 @@ def test_s3_forward_flops_from_layer_shapes():
 
 # ------------------------------------------------------------ documented layer sequences
 
-LAYER_TYPES = {"Conv": "Conv2D", "BN": "BatchNormalization", "ReLU": "Activation", "Act": "Activation",
+LAYER_TYPES = {"Conv": "Conv2D", "BN": "FusedBatchNorm", "ReLU": "Activation", "Act": "Activation",
                "Pool": "MaxPooling2D", "Drop": "Dropout", "Flatten": "Flatten", "GAP": "GlobalAveragePooling2D",
                "FC": "Dense", "Dense": "Dense", "Add": "Add"}
 
@@ -168,6 +169,32 @@ def test_saved_and_reloaded_model_gives_identical_logits(tmp_path):
     reloaded = keras.models.load_model(path)
     np.testing.assert_array_equal(np.asarray(model(BATCH)), np.asarray(reloaded(BATCH)))
     assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_equals_keras_batch_norm(policy):
+    """Same outputs, input and weight gradients, and moving statistics as Keras' own layer,
+    in training and in inference, in float32 and under mixed bfloat16."""
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(3, 2, size=(8, 5, 5, 4)).astype("float32"))
+    keras_bn, fused_bn = (cls(momentum=0.9, epsilon=1e-5, dtype=policy)
+                          for cls in (keras.layers.BatchNormalization, parts.FusedBatchNorm))
+    weights = np.random.default_rng(2).normal(size=(8, 5, 5, 4)).astype("float32")  # a loss with rich gradients
+
+    def forward_and_grads(layer, training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * weights)
+        return (y, *tape.gradient(loss, [x, *layer.trainable_weights]))
+
+    tolerance = 1e-4 if policy == "float32" else 5e-2
+    for training in (True, True, False):  # twice: the moving statistics move
+        expected, got = forward_and_grads(keras_bn, training), forward_and_grads(fused_bn, training)
+        assert got[0].dtype == expected[0].dtype
+        for a, b in zip(expected, got):
+            np.testing.assert_allclose(np.asarray(a, "float32"), np.asarray(b, "float32"), atol=tolerance)
+        for a, b in zip(keras_bn.non_trainable_weights, fused_bn.non_trainable_weights):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
 
 
 # ------------------------------------------------------------ errors and the registry

@@ -15,6 +15,7 @@ Assumed everywhere the documents are silent:
 """
 
 import keras
+import tensorflow as tf
 
 from kcifar.errors import KcifarError
 
@@ -60,9 +61,45 @@ def normalize(x, normalization="meanstd", mean=None, std=None):
     return layer(x)
 
 
+@keras.saving.register_keras_serializable(package="kcifar")
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel: same results, 2x the speed.
+
+    Keras 3 composes batch norm from a dozen float32 element-wise ops (moments,
+    rsqrt, scale, shift and their gradients), each a pass over the activations,
+    with casts around them under mixed precision. ``FusedBatchNormV3`` does the
+    forward and the backward pass in one kernel each, in the input's dtype
+    (bfloat16 included, statistics in float32), and oneDNN fuses it further.
+    Measured on a 2-core AMX Xeon: ResNet-20 ``model.fit`` in bfloat16 about
+    2x as fast (experiments/results/speed_*.md). Outputs, gradients and moving
+    statistics equal Keras' layer (tests/test_models.py); the moving variance
+    is the biased batch variance, as in Keras. 4-D inputs on the channel axis;
+    anything else (masks, renorm, other axes) takes Keras' own path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+        offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        if not (training and self.trainable):
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                inputs, scale, offset, mean=tf.convert_to_tensor(self.moving_mean),
+                variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, is_training=False)
+            return outputs
+        outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset, epsilon=self.epsilon, is_training=True)
+        count = tf.cast(tf.size(inputs) // channels, tf.float32)
+        variance = unbiased_variance * (count - 1) / count  # the kernel returns Bessel's correction
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
+        return outputs
+
+
 def batch_norm(x, name):
-    """BatchNormalization with the zoo's PyTorch-matching momentum and epsilon."""
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+    """Batch normalisation with the zoo's PyTorch-matching momentum and epsilon (``FusedBatchNorm``)."""
+    return FusedBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
 
 
 def conv_bn_act(x, filters, prefix, suffix="", kernel_size=3, strides=1, padding="same",
