@@ -1,0 +1,404 @@
+"""How fast does kcifar train on this CPU, in float32 and bfloat16, beside PyTorch?
+
+For each zoo family it times `model.fit` as `kcifar.train` runs it (the
+recipe's model, optimizer, schedule and augmentation, built and compiled by
+the run library, fed by kcifar's own input pipeline from the real training
+split) against a plain PyTorch loop over the same architecture (a
+`torch_twin.TorchTwin` of the Keras model: same layers and shapes, checked by
+parameter count) with the recipe's optimizer on in-memory tensors, in
+PyTorch's fast CPU path (channels_last; bfloat16 = CPU autocast). kcifar runs
+with augmentation on, PyTorch without: the harder comparison for kcifar.
+
+Each (framework, precision) is one long-lived worker process per model; the
+workers take turns in blocks of `--seconds` (A B C D A B C D ..., `--rounds`
+blocks each), so the drift of a shared machine's speed touches all alike;
+each figure is the median over rounds, and the ratio is taken per round.
+In the same run it measures the chip's peaks (matmul 4096^3, 3x3 convolution
+128->128 on 64x32x32, forward) in both precisions and both frameworks.
+Achieved GFLOPS count a training step as 3x the forward FLOPs
+(`kcifar.models.registry.FLOPS_COUNTED`).
+
+    KCIFAR_DATA_DIR=../shared/datasets python experiments/bench_speed.py \
+        --out experiments/results/speed_<cpu>.md
+
+PyTorch is a benchmark-only dependency (`pip install -e ".[bench]"`; on a
+CPU-only machine install PyTorch's CPU build first); kcifar never imports it.
+"""
+
+if __name__ == "__main__":
+    from kcifar.errors import start_command
+
+    start_command()  # kcifar's TensorFlow defaults (oneDNN on), before TensorFlow loads
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+
+MODELS = {  # model: (recipe, batch size); the recipe's augmentation, optimizer and schedule
+    "s3_tutorial": (None, 64),  # the default recipe (Adam-amsgrad), batch as in issue 13's table
+    "s0_model3": ("experiments/recipes/s0_model3.toml", 128),
+    "s1_step10": ("experiments/recipes/s1_step10.toml", 32),
+    "s2_gap": ("experiments/recipes/s2_gap.toml", 64),
+    "resnet20": ("experiments/recipes/resnet20_onecycle_15ep.toml", 128),
+    "vgg11": ("experiments/recipes/s4_vgg11_20ep.toml", 64),
+    "vgg16": ("experiments/recipes/s4_vgg16_final.toml", 64),
+}
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # name here: kcifar's train.precision
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------ what both workers share
+
+
+def bench_recipe(model: str, precision: str) -> dict:
+    """The model's recipe on CIFAR-10 (CIFAR-100 recipes too: only the head's width differs)."""
+    from kcifar import recipe as krecipe
+
+    path, batch = MODELS[model]
+    return krecipe.resolve(REPOSITORY / path if path else None,
+                           [f"model={model!r}", "dataset='cifar10'", f"train.batch_size={batch}",
+                            f"train.precision={PRECISIONS[precision]!r}"])
+
+
+def serve(step_block):
+    """The worker side of the protocol: 'RUN seconds' -> 'RESULT images seconds'; 'QUIT'."""
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.startswith("QUIT"):
+            return
+        images, seconds = step_block(float(line.split()[1]))
+        print(f"RESULT {images} {seconds}", flush=True)
+
+
+def steps_for(seconds: float, rate_steps_per_s: float) -> int:
+    return max(2, int(seconds * rate_steps_per_s))
+
+
+# ------------------------------------------------------------ kcifar: model.fit as kcifar.train runs it
+
+
+def kcifar_worker(model_name: str, precision: str):
+    from kcifar import run, train
+    from kcifar.augment import AugmentConfig, train_dataset
+
+    recipe = bench_recipe(model_name, precision)
+    strategy = run.set_up(recipe)
+    data, split = run.load_data(recipe)
+    batch = recipe["train"]["batch_size"]
+    with strategy.scope():
+        model = train.build_model(recipe, data, split)
+        run.compile_model(model, recipe, -(-len(split) // batch), run.jit_enabled(recipe["train"]["jit"]))
+    batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
+                            seed=0, first_epoch=0)
+
+    clock = StepClock()
+
+    def fit(steps):
+        model.fit(batches, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+        return clock.seconds
+
+    fit(3)  # tracing
+    rate = 10 / fit(10)
+    serve(lambda seconds: _timed(fit, steps_for(seconds, rate), batch))
+
+
+def _timed(fit, steps, batch):
+    return steps * batch, fit(steps)
+
+
+class StepClock(keras.callbacks.Callback):
+    """Seconds from the end of the first step to the end of the last, so that `fit`'s start
+    and end (iterator set-up and teardown, once per epoch in real training) are not
+    counted in a short timed block."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if batch == 0:
+            self.first = now
+        self.seconds = now - self.first
+
+
+# ------------------------------------------------------------ PyTorch: a plain loop, its fast CPU path
+
+
+def torch_optimizer(spec: dict, params):
+    import torch
+
+    kind = spec["name"]
+    lr, decay = spec["learning_rate"], spec["weight_decay"]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr, momentum=spec["momentum"], nesterov=spec["nesterov"], weight_decay=decay)
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr, weight_decay=decay)
+    adam = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    return adam(params, lr, betas=(spec["beta_1"], spec["beta_2"]), weight_decay=decay, amsgrad=spec["amsgrad"])
+
+
+def torch_worker(model_name: str, precision: str):
+    import torch
+    from torch_twin import TorchTwin
+
+    from kcifar import models, run
+    from kcifar.models.registry import trainable_params
+
+    torch.set_num_threads(os.cpu_count())
+    recipe = bench_recipe(model_name, "float32")
+    keras_model = models.build(model_name, num_classes=10, **recipe["model_args"])
+    net = TorchTwin(keras_model).to(memory_format=torch.channels_last)
+    twin_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if twin_params != trainable_params(keras_model):
+        raise SystemExit(f"{model_name}: the PyTorch twin has {twin_params} parameters, Keras "
+                         f"{trainable_params(keras_model)}: not the same network")
+    opt = torch_optimizer(recipe["optimizer"], net.parameters())
+    split = run.load_data(recipe)[1]
+    x = torch.from_numpy(split.x).permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(split.y.astype("int64"))
+    batch, order, position = recipe["train"]["batch_size"], torch.randperm(len(y)), [0]
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        if position[0] + batch > len(y):
+            order.copy_(torch.randperm(len(y)))
+            position[0] = 0
+        index = order[position[0]:position[0] + batch]
+        position[0] += batch
+        images = x[index].contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            loss = loss_fn(net(images), y[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def block(steps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return time.perf_counter() - start
+
+    net.train()
+    block(3)
+    rate = 10 / block(10)
+    serve(lambda seconds: _timed(block, steps_for(seconds, rate), batch))
+
+
+# ------------------------------------------------------------ the chip's peaks
+
+
+def peaks_worker(framework: str):
+    """GFLOPS of a 4096^3 matmul and a 3x3 conv 128->128 on 64x32x32 (forward), float32 and bfloat16."""
+    results = {}
+    for precision in PRECISIONS:
+        ops = _tf_ops(precision) if framework == "tf" else _torch_ops(precision)
+        for name, (fn, flops) in ops.items():
+            for _ in range(3):
+                fn()
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 2.0:
+                fn()
+                reps += 1
+            results[f"{name} {precision}"] = flops * reps / (time.perf_counter() - start) / 1e9
+    print("PEAKS " + json.dumps(results), flush=True)
+
+
+MATMUL_FLOPS, CONV_FLOPS = 2 * 4096**3, 2 * 64 * 32 * 32 * 128 * 128 * 9
+
+
+def _tf_ops(precision):
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
+    a, b = tf.random.normal((4096, 4096), dtype=dtype), tf.random.normal((4096, 4096), dtype=dtype)
+    x, w = tf.random.normal((64, 32, 32, 128), dtype=dtype), tf.random.normal((3, 3, 128, 128), dtype=dtype)
+    matmul = tf.function(lambda: tf.linalg.matmul(a, b))
+    conv = tf.function(lambda: tf.nn.conv2d(x, w, 1, "SAME"))
+    return {"matmul": (lambda: matmul().numpy(), MATMUL_FLOPS), "conv3x3": (lambda: conv().numpy(), CONV_FLOPS)}
+
+
+def _torch_ops(precision):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    x = torch.randn(64, 128, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1, bias=False).to(dtype).to(memory_format=torch.channels_last)
+
+    def run_conv():
+        with torch.no_grad():
+            conv(x)
+
+    return {"matmul": (lambda: a @ b, MATMUL_FLOPS), "conv3x3": (run_conv, CONV_FLOPS)}
+
+
+# ------------------------------------------------------------ the conductor
+
+
+class Worker:
+    """One worker process: started, warmed up, then asked for blocks of training in turns."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen([sys.executable, __file__, "--worker", *args], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        self._expect("READY")
+
+    def run(self, seconds: float) -> float:
+        self.process.stdin.write(f"RUN {seconds}\n")
+        self.process.stdin.flush()
+        images, elapsed = self._expect("RESULT").split()[1:]
+        return int(images) / float(elapsed)
+
+    def close(self):
+        self.process.stdin.write("QUIT\n")
+        self.process.stdin.close()
+        self.process.wait()
+
+    def _expect(self, word: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(word):
+                return line
+        raise SystemExit(f"a benchmark worker ({' '.join(self.process.args[3:])}) ended without {word}; see its stderr")
+
+
+def chip_peaks(frameworks) -> dict:
+    peaks = {}
+    for framework in frameworks:
+        output = subprocess.run([sys.executable, __file__, "--worker", "peaks", framework], capture_output=True,
+                                text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
+        peaks[framework] = json.loads(output.split("PEAKS ", 1)[1])
+    return peaks
+
+
+def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> dict:
+    """{(framework, precision): [images/s per round]}, the workers taking turns."""
+    workers = {(fw, p): Worker(fw, model, p) for fw in frameworks for p in precisions}
+    speeds = {key: [] for key in workers}
+    for _ in range(rounds):
+        for key, worker in workers.items():
+            speeds[key].append(worker.run(seconds))
+    for worker in workers.values():
+        worker.close()
+    return speeds
+
+
+# ------------------------------------------------------------ the report
+
+
+def forward_flops(model: str) -> int:
+    import keras
+
+    from kcifar import models
+    from kcifar.models.registry import forward_flops as count
+
+    flops = count(models.build(model, num_classes=10))
+    keras.backend.clear_session()
+    return flops
+
+
+def table_rows(results: dict, peaks: dict) -> list[str]:
+    rows = ["| model | batch | recipe (augmentation) | precision | kcifar img/s | PyTorch img/s | kcifar / PyTorch "
+            "(median of rounds) | kcifar GFLOPS | % of conv peak | kcifar bf16 / fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, speeds in results.items():
+        recipe = bench_recipe(model, "float32")
+        flops = 3 * forward_flops(model)
+        for precision in PRECISIONS:
+            ours = speeds.get(("kcifar", precision))
+            if not ours:
+                continue
+            theirs = speeds.get(("torch", precision))
+            ratio = f"{statistics.median(a / b for a, b in zip(ours, theirs)):.2f}" if theirs else "-"
+            peak = max(p[f"conv3x3 {precision}"] for p in peaks.values())
+            achieved = statistics.median(ours) * flops / 1e9
+            bf16 = speeds.get(("kcifar", "bfloat16"))
+            gain = (f"{statistics.median(a / b for a, b in zip(bf16, speeds[('kcifar', 'float32')])):.2f}"
+                    if precision == "bfloat16" and bf16 and ("kcifar", "float32") in speeds else "")
+            rows.append(f"| {model} | {recipe['train']['batch_size']} | {MODELS[model][0] or 'default'} "
+                        f"({recipe['augment']['preset']}) | {precision} | {_spread(ours)} | "
+                        f"{_spread(theirs) if theirs else '-'} | {ratio} | {achieved:.0f} | "
+                        f"{100 * achieved / peak:.0f} % | {gain} |")
+    return rows
+
+
+def _spread(values) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def report(results: dict, peaks: dict, args, started: str) -> str:
+    from kcifar import run
+
+    versions = _versions()
+    lines = [f"# Training speed on this CPU: kcifar beside PyTorch, float32 and bfloat16", "",
+             f"- command: `{run.command_line()}`",
+             f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
+             f"- date: {started} (UTC); commit: {run.code_version()}",
+             f"- versions: {versions}",
+             f"- settings: {args.rounds} rounds of {args.seconds:g} s per worker, workers taking turns", "",
+             "## The chip's peaks (GFLOPS, forward)", "",
+             "| op | " + " | ".join(peaks) + " |", "|---|" + "---|" * len(peaks)]
+    for key in next(iter(peaks.values())):
+        lines.append(f"| {key} | " + " | ".join(f"{p[key]:,.0f}" for p in peaks.values()) + " |")
+    lines += ["", "## model.fit (kcifar, augmentation on) against a plain PyTorch loop", "",
+              "images/s: median (lowest-highest) of the rounds. GFLOPS = 3 x forward FLOPs x images/s; "
+              "% of the best conv3x3 peak above in that precision.", ""]
+    return "\n".join(lines + table_rows(results, peaks)) + "\n"
+
+
+def _versions() -> str:
+    import keras
+    import tensorflow as tf
+
+    from kcifar import run
+
+    parts = [f"TensorFlow {tf.__version__} (oneDNN {'on' if run.onednn_enabled() else 'off'})",
+             f"Keras {keras.__version__}"]
+    try:
+        import torch
+
+        parts.append(f"PyTorch {torch.__version__}")
+    except ImportError:
+        parts.append("PyTorch not installed")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------ command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models (default: all)")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="float32,bfloat16")
+    parser.add_argument("--no-torch", action="store_true", help="kcifar alone")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed block")
+    parser.add_argument("--out", help="markdown file to write (default: print)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        return {"kcifar": kcifar_worker, "torch": torch_worker, "peaks": peaks_worker}[kind](*rest)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    frameworks = ["kcifar"] + ([] if args.no_torch else ["torch"])
+    peaks = chip_peaks(["tf"] + ([] if args.no_torch else ["torch"]))
+    results = {}
+    for model in args.models.split(","):
+        results[model] = measure_model(model, frameworks, args.precisions.split(","), args.rounds, args.seconds)
+        print(f"{model}: " + ", ".join(f"{fw} {p} {statistics.median(v):,.0f} img/s"
+                                       for (fw, p), v in results[model].items()), file=sys.stderr, flush=True)
+    text = report(results, peaks, args, started)
+    if args.out:
+        from kcifar.fileio import write_text
+
+        write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
