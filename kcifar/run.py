@@ -387,7 +387,7 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
             shutil.rmtree(run_dir)
-        elif _finished(run_dir):
+        elif is_finished(run_dir):
             raise KcifarError(f"{run_dir} holds a finished run; pass --overwrite to replace it or --name to start another")
         elif not saved.exists():
             raise KcifarError(f"{run_dir} exists and is not a kcifar run; choose another --name or --runs-dir")
@@ -400,9 +400,10 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
     return run_dir
 
 
-def _finished(run_dir: Path) -> bool:
-    path = run_dir / "metrics.json"
-    return path.exists() and json.loads(path.read_text()).get("finished", False)
+def is_finished(run_dir) -> bool:
+    """Whether ``run_dir`` holds a finished run (its metrics.json says so)."""
+    path = Path(run_dir) / "metrics.json"
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("finished", False)
 
 
 

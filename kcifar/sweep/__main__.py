@@ -1,10 +1,15 @@
 """``python -m kcifar.sweep STUDY.toml``: run (or continue) a study, then write its summary."""
 
+if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
+    from kcifar.errors import start_command
+
+    start_command()
+
 import argparse
 import shlex
 import sys
 
-from kcifar.errors import cli, start_command
+from kcifar.errors import cli
 from kcifar.sweep import estimate, runner, summary
 from kcifar.sweep.study import load_study
 
@@ -29,7 +34,6 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    start_command()
     command = "python -m kcifar.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
     study = load_study(args.study)
     if args.dry_run:

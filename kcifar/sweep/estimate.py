@@ -109,7 +109,7 @@ def run_cost(recipe: dict) -> float:
 
 def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
-    from kcifar.sweep.runner import is_finished
+    from kcifar.run import is_finished
     from kcifar.run import cpu_description
 
     measured = measured_runs([runs_dir, results_dir], cpu_description())

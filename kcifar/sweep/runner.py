@@ -11,7 +11,6 @@ on which CPU, at which git commit, by which command.
 """
 
 import datetime
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from kcifar import fileio
 from kcifar.errors import KcifarError
+from kcifar.run import is_finished
 
 PROVENANCE = "provenance.json"
 
@@ -29,11 +29,6 @@ class Progress:
     skipped: list = field(default_factory=list)  # already finished before
     left: list = field(default_factory=list)  # not started: the budget was spent
     failed: list = field(default_factory=list)  # (run name, error message): tried again next time
-
-
-def is_finished(run_dir: Path) -> bool:
-    path = Path(run_dir) / "metrics.json"
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("finished", False)
 
 
 def provenance(command: str) -> dict:
