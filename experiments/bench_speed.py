@@ -78,8 +78,9 @@ def serve(step_block):
         print(f"RESULT {images} {seconds}", flush=True)
 
 
-def steps_for(seconds: float, rate_steps_per_s: float) -> int:
-    return max(2, int(seconds * rate_steps_per_s))
+def steps_for(seconds: float, rate_steps_per_s: float, multiple: int = 1) -> int:
+    """Steps for about ``seconds``, a whole number of ``multiple`` (Keras' steps per execution)."""
+    return max(1, int(seconds * rate_steps_per_s / multiple)) * multiple
 
 
 # ------------------------------------------------------------ kcifar: model.fit as kcifar.train runs it
@@ -102,12 +103,13 @@ def kcifar_worker(model_name: str, precision: str):
     clock = StepClock()
 
     def fit(steps):
-        model.fit(batches, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+        model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
         return clock.seconds
 
-    fit(3)  # tracing
-    rate = 10 / fit(10)
-    serve(lambda seconds: _timed(fit, steps_for(seconds, rate), batch))
+    chunk = model.steps_per_execution
+    fit(chunk)  # tracing
+    rate = 4 * chunk / fit(4 * chunk)
+    serve(lambda seconds: _timed(fit, steps_for(seconds, rate, chunk), batch))
 
 
 def _timed(fit, steps, batch):
@@ -115,15 +117,14 @@ def _timed(fit, steps, batch):
 
 
 class StepClock(keras.callbacks.Callback):
-    """Seconds from the end of the first step to the end of the last, so that `fit`'s start
-    and end (iterator set-up and teardown, once per epoch in real training) are not
-    counted in a short timed block."""
+    """Seconds from the start of the epoch to its end, so that `fit`'s start-up and teardown
+    (iterator set-up, once per epoch in real training) are not counted in a short block."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if batch == 0:
-            self.first = now
-        self.seconds = now - self.first
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start
 
 
 # ------------------------------------------------------------ PyTorch: a plain loop, its fast CPU path

@@ -140,6 +140,18 @@ def add_offline_augmented(data, train: kdata.Split, folder: str):
     return kdata.Split(np.concatenate([train.x, x]), np.concatenate([train.y, y]))
 
 
+# Steps one call into the compiled training function runs (Keras' steps_per_execution): fewer
+# round trips through Python. Measured on the 2-core AMX Xeon: s3_tutorial 1.2x at 8 steps;
+# no difference for the large models. The results are the same, step by step.
+MAX_STEPS_PER_EXECUTION = 16
+
+
+def steps_per_execution(steps_per_epoch: int) -> int:
+    """The largest divisor of ``steps_per_epoch`` up to MAX_STEPS_PER_EXECUTION (Keras rounds
+    an epoch up to a whole number of executions, which would change the recipe's epochs)."""
+    return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
+
+
 def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
     """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss."""
     epochs = recipe["train"]["epochs"]
@@ -149,6 +161,7 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe["loss"]["label_smoothing"]),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
         jit_compile=jit,
+        steps_per_execution=steps_per_execution(steps_per_epoch),
     )
 
 

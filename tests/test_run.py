@@ -85,3 +85,26 @@ def test_cpu_description_names_the_bfloat16_flags(monkeypatch):
                                                  "amx_bf16 amx_tile\n")
     assert run.cpu_flags() >= {"avx512_bf16", "amx_bf16"}
     assert run.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"
+
+
+@pytest.mark.parametrize("steps, expected", [(704, 16), (1407, 7), (11250, 15), (13, 13), (17, 1), (1, 1)])
+def test_steps_per_execution_divides_the_epoch(steps, expected):
+    assert run.steps_per_execution(steps) == expected
+
+
+def test_several_steps_per_execution_train_exactly_as_one():
+    """Same batches, same schedule: the weights after two epochs agree whatever Keras'
+    steps_per_execution (it only changes how often Python is entered)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 8)).astype("float32"), np.eye(3, dtype="float32")[rng.integers(0, 3, 96)]
+    results = []
+    for steps in (1, 4):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+        model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 24)),
+                      loss="categorical_crossentropy", steps_per_execution=steps)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results.append(model.get_weights())
+        assert int(model.optimizer.iterations) == 24  # 12 steps an epoch, not rounded up
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
