@@ -141,14 +141,18 @@ def add_offline_augmented(data, train: kdata.Split, folder: str):
 
 
 # Steps one call into the compiled training function runs (Keras' steps_per_execution): fewer
-# round trips through Python. Measured on the 2-core AMX Xeon: s3_tutorial 1.2x at 8 steps;
-# no difference for the large models. The results are the same, step by step.
+# round trips through Python. Measured on the 2-core AMX Xeon: s3_tutorial a few percent
+# faster (experiments/results/speed_xeon_amx.md); the results are the same, step by step.
 MAX_STEPS_PER_EXECUTION = 16
 
 
 def steps_per_execution(steps_per_epoch: int) -> int:
     """The largest divisor of ``steps_per_epoch`` up to MAX_STEPS_PER_EXECUTION (Keras rounds
-    an epoch up to a whole number of executions, which would change the recipe's epochs)."""
+    an epoch up to a whole number of executions, which would change the recipe's epochs);
+    1 under a ``tf.distribute`` strategy, where Keras 3.15's multi-step loop fails on the
+    distributed iterator (InvalidArgumentError in ``has_next``, seen with MirroredStrategy)."""
+    if tf.distribute.has_strategy():
+        return 1
     return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
 

@@ -37,7 +37,7 @@ def main(argv=None):
     command = "python -m kcifar.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
     study = load_study(args.study)
     if args.dry_run:
-        print(estimate.describe(study, estimate.estimate(study, args.runs_dir)))
+        print(estimate.describe(study, estimate.estimate(study, args.runs_dir), args.runs_dir))
         return
     for folder in {args.runs_dir, args.out or args.runs_dir}:
         summary.check_writable(folder)

@@ -109,8 +109,7 @@ def run_cost(recipe: dict) -> float:
 
 def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
-    from kcifar.run import is_finished
-    from kcifar.run import cpu_description
+    from kcifar.run import cpu_description, is_finished
 
     measured = measured_runs([runs_dir, results_dir], cpu_description())
     rows = []
@@ -129,10 +128,10 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     return rows
 
 
-def describe(study, rows) -> str:
+def describe(study, rows, runs_dir="runs") -> str:
     """The dry-run table a person reads."""
     lines = [f"study {study.name}: {len(study.cells)} cells x {len(study.seeds)} seeds {study.seeds}; runs go to "
-             f"runs/{study.name}/<cell>-s<seed>", "",
+             f"{Path(runs_dir) / study.name}/<cell>-s<seed>", "",
              f"{'cell':<40} {'model':<14} {'MFLOPs':>8} {'epochs':>6} {'img/s':>7} {'min/run':>8} {'left':>4}  speed from"]
     for r in rows:
         flags = (" [EarlyStopping: at most]" if r["early_stopping"] else "") + (" [idg augmentation: slower]" if r["idg"] else "")
