@@ -23,6 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX; elsewhere runs are not locked
+except ImportError:
+    fcntl = None
+
 import numpy as np
 
 from kcifar import __version__, data as kdata, fileio, recipe as krecipe
@@ -396,10 +401,42 @@ def _trim_history(run_dir: Path, epochs_done: int):
         fileio.write_text(path, "".join(path.read_text().splitlines(keepends=True)[: 1 + epochs_done]))
 
 
+_HELD_LOCKS = {}  # lock file -> its open handle: the runs this process trains
+
+
+def lock_run(run_dir: Path):
+    """Refuse a second process training ``run_dir`` at the same time (two terminals, one
+    command): an exclusive ``flock`` on ``.<name>.lock`` beside it, held until ``finish``.
+    The OS drops it when its holder dies, even by ``kill -9``, so it never stays stuck.
+    Re-entrant within one process (a sweep or a notebook resuming its own run)."""
+    path = (run_dir.parent / f".{run_dir.name}.lock").resolve()
+    if fcntl is None or path in _HELD_LOCKS:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as error:
+        raise KcifarError(f"cannot write {path.parent}: {error.strerror}; choose a writable --runs-dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise KcifarError(f"another process is training {run_dir} right now; wait for it to end, "
+                          "or pass another --name") from None
+    _HELD_LOCKS[path] = handle
+
+
+def unlock_run(run_dir: Path):
+    handle = _HELD_LOCKS.pop((run_dir.parent / f".{run_dir.name}.lock").resolve(), None)
+    if handle:
+        handle.close()  # closing the last descriptor releases the flock
+
+
 def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Path:
-    """Create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write the recipe
-    and the class names."""
+    """Lock, then create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write
+    the recipe and the class names."""
     run_dir = Path(runs_dir) / recipe["name"]
+    lock_run(run_dir)
     saved = run_dir / "recipe.toml"
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
@@ -544,4 +581,5 @@ def finish(run_dir: Path, recipe: dict, evaluation: dict, wall_time: float, n_tr
     shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
     for path in [run_dir / STAGES_FILE, *run_dir.glob("stage*.keras")]:
         path.unlink(missing_ok=True)
+    unlock_run(run_dir)
     return metrics

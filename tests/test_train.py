@@ -178,6 +178,29 @@ def test_unwritable_runs_dir(tiny_cifar10, tmp_path):
     assert result.returncode == 2 and "cannot write" in result.stderr
 
 
+HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="run locks use POSIX flock")
+def test_a_second_process_on_the_same_run_is_refused_until_the_first_dies(tiny_cifar10, tmp_path):
+    """Two terminals, one command: the second refuses with one line and touches nothing;
+    once the first is killed (kill -9), its lock is gone and the command runs."""
+    runs, args = tmp_path / "runs", ["--epochs", "1", "--val-size", "20", "--batch-size", "16", "--name", "tiny"]
+    runs.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(runs / ".tiny.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_cli(args, runs)
+        assert refused.returncode == 2 and "another process is training" in refused.stderr
+        assert own_stderr_lines(refused.stderr) == [own_stderr_lines(refused.stderr)[-1]]  # one line
+        assert not (runs / "tiny").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run_cli(args, runs).returncode == 0
+    assert json.loads((runs / "tiny" / "metrics.json").read_text())["finished"] is True
+
+
 def test_interrupted_run_of_another_recipe_is_refused(tiny_cifar10, tmp_path):
     recipe = krecipe.resolve(None, ["name=x", "data.val_size=20"])
     run = tmp_path / "x"
