@@ -2,7 +2,7 @@
 
 ``write_report()`` (``python -m kcifar.report --documented``) writes
 ``experiments/REPORT.md``: one row per documented figure of the baselines
-(S0..S4, see /work/shared/BASELINES.md), with ours, the scale it was measured
+(S0..S4, see ../shared/BASELINES.md beside the checkout), with ours, the scale it was measured
 at, and the command, CPU, date and commit that measured it. It reads only the
 recorded results in the repository, never ``runs/``:
 
