@@ -364,12 +364,21 @@ def load_model(path):
         raise KcifarError(f"{path} is not a loadable Keras model ({reason[:200]}); save it again") from None
 
 
+def read_state(path: Path):
+    """A JSON state file of a run directory; a damaged one is a one-line error saying what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KcifarError(f"{path} is damaged (not valid JSON); pass --overwrite to train this run "
+                          "again from the start, or delete the file if you know what it held") from None
+
+
 def resume_epoch(run_dir: Path) -> int:
     """The epoch an interrupted run continues at: its backup's, else the end of its
     last finished stage (0 for a new run)."""
     meta = run_dir / BACKUP_DIR / "training_metadata.json"
     if meta.exists():
-        return int(json.loads(meta.read_text())["epoch"])
+        return int(read_state(meta)["epoch"])
     return sum(stage["epochs"] for stage in finished_stages(run_dir).values())
 
 
@@ -380,7 +389,7 @@ def finished_stages(run_dir: Path) -> dict:
     """{stage: {"epochs", "best"}} of the stages a run in stages (finetune) has finished;
     each stage's best model is ``stage<N>.keras``."""
     path = run_dir / STAGES_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_state(path) if path.exists() else {}
 
 
 def record_stage(run_dir: Path, stage: int, epochs: int, best):
@@ -457,7 +466,7 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
 def is_finished(run_dir) -> bool:
     """Whether ``run_dir`` holds a finished run (its metrics.json says so)."""
     path = Path(run_dir) / "metrics.json"
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("finished", False)
+    return path.is_file() and read_state(path).get("finished", False)
 
 
 

@@ -178,6 +178,22 @@ def test_unwritable_runs_dir(tiny_cifar10, tmp_path):
     assert result.returncode == 2 and "cannot write" in result.stderr
 
 
+@pytest.mark.parametrize("damaged", ["metrics.json", "backup/training_metadata.json"])
+def test_a_damaged_state_file_is_one_line_naming_it(tiny_cifar10, tmp_path, damaged):
+    """A truncated metrics.json or backup metadata is never silently used, nor a traceback."""
+    args = ["--epochs", "1", "--val-size", "20", "--batch-size", "16", "--name", "tiny"]
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "backup").mkdir(parents=True)
+    (run_dir / "recipe.toml").write_text(krecipe.to_toml(krecipe.resolve(None, [
+        "train.epochs=1", "data.val_size=20", "train.batch_size=16", "name='tiny'"])))
+    (run_dir / damaged).write_text('{"epoch": 1, "fini')
+    result = run_cli(args, tmp_path / "runs")
+    lines = own_stderr_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1
+    assert damaged.split("/")[-1] in lines[0] and "--overwrite" in lines[0]
+    assert run_cli(args + ["--overwrite"], tmp_path / "runs").returncode == 0
+
+
 HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
 
 
