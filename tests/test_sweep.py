@@ -202,9 +202,10 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
-def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys):
+def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys, monkeypatch):
     from kcifar.run import cpu_description
 
+    monkeypatch.chdir(tmp_path)  # no experiments/results/ here: the runs this repository recorded do not count
     study_path = tiny_grid(tmp_path, seeds="[0, 1, 2]")
     study = load_study(study_path)
     main([str(study_path), "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
