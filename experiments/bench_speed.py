@@ -293,8 +293,6 @@ def measure_model(model: str, frameworks, precisions, rounds: int, seconds: floa
 
 
 def forward_flops(model: str) -> int:
-    import keras
-
     from kcifar import models
     from kcifar.models.registry import forward_flops as count
 
@@ -353,7 +351,6 @@ def report(results: dict, peaks: dict, args, started: str) -> str:
 
 
 def _versions() -> str:
-    import keras
     import tensorflow as tf
 
     from kcifar import run
