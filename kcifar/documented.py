@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kcifar import plots
 from kcifar.fileio import write_text
 
 C10, C100 = "cifar10", "cifar100"
@@ -110,7 +111,7 @@ def _from_study(row: dict, study: str) -> dict:
     mean, std = _num(row[f"test_{which}_top1_mean"]), _num(row[f"test_{which}_top1_std"])
     label = f"pixel-exact {row['test_exact_n']}" if which == "exact" else "all test images"
     text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" % ({label})"
-    return {"pct": mean, "text": text, "dataset": row["dataset"],
+    return {"pct": mean, "std": std, "text": text, "dataset": row["dataset"],
             "scale": f"{row['epochs_mean']} of max {row['max_epochs']} epochs, {row['train_images']} training images, "
                      f"{row['seeds_done']}/{row['seeds']} seeds",
             "command": row["command"], "cpu": row["cpu"], "date": row["date"], "commit": row["commit"],
@@ -207,10 +208,28 @@ def to_markdown(rows, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def s1_progression(results_dir: Path, path: Path):
+    """Figure of S1's documented progression (CIFAR-100) beside ours; None while no step is measured."""
+    steps = [f for f in BASELINES if f.source == "S1" and f.study == "s1_steps"]
+    ours = [measured(f, results_dir) for f in steps]
+    if not any(ours):
+        return None
+    scale = next(o["scale"] for o in ours if o)
+    return plots.progression([f.what.removeprefix("step ") for f in steps], [f.fraction for f in steps],
+                             [(o["pct"], o["std"]) if o else None for o in ours], path,
+                             title="S1 steps: documented progression beside ours",
+                             documented_label="documented (CIFAR-100, 100-200 epochs)",
+                             ours_label=f"ours ({NAMES[next(o['dataset'] for o in ours if o)]}; {scale})")
+
+
 def write_report(results_dir="experiments/results", path="experiments/REPORT.md",
                  command="python -m kcifar.report --documented") -> Path:
-    """Write REPORT.md from the recorded results; returns its path."""
-    results_dir = Path(results_dir)
+    """Write REPORT.md (and the S1 progression figure beside it) from the recorded results."""
+    results_dir, path = Path(results_dir), Path(path)
     rows = [report_row(figure, measured(figure, results_dir)) for figure in BASELINES]
-    write_text(path, to_markdown(rows, command))
-    return Path(path)
+    figure = s1_progression(results_dir, path.with_name(path.stem + "_s1_progression.png"))
+    text = to_markdown(rows, command)
+    if figure is not None:
+        text += f"\n![S1: the documented progression beside ours]({figure.name})\n"
+    write_text(path, text)
+    return path

@@ -252,3 +252,26 @@ def overlaid_curves(cells, path, title="Learning curves"):
     axes[0].legend(fontsize=8, ncol=2 if len(cells) > 8 else 1)
     fig.suptitle(title + " (one line per run, one colour per cell)")
     return _save(fig, path)
+
+
+def progression(steps, documented, ours, path, title, documented_label, ours_label):
+    """Two progressions over the same steps: the documented figure of each step and ours.
+
+    ``documented`` holds a fraction or None per step, ``ours`` a (mean, std) in percent or
+    None per step; a step without a value is a gap in its line.
+    """
+    fig = Figure(figsize=size_sweep(), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(steps), dtype=float)
+    ax.plot(x, [100 * d if d is not None else np.nan for d in documented], marker="s", linestyle="--",
+            label=documented_label)
+    means = [o[0] if o else np.nan for o in ours]
+    stds = [(o[1] or 0.0) if o else 0.0 for o in ours]
+    ax.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=ours_label)
+    ax.set_xticks(x, steps)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(title)
+    return _save(fig, path)

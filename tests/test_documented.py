@@ -69,3 +69,16 @@ def test_no_cifar100_figure_is_ever_subtracted_from_a_cifar10_result(figure):
     ours = {"pct": 50.0, "text": "50 %", "dataset": "cifar10", "scale": "", "command": "", "cpu": "", "date": "",
             "commit": "", "link": "x", "cell": None}
     assert documented.report_row(figure, ours)[5] == ""
+
+
+def test_s1_progression_figure_beside_the_report_once_a_step_is_measured(tmp_path):
+    report_path = tmp_path / "REPORT.md"
+    figure = tmp_path / "REPORT_s1_progression.png"
+    documented.write_report(tmp_path / "results", report_path)
+    assert not figure.exists() and "s1_progression" not in report_path.read_text()
+    record_study(tmp_path, "s1_steps", ["s1_step01", "s1_step04"], "cifar10", [0.40, 0.44], [0.41, 0.45])
+    text = documented.write_report(tmp_path / "results", report_path).read_text()
+    assert "![S1: the documented progression beside ours](REPORT_s1_progression.png)" in text
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    step4 = documented.measured(next(f for f in documented.BASELINES if f.what == "step 4"), tmp_path / "results")
+    assert (step4["pct"], round(step4["std"], 2)) == (43.0, 2.83)
