@@ -3,6 +3,7 @@
 import csv
 import json
 import statistics
+import time
 
 import pytest
 from conftest import one_line_error
@@ -113,7 +114,10 @@ def test_budget_stop_interrupt_resume_skip_and_summary(tiny_cifar10, tmp_path, m
     runs = tmp_path / "runs"
     names = [recipe["name"] for _, _, recipe in study.runs()]
 
-    first = runner.run_study(study, runs, budget_min=1e-6, log=lambda line: None)
+    clock = iter([0.0, 0.0] + [3600.0] * len(names))  # the first run starts at once, then an hour has passed
+    monkeypatch.setattr(runner, "monotonic", lambda: next(clock))
+    first = runner.run_study(study, runs, budget_min=1, log=lambda line: None)
+    monkeypatch.setattr(runner, "monotonic", time.monotonic)
     assert first.ran == names[:1] and first.left == names[1:] and first.skipped == []
     finished_metrics = (runs / "tiny" / names[0] / "metrics.json").read_text()
 
@@ -172,7 +176,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
 # ------------------------------------------------------------ summary numbers and dry-run (no training)
 
 
-def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0):
+def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None):
     run = folder / recipe["name"]
     run.mkdir(parents=True)
     (run / "recipe.toml").write_text(krecipe.to_toml(recipe))
@@ -180,6 +184,8 @@ def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=10
                "epochs_run": 3, "test": {"top1": top1, "n": 10000},
                "test_exact": None if exact is None else {"top1": exact, "n": 1000}, "wall_time_s": 60.0,
                "train_images_per_s": speed, "train_images": 45000, "machine": {"cpu": cpu}}
+    if precision:
+        metrics["precision"] = precision
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.3,2.0,0.4,1.8\n1,0.5,1.5,0.5,1.6\n")
     return run
@@ -203,7 +209,7 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
 
 
 def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys, monkeypatch):
-    from kcifar.run import cpu_description
+    from kcifar.run import auto_precision, cpu_description
 
     monkeypatch.chdir(tmp_path)  # no experiments/results/ here: the runs this repository recorded do not count
     study_path = tiny_grid(tmp_path, seeds="[0, 1, 2]")
@@ -213,7 +219,8 @@ def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp
     assert "learning_rate-0.001" in out and "learning_rate-0.003" in out and "runs left: 6" in out
     assert "assumed 50 GFLOPS" in out and not (tmp_path / "runs").exists()
 
-    fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.5, cpu=cpu_description(), speed=1234.0)
+    fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.5, cpu=cpu_description(), speed=1234.0,
+             precision=auto_precision())  # the precision "auto" picks here, as kcifar.train records it
     rows = estimate.estimate(study, tmp_path / "runs", tmp_path / "no_results")
     assert rows[0]["runs_left"] == 2 and rows[0]["images_per_s"] == 1234.0 and rows[0]["source"].startswith("measured")
     assert rows[0]["per_run_s"] == pytest.approx((2 * (50000 - 20 + 20 / 3) + 2 * 10000 / 3) / 1234.0)
@@ -221,15 +228,19 @@ def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp
 
 
 def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
-    measured_key = ("s3_tutorial", "{}", "cifar10", 32)
-    other_batch, other_model = measured_key[:3] + (128,), ("s0_base", "{}", "cifar10", 32)
-    speed, source = estimate.speed_for(measured_key[:3] + (32,), [(measured_key, 2000.0)])
+    measured_key = ("s3_tutorial", "{}", "cifar10", 32, "float32")
+    other_batch, other_model = measured_key[:3] + (128, "float32"), ("s0_base", "{}", "cifar10", 32, "float32")
+    speed, source = estimate.speed_for(measured_key, [(measured_key, 2000.0)])
     assert speed == 2000.0 and source.startswith("measured")
     for key in (other_batch, other_model):
         speed, source = estimate.speed_for(key, [(measured_key, 2000.0)])
         gflops = estimate.fitted_gflops(measured_key, 2000.0)
-        assert "fitted to 1 run(s)" in source and speed == pytest.approx(estimate.step_speed(key, gflops))
+        assert "fitted to 1 float32 run(s)" in source and speed == pytest.approx(estimate.step_speed(key, gflops))
     assert estimate.step_speed(measured_key, estimate.fitted_gflops(measured_key, 2000.0)) == pytest.approx(2000.0)
     assert estimate.step_speed(other_model, 50) < estimate.step_speed(measured_key, 50)  # more FLOPs, slower
-    overhead_only = ("s3_tutorial", "{}", "cifar10", 4)  # 4 images in 6.4 ms: the step overhead, not the FLOPs
+    overhead_only = ("s3_tutorial", "{}", "cifar10", 4, "float32")  # 4 images in 6.4 ms: the step overhead
     assert "assumed 50 GFLOPS" in estimate.speed_for(other_model, [(overhead_only, 626.0)])[1]
+    in_bfloat16 = measured_key[:4] + ("mixed_bfloat16",)  # another precision is another speed: never mixed
+    assert "no mixed_bfloat16 run" in estimate.speed_for(in_bfloat16, [(measured_key, 2000.0)])[1]
+    assert "no mixed_bfloat16 run" in estimate.speed_for(other_model[:4] + ("mixed_bfloat16",),
+                                                          [(measured_key, 2000.0)])[1]

@@ -8,10 +8,13 @@ third of a training step; the test set is measured twice, by kcifar.train and
 by the evaluation). The speed, first found wins:
 
 1. the median training images/s of finished runs of the same model
-   (``model_args``, data set) and batch size on this CPU (same ``cpu_description()``);
+   (``model_args``, data set), batch size and precision on this CPU (same
+   ``cpu_description()``; ``"auto"`` is the precision it picks on this machine);
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
-   with GFLOPS the median fitted to the finished runs of other models on this CPU
-   (those whose steps took at least twice the overhead: the others measure only it);
+   with GFLOPS the median fitted to the finished runs of other models in the same
+   precision on this CPU (those whose steps took at least twice the overhead: the
+   others measure only it); a run that recorded no precision ran in float32 (the CPU
+   default before "auto" picked bfloat16);
 3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
 
 Finished runs are looked for (``metrics.json`` with ``recipe.toml`` beside it)
@@ -52,10 +55,10 @@ def forward_mflops(model: str, model_args: str, dataset: str) -> float:
     return flops
 
 
-def model_key(recipe: dict) -> tuple:
-    """(model, model_args as JSON, data set, batch size): what a measured speed is the speed of."""
+def model_key(recipe: dict, precision: str) -> tuple:
+    """(model, model_args as JSON, data set, batch size, precision): what a measured speed is the speed of."""
     return (recipe["model"], json.dumps(recipe.get("model_args", {}), sort_keys=True), recipe.get("dataset", "cifar10"),
-            recipe.get("train", {}).get("batch_size", 32))
+            recipe.get("train", {}).get("batch_size", 32), precision)
 
 
 def step_speed(key, gflops: float) -> float:
@@ -83,7 +86,8 @@ def measured_runs(folders, cpu: str) -> list:
                 continue
             speed = metrics.get("train_images_per_s")
             if metrics.get("finished") and speed and (metrics.get("machine") or {}).get("cpu") == cpu:
-                found.append((model_key({"model": metrics.get("model"), **recipe}), speed))
+                found.append((model_key({"model": metrics.get("model"), **recipe},
+                                        metrics.get("precision", "float32")), speed))
     return found
 
 
@@ -92,12 +96,14 @@ def speed_for(key, measured) -> tuple:
     same = [speed for k, speed in measured if k == key]
     if same:
         return statistics.median(same), f"measured: {len(same)} run(s) of this model and batch on this CPU"
-    informative = [(k, speed) for k, speed in measured if k[3] / speed > 2 * STEP_OVERHEAD_S]
+    informative = [(k, speed) for k, speed in measured if k[4] == key[4] and k[3] / speed > 2 * STEP_OVERHEAD_S]
     if informative:
         gflops = statistics.median(fitted_gflops(k, speed) for k, speed in informative)
-        return step_speed(key, gflops), f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(informative)} run(s) on this CPU"
+        return step_speed(key, gflops), (f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(informative)} {key[4]} "
+                                         "run(s) on this CPU")
     return step_speed(key, FALLBACK_GFLOPS), (f"FLOPs at an assumed {FALLBACK_GFLOPS:g} GFLOPS + "
-                                              f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no run recorded on this CPU)")
+                                              f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no {key[4]} run recorded on "
+                                              "this CPU)")
 
 
 def run_cost(recipe: dict) -> float:
@@ -109,13 +115,14 @@ def run_cost(recipe: dict) -> float:
 
 def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
-    from kcifar.run import cpu_description, is_finished
+    from kcifar.run import auto_precision, cpu_description, is_finished
 
     measured = measured_runs([runs_dir, results_dir], cpu_description())
     rows = []
     for cell in study.cells:
         recipe = cell.recipes[0]
-        key = model_key(recipe)
+        precision = recipe["train"]["precision"]
+        key = model_key(recipe, auto_precision() if precision == "auto" else precision)
         speed, source = speed_for(key, measured)
         left = sum(not is_finished(Path(runs_dir) / study.name / r["name"]) for r in cell.recipes)
         per_run = run_cost(recipe) / speed

@@ -12,9 +12,9 @@ on which CPU, at which git commit, by which command.
 
 import datetime
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 
 from kcifar import fileio
 from kcifar.errors import KcifarError
@@ -41,7 +41,7 @@ def provenance(command: str) -> dict:
 def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command="", verbose=0, log=None) -> Progress:
     """Train every unfinished run of ``study`` under ``runs_dir/<study>/``; returns what happened."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    folder, progress, started = Path(runs_dir) / study.name, Progress(), time.monotonic()
+    folder, progress, started = Path(runs_dir) / study.name, Progress(), monotonic()
     total = len(study.cells) * len(study.seeds)
     for index, (cell, seed, recipe) in enumerate(study.runs(), 1):
         run_dir = folder / recipe["name"]
@@ -50,7 +50,7 @@ def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command=""
                 evaluate_saved(run_dir, recipe, data_dir, command)
             progress.skipped.append(recipe["name"])
             continue
-        if budget_min is not None and time.monotonic() - started >= 60 * budget_min:
+        if budget_min is not None and monotonic() - started >= 60 * budget_min:
             progress.left.append(recipe["name"])
             continue
         log(f"[{index}/{total}] {recipe['name']}: training" + (" (resuming)" if run_dir.exists() else ""))
