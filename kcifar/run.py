@@ -121,7 +121,9 @@ def set_up(recipe: dict):
 
 
 def load_data(recipe: dict, data_dir=None):
-    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split."""
+    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split.
+    Checks what only the data can refuse (a batch larger than the split), before any run
+    directory is touched."""
     spec = recipe["data"]
     data = kdata.load_cifar(recipe["dataset"], data_dir=data_dir, label_mode=spec["label_mode"],
                             val_size=spec["val_size"], seed=recipe["seed"])
@@ -130,6 +132,10 @@ def load_data(recipe: dict, data_dir=None):
         train = kdata.stratified_subset(train, spec["train_subset"], recipe["seed"])
     if spec["offline_aug"]:
         train = add_offline_augmented(data, train, spec["offline_aug"])
+    batch_size = recipe["train"]["batch_size"]
+    if batch_size > len(train):
+        raise KcifarError(f"train.batch_size {batch_size} is larger than the training split ({len(train)} images); "
+                          "choose a smaller batch size or a larger data.train_subset")
     return data, train
 
 
