@@ -16,10 +16,11 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     Use for writers that want a file name (``model.save``, ``savefig``, ``np.savez``).
-    The temporary name keeps the target's suffix so such writers pick the right format.
+    The temporary name keeps the target's suffixes so such writers pick the right format.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
+    suffixes = "".join(path.suffixes)  # all of them: Keras wants ``.weights.h5``
+    tmp = path.with_name(f".{path.name[:len(path.name) - len(suffixes)]}.{secrets.token_hex(4)}{suffixes}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()

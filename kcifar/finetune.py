@@ -59,15 +59,35 @@ def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
 
 
 def cached_features(model, x, path, flip=False, log=None):
-    """``extract(model, x, flip)``, stored at ``path`` (.npy) and read back on the next call."""
+    """``extract(model, x, flip)``, stored at ``path`` (.npy, its sha256 beside it in
+    ``.sha256``) and read back on the next call; a damaged file is computed again."""
     path = Path(path)
     if path.exists():
-        values = np.load(path, mmap_mode="r")
-        if len(values) == len(x):
+        values = read_cached(path)
+        if values is not None and len(values) == len(x):
             return values
     values = extract(model, x, flip=flip, log=log)
     with atomic_path(path) as tmp:
         np.save(tmp, values)
+    fileio.write_text(path.with_name(path.name + ".sha256"), run.file_sha256(path) + "\n")
+    return values
+
+
+def read_cached(path: Path):
+    """The array cached at ``path``, or None (saying so on stderr) when the file is not whole
+    or not the one its ``.sha256`` names. A file without a digest (killed between the two
+    atomic writes, or cached by an older kcifar) is taken, and its digest written."""
+    digest_file = path.with_name(path.name + ".sha256")
+    try:
+        values = np.load(path, mmap_mode="r")
+        digest = run.file_sha256(path)
+        if digest_file.exists() and digest_file.read_text().strip() != digest:
+            raise ValueError("not the file its .sha256 names")
+    except (ValueError, OSError, EOFError) as error:
+        print(f"feature cache {path} is damaged ({error}); computing it again", file=sys.stderr)
+        return None
+    if not digest_file.exists():
+        fileio.write_text(digest_file, digest + "\n")
     return values
 
 
