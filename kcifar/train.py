@@ -67,6 +67,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
     first_epoch = run.resume_epoch(run_dir)
+    if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
+        raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)

@@ -78,6 +78,7 @@ def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
     (lambda r: (r / "history.csv").unlink(), "history.csv is damaged (No such file or directory)"),
     (lambda r: _truncate(r / "best.keras"), "best.keras is damaged (not a whole Keras file"),
     (lambda r: _flip_a_byte(r / "best.keras"), "best.keras is damaged (not a whole Keras file"),
+    (lambda r: (r / "best.keras").unlink(), "best.keras is damaged (it is missing)"),
 ])
 def test_damaged_state_is_one_line_naming_the_file_and_overwrite(stopped_run, capsys, damage, named):
     damage(stopped_run)
