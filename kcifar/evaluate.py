@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from kcifar import run
+from kcifar import fileio, run
 from kcifar.data import Split, load_cifar, superclass_groups
 from kcifar.errors import KcifarError, cli
-from kcifar.fileio import write_json
 
 TOP_K = 5
 MOST_CONFUSED = 10
@@ -126,11 +125,17 @@ def resolve_target(target):
     if target.is_dir():
         if not (target / "best.keras").is_file():
             raise KcifarError(f"{target} has no best.keras; pass a finished run directory or a .keras file")
-        run.read_recipe(target)
-        return target, target / "best.keras"
-    if not target.exists():
+        run_dir, model = target, target / "best.keras"
+    elif not target.exists():
         raise KcifarError(f"{target} does not exist; pass a run directory (runs/NAME) or a .keras model file")
-    return (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+    else:
+        run_dir, model = (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+    if run_dir is not None:
+        run.read_recipe(run_dir)
+        if not run.is_finished(run_dir):  # its best.keras may still change, and its files are training's
+            raise KcifarError(f"{run_dir} is an unfinished run; run the command that started it again to finish "
+                              "it, then evaluate")
+    return run_dir, model
 
 
 # ---------------------------------------------------------------- writing results
@@ -194,7 +199,7 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
                                       all_label=f"all {len(split.y):,}", mask_label=subset_label))
     result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name=split_name,
                                       history=run.read_history(run_dir), monitor=monitor, title=result["run"])
-    write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
+    fileio.write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
     return result
 
 
@@ -239,6 +244,7 @@ def main(argv=None):
         settings = run.data_settings({})
         settings.update({key: value for key, value in given.values() if key})
         out_dir = Path(args.out) if args.out else model_path.parent / f"{model_path.stem}_evaluation"
+        fileio.check_writable(out_dir, "--out")
     data = load_cifar(data_dir=args.data_dir, **settings)
     mask = None
     if args.subset_mask:

@@ -11,6 +11,7 @@ The defaults are the S3 improvement (the tutorial network with Adam + amsgrad,
 
 import copy
 import json
+import math
 from pathlib import Path
 
 try:
@@ -77,6 +78,8 @@ def check(recipe, defaults=DEFAULTS, prefix=""):
             continue
         if not _same_type(value, expected):
             raise KcifarError(f"recipe key '{path}' must be {type(expected).__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KcifarError(f"recipe key '{path}' must be a finite number, got {value!r}")
         if path in CHOICES and value not in CHOICES[path]:
             raise KcifarError(f"recipe key '{path}' = {value!r}; choose one of: {', '.join(CHOICES[path])}")
 

@@ -121,7 +121,9 @@ def set_up(recipe: dict):
 
 
 def load_data(recipe: dict, data_dir=None):
-    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split."""
+    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split.
+    Checks what only the data can refuse (a batch larger than the split), before any run
+    directory is touched."""
     spec = recipe["data"]
     data = kdata.load_cifar(recipe["dataset"], data_dir=data_dir, label_mode=spec["label_mode"],
                             val_size=spec["val_size"], seed=recipe["seed"])
@@ -130,6 +132,10 @@ def load_data(recipe: dict, data_dir=None):
         train = kdata.stratified_subset(train, spec["train_subset"], recipe["seed"])
     if spec["offline_aug"]:
         train = add_offline_augmented(data, train, spec["offline_aug"])
+    batch_size = recipe["train"]["batch_size"]
+    if batch_size > len(train):
+        raise KcifarError(f"train.batch_size {batch_size} is larger than the training split ({len(train)} images); "
+                          "choose a smaller batch size or a larger data.train_subset")
     return data, train
 
 
@@ -213,6 +219,89 @@ class BestModelSaver(keras.callbacks.ModelCheckpoint):
                 self.model.save(tmp)
 
 
+class RunBackup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (weights, optimizer state and epoch, two copies) whose every
+    file is replaced atomically, each metadata file naming the sha256 of its weights file:
+    a kill at any moment leaves at least one whole, matching pair, and a damaged or
+    mismatched copy is detected (``backup_pair``) and the other one used."""
+
+    def __init__(self, backup_dir):
+        super().__init__(str(backup_dir), double_checkpoint=True)
+
+    def on_train_begin(self, logs=None):
+        pair = backup_pair(Path(self.backup_dir))
+        if pair is None:
+            return
+        weights, state = pair
+        if weights.name.endswith(".bkp"):  # the whole copy is the previous one: it becomes the latest again
+            _link(weights, self._weights_path)
+            fileio.write_json(Path(self._training_metadata_path), state)
+            weights = Path(self._weights_path)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        try:
+            self.model.load_weights(weights)
+        except Exception as error:  # whole, but not this model's (h5py and Keras raise many types)
+            raise KcifarError(f"{weights} does not fit this run's model ({type(error).__name__}); pass --overwrite "
+                              "to train this run again from the start") from None
+        self.model._initial_epoch = state["epoch"]
+
+    def _save_model(self):
+        weights, meta = Path(self._weights_path), Path(self._training_metadata_path)
+        for current, previous in ((weights, self._prev_weights_path), (meta, self._prev_training_metadata_path)):
+            if current.exists():  # the current copy becomes the previous one
+                _link(current, previous)
+        with fileio.atomic_path(weights) as tmp:
+            self.model.save_weights(tmp)
+        fileio.write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                 "weights_sha256": file_sha256(weights)})
+
+
+def _link(source, target):
+    """``target`` becomes a hard link to ``source`` (no copying), atomically."""
+    with fileio.atomic_path(target) as tmp:
+        tmp.unlink()
+        os.link(source, tmp)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_pair(backup_dir: Path):
+    """(weights file, metadata) of the newest whole backup copy in ``backup_dir`` (the latest,
+    else the previous one), or None when there is no backup. Copies that exist but none of
+    which is whole are a one-line error."""
+    problems = []
+    for weights, meta in ((backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"),
+                          (backup_dir / "latest.weights.h5.bkp", backup_dir / "training_metadata.json.bkp")):
+        if not (weights.exists() or meta.exists()):
+            continue
+        try:
+            state = json.loads(meta.read_text(encoding="utf-8"))
+            int(state["epoch"])
+        except FileNotFoundError:
+            problems.append(f"{meta.name} is missing")
+            continue
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            problems.append(f"{meta.name} is damaged (not valid JSON)")
+            continue
+        if not weights.exists():
+            problems.append(f"{weights.name} is missing")
+        elif "weights_sha256" in state and file_sha256(weights) != state["weights_sha256"]:
+            problems.append(f"{weights.name} is damaged (not the file {meta.name} names)")
+        else:  # a backup written by Keras' own callback names no digest: taken as it is
+            return weights, state
+    if problems:
+        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); pass --overwrite to train "
+                          "this run again from the start")
+    return None
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping that continues counting patience from an earlier, interrupted run."""
 
@@ -264,7 +353,7 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
         keras.callbacks.TerminateOnNaN(),
         BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
+        RunBackup(run_dir / BACKUP_DIR),
     ]
     if stop["enabled"]:
         callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
@@ -322,8 +411,7 @@ def read_history(run_dir) -> dict:
             by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
                                                   for k, v in row.items() if k}
         except (KeyError, ValueError):
-            raise KcifarError(f"{path} is not a Keras CSVLogger history (bad row {row}); "
-                              "remove it or restore it from the run") from None
+            raise KcifarError(damaged(path, f"not a Keras CSVLogger history: bad row {row}")) from None
     if not by_epoch:
         return {}
     columns = list(next(iter(by_epoch.values())))
@@ -376,9 +464,9 @@ def read_state(path: Path):
 def resume_epoch(run_dir: Path) -> int:
     """The epoch an interrupted run continues at: its backup's, else the end of its
     last finished stage (0 for a new run)."""
-    meta = run_dir / BACKUP_DIR / "training_metadata.json"
-    if meta.exists():
-        return int(read_state(meta)["epoch"])
+    pair = backup_pair(run_dir / BACKUP_DIR)
+    if pair is not None:
+        return int(pair[1]["epoch"])
     return sum(stage["epochs"] for stage in finished_stages(run_dir).values())
 
 
@@ -402,12 +490,42 @@ def start_clock(history: dict) -> float:
 
 
 def _trim_history(run_dir: Path, epochs_done: int):
-    """Drop history rows of epochs the backup does not hold (killed between the two writes)."""
+    """Drop history rows of epochs the backup does not hold (killed between the two writes);
+    refuse a history that lacks whole rows of the epochs done."""
     path = run_dir / "history.csv"
     if path.exists() and not epochs_done:
         path.unlink()
-    elif path.exists():
-        fileio.write_text(path, "".join(path.read_text().splitlines(keepends=True)[: 1 + epochs_done]))
+    elif path.exists() or epochs_done:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[: 1 + epochs_done]
+        except (OSError, UnicodeDecodeError) as error:
+            raise KcifarError(damaged(path, error.strerror if isinstance(error, OSError) else "not text")) from None
+        rows = list(csv.reader(lines))
+        whole = len(lines) == 1 + epochs_done and all(line.endswith("\n") and len(row) == len(rows[0])
+                                                         for line, row in zip(lines, rows))
+        if not whole:
+            raise KcifarError(damaged(path, f"it lacks whole rows of the {epochs_done} epochs done"))
+        fileio.write_text(path, "".join(lines))
+
+
+def damaged(path, why: str) -> str:
+    """The one line for a damaged file of a run directory."""
+    return f"{path} is damaged ({why}); pass --overwrite to train this run again from the start"
+
+
+def check_models(run_dir: Path):
+    """Refuse a resumed run whose kept models (best.keras, stage<N>.keras) are not whole
+    (every member of the zip present, CRCs right): they would be used at the end."""
+    import zipfile
+
+    for path in sorted(run_dir.glob("*.keras")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            bad = str(error) or type(error).__name__
+        if bad:
+            raise KcifarError(damaged(path, f"not a whole Keras file: {bad}"))
 
 
 _HELD_LOCKS = {}  # lock file -> its open handle: the runs this process trains
@@ -457,9 +575,11 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
         elif krecipe.read_toml(saved) != recipe:
             raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
                               "rerun with the same recipe to resume, or pass --overwrite or another --name")
+    epochs_done = resume_epoch(run_dir)
+    _trim_history(run_dir, epochs_done)
+    check_models(run_dir)
     fileio.write_text(saved, krecipe.to_toml(recipe))
     write_class_names(run_dir, class_names)
-    _trim_history(run_dir, resume_epoch(run_dir))
     return run_dir
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import data as kdata, evaluate, models, recipe as krecipe, run
+from kcifar import data as kdata, evaluate, fileio, models, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -55,6 +55,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     the kept model once on the test set (evaluation.json, figures, metrics.json)."""
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
+    augment = AugmentConfig(**recipe["augment"])  # refused here, before the run directory is touched
+    fileio.check_writable(runs_dir, "--runs-dir")
     spec = recipe["train"]
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
@@ -65,13 +67,15 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
     first_epoch = run.resume_epoch(run_dir)
+    if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
+        raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)
     started = run.start_clock(history)
     has_val = len(data.val) > 0
     model.fit(
-        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, AugmentConfig(**recipe["augment"]),
+        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,
                       seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
