@@ -52,6 +52,7 @@ PRESETS = {
     # airbench94's: pad 2 by reflection, random 32x32 crop (integer shift of -2..2 pixels), flip.
     # Assumed: the generator's reflection, which repeats the edge pixel (PyTorch's does not).
     "crop2_flip": Geometry(shift=2, hflip=True, fill="reflect"),
+    "flip": Geometry(hflip=True),  # mirror only (fast94's ablation of the translation)
 }
 FILLS = ("nearest", "constant", "reflect")
 ENGINES = ("tf", "idg")

@@ -102,10 +102,11 @@ def init_whitening(model, images, epsilon=5e-4):
     return len(layers)
 
 
-def conv_group(x, filters, prefix, bn_momentum):
+def conv_group(x, filters, prefix, bn_momentum, identity_init=True):
     """Conv3x3 -> MaxPool2 -> BN -> GELU -> Conv3x3 -> BN -> GELU, no conv biases, BN without scale."""
     for index in (1, 2):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
+        init = PartialDirac() if identity_init else keras.initializers.VarianceScaling(**TORCH_INIT)
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init,
                                 name=f"{prefix}_conv{index}")(x)
         if index == 1:
             x = keras.layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
@@ -116,7 +117,8 @@ def conv_group(x, filters, prefix, bn_momentum):
 
 @register("airbench94", "Jordan 2024 (airbench94)",
           "frozen 2x2 whitening, 3 conv groups 64/256/256, GELU, BN without scale, head x 1/9")
-def airbench94(x, num_classes, *, widths=WIDTHS, whitening=True, bn_momentum=0.4, head_scale=1 / 9):
+def airbench94(x, num_classes, *, widths=WIDTHS, whitening=True, identity_init=True, bn_momentum=0.4,
+               head_scale=1 / 9):
     """The airbench94 network: 1,971,352 trainable parameters for 10 classes (+ 288 frozen whitening ones).
 
     Source: K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU" (2024) and its public
@@ -124,8 +126,9 @@ def airbench94(x, num_classes, *, widths=WIDTHS, whitening=True, bn_momentum=0.4
     pixels, kernel set from the data and frozen, bias trainable (for the recipe's first epochs), then
     GELU. Three ``conv_group`` blocks of ``widths`` (31 -> 15 -> 7 -> 3 pixels), whose convs start as
     the identity in their first input-channels filters (``PartialDirac``), MaxPool3 (3 -> 1), Flatten,
-    Dense(classes, no bias) times ``head_scale``. ``whitening=False`` (an ablation) makes ``whiten``
-    an ordinary trainable Conv2D with bias.
+    Dense(classes, no bias) times ``head_scale``. Ablations: ``whitening=False`` makes ``whiten``
+    an ordinary trainable Conv2D with bias; ``identity_init=False`` leaves the convs at PyTorch's
+    default initialisation.
     Assumed: BN epsilon 1e-5 (the write-up's 1e-12 is below what TensorFlow's fused kernel
     accepts); ``bn_momentum`` 0.4 is PyTorch's 0.6 in Keras' convention.
     """
@@ -137,7 +140,7 @@ def airbench94(x, num_classes, *, widths=WIDTHS, whitening=True, bn_momentum=0.4
                                 name="whiten")(x)
     x = keras.layers.Activation("gelu", name="whiten_act")(x)
     for index, width in enumerate(widths, start=1):
-        x = conv_group(x, width, f"block{index}", bn_momentum)
+        x = conv_group(x, width, f"block{index}", bn_momentum, identity_init)
     x = keras.layers.MaxPooling2D(3, name="final_pool")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Rescaling(head_scale, name="head_scale")(x)  # scaling the features = scaling the logits
