@@ -169,10 +169,15 @@ def steps_per_execution(steps_per_epoch: int) -> int:
 
 def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
     """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss."""
-    epochs = recipe["train"]["epochs"]
-    lr = optim.make_schedule(recipe["schedule"], recipe["optimizer"]["learning_rate"], epochs, steps_per_epoch)
+    epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
+    if spec["ema_momentum"] and steps_per_epoch % spec["ema_overwrite_frequency"]:
+        raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
+                          f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
+                          "averaged weights (those are validated, saved and resumed)")
+    scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
+    lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
-        optimizer=optim.make_optimizer(recipe["optimizer"], lr),
+        optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe["loss"]["label_smoothing"]),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
         jit_compile=jit,
@@ -180,7 +185,54 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
     )
 
 
+def scale_bn_bias_learning_rate(model, scale: float):
+    """Give the biases of every batch norm of ``model`` ``scale`` times the learning rate (SGD), by
+    ``FusedBatchNorm.bias_lr_scale``; set before the first trace of the training step."""
+    if scale == 1:
+        return
+    from kcifar.models.parts import FusedBatchNorm
+
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not all(isinstance(layer, FusedBatchNorm) for layer in layers):
+        raise KcifarError(f"optimizer.bn_bias_lr_scale needs kcifar's FusedBatchNorm layers; {model.name} has "
+                          "Keras' own BatchNormalization: leave the scale at 1")
+    for layer in layers:
+        layer.bias_lr_scale = float(scale)
+
+
+def init_from_data(model, recipe: dict, train: kdata.Split) -> int:
+    """The recipe's data-dependent initialisation, before ``fit``: the ``PatchWhitening`` kernels
+    from the 2x2 patches of the first ``whitening.images`` training images. Returns the layers set."""
+    from kcifar.models import airbench
+
+    spec = recipe["whitening"]
+    return airbench.init_whitening(model, train.x[:spec["images"]], spec["epsilon"])
+
+
 # ------------------------------------------------------------ callbacks
+
+
+class FreezeWhiteningBias(keras.callbacks.Callback):
+    """From epoch ``epochs`` on (counted from 0) every ``PatchWhitening`` layer is frozen, its
+    bias no longer trained: no gradient, momentum or decay, as PyTorch's ``requires_grad=False``.
+
+    Keras reads ``trainable`` when it traces the training step, so the step is traced once
+    more (``make_train_function(force=True)``); no recompile, the optimizer keeps its state.
+    Checked at every epoch start, so a run resumed after that epoch starts frozen.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from kcifar.models import airbench
+
+        layers = [layer for layer in airbench.whitening_layers(self.model) if layer.trainable]
+        if self.epochs and epoch >= self.epochs and layers:
+            for layer in layers:
+                layer.trainable = False
+            self.model.make_train_function(force=True)
 
 
 class EpochStats(keras.callbacks.Callback):
@@ -361,6 +413,8 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
     plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
     if plateau:
         callbacks.append(plateau)
+    if recipe["whitening"]["bias_epochs"]:
+        callbacks.insert(0, FreezeWhiteningBias(recipe["whitening"]["bias_epochs"]))
     if recipe["train"]["tensorboard"]:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     return callbacks
@@ -397,7 +451,8 @@ def monitor_of(recipe: dict) -> str:
 def read_history(run_dir) -> dict:
     """``run_dir/history.csv`` (Keras CSVLogger) as {column: float array}, one row per epoch.
 
-    A resumed run can log an epoch twice; the later row wins. No file: {}.
+    A resumed run can log an epoch twice; the later row wins. Empty and "NA" cells (Keras writes
+    NA in the val_ columns of a run without validation) are NaN. No file: {}.
     """
     path = Path(run_dir) / "history.csv"
     try:
@@ -408,7 +463,7 @@ def read_history(run_dir) -> dict:
     by_epoch = {}
     for row in rows:
         try:
-            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
+            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", "NA", None) else np.nan
                                                   for k, v in row.items() if k}
         except (KeyError, ValueError):
             raise KcifarError(damaged(path, f"not a Keras CSVLogger history: bad row {row}")) from None
@@ -678,7 +733,8 @@ def test_scores(evaluation: dict) -> dict:
         return {"top1": entry["top1"], "top5": entry["top5"], "loss": entry["loss"], "n": entry["n"]}
 
     subset = evaluation.get("subset")
-    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None}
+    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None,
+            "tta": evaluation.get("tta", "none")}
 
 
 def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n_train: int) -> dict:

@@ -3,8 +3,9 @@
 The flow, on the run library (``kcifar.run``): resolve the recipe -> load the
 data (validation split carved from training) -> build and compile the model
 under a ``tf.distribute`` strategy -> ``model.fit`` with Keras callbacks ->
-measure the test set once (``kcifar.evaluate``), with the model that scored
-best on validation -> ``evaluation.json``, figures and ``metrics.json``.
+measure the test set once (``kcifar.evaluate``, with the recipe's test-time
+augmentation ``train.tta``), with the model that scored best on validation ->
+``evaluation.json``, figures and ``metrics.json``.
 
 Starting the same command again resumes an interrupted run from its last
 finished epoch; a finished run is kept unless ``--overwrite``.
@@ -64,6 +65,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     steps_per_epoch = -(-len(train_split) // batch_size)
     with strategy.scope():
         model = build_model(recipe, data, train_split)
+        run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
     first_epoch = run.resume_epoch(run_dir)
@@ -86,7 +88,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.load_weights(run_dir / "best.keras")
-    evaluation = evaluate.evaluate_run(run_dir, model, data)
+    evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
     metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split))
     return RunResult(run_dir, metrics, model, data, evaluation)
 
@@ -100,7 +102,7 @@ FLAGS = {  # flag -> (recipe key, type)
     "schedule": ("schedule.name", str), "augment": ("augment.preset", str), "aug_engine": ("augment.engine", str),
     "val_size": ("data.val_size", int), "train_subset": ("data.train_subset", int),
     "offline_aug": ("data.offline_aug", str), "strategy": ("train.strategy", str),
-    "precision": ("train.precision", str), "jit": ("train.jit", str),
+    "precision": ("train.precision", str), "jit": ("train.jit", str), "tta": ("train.tta", str),
 }
 
 

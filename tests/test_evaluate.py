@@ -186,6 +186,19 @@ def test_evaluate_run_directory_end_to_end(tmp_path, capsys):
                      "predictions.png": (1300, 650), "learning_curves.png": (1500, 480)}
 
 
+def test_tta_flag_is_recorded_and_a_mirror_invariant_model_scores_the_same(tmp_path, capsys):
+    data_dir = write_data(tmp_path / "data")
+    run = write_run(tmp_path / "runs" / "colour_run")
+    with open(run / "recipe.toml", "a") as f:
+        f.write('[train]\ntta = "flip"\n')
+    evaluate.main([str(run), "--data-dir", str(data_dir)])  # the run's train.tta
+    assert "(TTA flip)" in capsys.readouterr().out
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["tta"] == "flip" and result["all"]["top1"] == pytest.approx(17 / 20)  # mean colour: mirror-blind
+    evaluate.main([str(run), "--data-dir", str(data_dir), "--tta", "none"])
+    assert json.loads((run / "evaluation.json").read_text())["tta"] == "none"
+
+
 def test_validation_split_uses_the_recipe_split_and_a_user_mask(tmp_path):
     data_dir = write_data(tmp_path / "data")
     run = write_run(tmp_path / "run", val_size=20)
