@@ -87,7 +87,8 @@ def file_hashes(folder: Path, artifact: str) -> dict:
 
 def float32_model(model):
     """``model`` computing in float32 (a mixed-precision model is cloned with its weights), its
-    ``Normalization`` layers holding their mean and variance as numpy arrays.
+    ``Normalization`` layers holding their mean and variance as numpy arrays (changed in place:
+    the same values, the same results in Keras).
 
     Why the arrays: Keras' Normalization keeps given statistics as eager tensors; a traced
     function captures them as extra inputs, and tf2onnx 1.17 turns those into ONNX graph
