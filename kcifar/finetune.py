@@ -271,6 +271,9 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     Starting it again after a kill resumes it (finished stages are kept, the stage in
     progress continues at its last finished epoch)."""
     ft = recipe["finetune"]
+    if recipe["train"]["strategy"] == "multiworker":
+        raise KcifarError("kcifar.finetune trains on one machine ('auto', 'default' or 'mirrored'); "
+                          "strategy 'multiworker' is for kcifar.train")
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
