@@ -1,5 +1,5 @@
 """`--strategy multiworker`: two worker processes on localhost ports (CPU, the 62k-parameter
-s3_tutorial, a tiny synthetic CIFAR-10, 3 epochs of 5 steps, fixed seeds).
+s3_tutorial, a tiny synthetic CIFAR-10, 2 epochs of 5 steps, fixed seeds).
 
 One scenario, run once: both workers start; worker 1 is killed (kill -9) once the chief
 has backed up an epoch; the chief must end with one clear line; both are started again
@@ -25,7 +25,7 @@ from kcifar.train import train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses kill -9 and localhost ports")
 
-OVERRIDES = ["model=s3_tutorial", "train.epochs=3", "train.batch_size=16", "data.val_size=20",
+OVERRIDES = ["model=s3_tutorial", "train.epochs=2", "train.batch_size=16", "data.val_size=20",
              "train.precision=float32", "name=mw"]  # 80 training images: 5 global batches of 16 (8 a worker)
 DEADLINE_S = 240  # per round of worker processes
 
@@ -62,9 +62,9 @@ def start_workers(tmp, runs_dir, data_dir, round_name):
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KCIFAR_DATA_DIR": str(data_dir),
-               "TMPDIR": str(tmp / f"tmp{index}"),
+               "TMPDIR": str(tmp / f"{round_name}_tmp{index}"),
                "TF_CONFIG": json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})}
-        (tmp / f"tmp{index}").mkdir(exist_ok=True)
+        (tmp / f"{round_name}_tmp{index}").mkdir()
         args = [*(arg for o in OVERRIDES for arg in ("--set", o)), "--strategy", "multiworker", "--runs-dir", str(runs_dir), "--quiet"]
         workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp / f"{round_name}{index}.npz"), *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -148,9 +148,11 @@ def test_only_the_chief_writes_the_run_directory(scenario):
     runs = scenario["runs"]
     assert sorted(p.name for p in runs.iterdir()) == [".mw.lock", "mw"]
     history = (runs / "mw" / "history.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]  # one writer: one row an epoch
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1"]  # one writer: one row an epoch
     assert json.loads((runs / "mw" / "metrics.json").read_text())["finished"] is True
-    assert not list((scenario["tmp"] / "tmp1").glob("kcifar-worker-*"))  # worker 1's temporary copies are gone
+    killed_copy, = (scenario["tmp"] / "killed_tmp1").glob("kcifar-worker-*/mw")  # worker 1 trained in a copy,
+    assert (killed_copy / "recipe.toml").is_file()  # left behind by kill -9,
+    assert not list((scenario["tmp"] / "resumed_tmp1").glob("kcifar-worker-*"))  # removed when it ended
 
 
 @pytest.mark.parametrize("config, message", [
@@ -161,3 +163,17 @@ def test_only_the_chief_writes_the_run_directory(scenario):
 def test_a_bad_tf_config_is_one_line(config, message):
     with pytest.raises(KcifarError, match=message):
         multiworker.check_tf_config(config)
+
+
+def test_finetune_and_sweep_refuse_multiworker(tmp_path):
+    from kcifar import finetune
+    from kcifar.sweep.runner import run_study
+    from kcifar.sweep.study import load_study
+
+    with pytest.raises(KcifarError, match="'multiworker' is for kcifar.train"):
+        finetune.finetune(finetune.resolve_recipe(None, ["train.strategy=multiworker"]), tmp_path / "runs")
+    study = tmp_path / "s.toml"
+    study.write_text('seeds = [0]\n[base]\ntrain.strategy = "multiworker"\n[grid]\n"train.epochs" = [1]\n')
+    with pytest.raises(KcifarError, match="'multiworker' is for kcifar.train"):
+        run_study(load_study(study), tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
