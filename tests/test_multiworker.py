@@ -177,3 +177,20 @@ def test_finetune_and_sweep_refuse_multiworker(tmp_path):
     with pytest.raises(KcifarError, match="'multiworker' is for kcifar.train"):
         run_study(load_study(study), tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_workers_that_would_resume_at_different_epochs_are_refused():
+    import tensorflow as tf
+
+    class TwoWorkers(tf.distribute.MultiWorkerMirroredStrategy):  # gather's answer only: no cluster
+        def __init__(self, epochs):
+            self.epochs = epochs
+
+        num_replicas_in_sync = 2
+
+        def gather(self, value, axis):
+            return tf.constant(self.epochs)
+
+    multiworker.check_same_on_every_worker(TwoWorkers([2, 2]), 2)
+    with pytest.raises(KcifarError, match=r"resume at different epochs \[2, 0\].*shared by all machines"):
+        multiworker.check_same_on_every_worker(TwoWorkers([2, 0]), 2)
