@@ -293,6 +293,9 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     Starting it again after a kill resumes it (finished stages are kept, the stage in
     progress continues at its last finished epoch)."""
     ft = recipe["finetune"]
+    if recipe["train"]["strategy"] == "multiworker":
+        raise KcifarError("kcifar.finetune trains on one machine ('auto', 'default' or 'mirrored'); "
+                          "strategy 'multiworker' is for kcifar.train")
     AugmentConfig(**recipe["augment"])  # a bad [augment] is refused before the run directory is touched
     fileio.check_writable(runs_dir, "--runs-dir")
     strategy = run.set_up(recipe)

@@ -36,7 +36,7 @@ from kcifar.errors import KcifarError
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
 
-from kcifar import optim  # noqa: E402
+from kcifar import multiworker, optim  # noqa: E402
 
 BACKUP_DIR = "backup"
 
@@ -49,15 +49,10 @@ def _is_gpu_machine():
 
 
 def make_strategy(name: str):
-    """auto: MirroredStrategy over all GPUs when there are several, else the default.
-
-    multiworker is refused with a clear message: Keras 3's ``model.fit`` fails
-    under MultiWorkerMirroredStrategy (measured here with TF 2.21 / Keras 3.15:
-    "Attempt to convert a value (PerReplica ...)"; upstream keras-team/keras#20585).
-    """
+    """auto: MirroredStrategy over all GPUs when there are several, else the default;
+    multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
     if name == "multiworker":
-        raise KcifarError("strategy 'multiworker' does not work with Keras 3's model.fit yet "
-                          "(keras-team/keras#20585); use 'mirrored' for several GPUs of one machine")
+        return multiworker.make_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -614,10 +609,14 @@ def unlock_run(run_dir: Path):
         handle.close()  # closing the last descriptor releases the flock
 
 
-def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Path:
+def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strategy=None) -> Path:
     """Lock, then create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write
-    the recipe and the class names."""
+    the recipe and the class names. Under ``strategy`` with several workers, a worker other
+    than the chief gets a temporary copy instead (kcifar.multiworker), and every worker
+    must resume at the same epoch."""
     run_dir = Path(runs_dir) / recipe["name"]
+    if strategy is not None and not multiworker.is_chief(strategy):
+        run_dir = multiworker.worker_copy(run_dir, overwrite)
     lock_run(run_dir)
     saved = run_dir / "recipe.toml"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -635,6 +634,8 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
     check_models(run_dir)
     fileio.write_text(saved, krecipe.to_toml(recipe))
     write_class_names(run_dir, class_names)
+    if strategy is not None:
+        multiworker.check_same_on_every_worker(strategy, epochs_done)
     return run_dir
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import data as kdata, evaluate, fileio, models, recipe as krecipe, run
+from kcifar import data as kdata, evaluate, fileio, models, multiworker, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -49,6 +49,7 @@ class RunResult:
     model: keras.Model  # with the kept (best validation) weights
     data: kdata.CifarData
     evaluation: dict | None = None  # kcifar.evaluate.evaluate_run's result on the test split
+    chief: bool = True  # False: a worker of several whose run_dir was a temporary copy, now gone
 
 
 def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
@@ -67,7 +68,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         model = build_model(recipe, data, train_split)
         run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
-    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
+    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
     first_epoch = run.resume_epoch(run_dir)
     if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
         raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
@@ -90,7 +91,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     model.load_weights(run_dir / "best.keras")
     evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
     metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split))
-    return RunResult(run_dir, metrics, model, data, evaluation)
+    return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
 
 
 # ------------------------------------------------------------ command line
@@ -145,8 +146,12 @@ def main(argv=None):
     if not args.recipe and not argv_sets_anything(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
-    result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
+    with multiworker.lost_workers_are_errors():
+        result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
     print(evaluate.describe(result.evaluation))
+    if not result.chief:
+        print("done; the chief (worker 0) wrote the run directory")
+        return
     print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(result.evaluation['figures'])})")
 
 
