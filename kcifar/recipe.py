@@ -157,6 +157,12 @@ def resolve(path=None, overrides=()) -> dict:
     return recipe
 
 
+def with_defaults(saved: dict) -> dict:
+    """A recipe as a run directory saved it, with every key added to ``DEFAULTS`` since
+    then at its default: an interrupted run of older code resumes under newer code."""
+    return _merge(copy.deepcopy(DEFAULTS), saved)
+
+
 def _check_consistency(recipe):
     for key in ("epochs", "batch_size"):
         if recipe["train"][key] < 1:

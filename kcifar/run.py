@@ -626,7 +626,7 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strate
             raise KcifarError(f"{run_dir} holds a finished run; pass --overwrite to replace it or --name to start another")
         elif not saved.exists():
             raise KcifarError(f"{run_dir} exists and is not a kcifar run; choose another --name or --runs-dir")
-        elif krecipe.read_toml(saved) != recipe:
+        elif krecipe.with_defaults(krecipe.read_toml(saved)) != recipe:
             raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
                               "rerun with the same recipe to resume, or pass --overwrite or another --name")
     epochs_done = resume_epoch(run_dir)
