@@ -275,7 +275,9 @@ def test_unusual_images_are_read_as_the_rgb_they_show(tmp_path, name, write, rgb
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     np.testing.assert_allclose(image.reshape(-1, 3).mean(axis=0), expected, atol=2)
     if rgb == "red":
-        assert predict.predict_images(colour_model(), image[None], CIFAR10_CLASSES, 1)[0][0][0] == "horse"
+        colour_model().save(tmp_path / "colour.keras")
+        predictor = predict.Predictor(tmp_path / "colour.keras")
+        assert predict.predict_images(predictor, image[None], CIFAR10_CLASSES, 1)[0][0][0] == "horse"
 
 
 # ------------------------------------------------------------ kcifar.report
