@@ -16,6 +16,7 @@ import os
 from augment_offline.ops import DEFAULT_OPS, OPS, Augmenter, parse_ops
 from augment_offline.preview import write_preview
 from augment_offline.shards import build
+from kcifar import fileio
 from kcifar.data import load_cifar
 from kcifar.errors import KcifarError, cli
 
@@ -50,6 +51,9 @@ def main(argv=None):
     ops = parse_ops(args.ops)
     if args.limit < 0:
         raise KcifarError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    fileio.check_writable(args.out, "--out")
+    if args.preview:
+        fileio.check_writable(os.path.dirname(os.path.abspath(args.preview)), "--preview")
     data = load_cifar(args.dataset, args.data_dir, args.label_mode, args.val_size, args.split_seed)
     x, y = data.train.x, data.train.y
     if args.limit:

@@ -12,14 +12,22 @@ class KcifarError(Exception):
 
 
 def cli(main):
-    """Wrap a command-line ``main`` so a KcifarError prints one line and exits 2."""
+    """Wrap a command-line ``main`` so a KcifarError, or a full disk anywhere (Keras' own
+    writers included), prints one line and exits 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from kcifar import fileio
+
         try:
             return main(*args, **kwargs)
         except KcifarError as error:
             print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as error:
+            if not fileio.is_full_disk(error):
+                raise
+            print(f"error: {fileio.write_error(error.filename or 'a file', error)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

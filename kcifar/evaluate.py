@@ -3,6 +3,7 @@
     python -m kcifar.evaluate runs/NAME                 # rebuilds the run's splits from recipe.toml
     python -m kcifar.evaluate model.keras --dataset cifar10 [--out DIR]
     python -m kcifar.evaluate runs/NAME --split val --subset-mask FILE.npy
+    python -m kcifar.evaluate runs/NAME --tta flip_translate   # test-time augmentation
 
 Writes ``evaluation.json`` (``evaluation_val.json`` for ``--split val``) and
 PNGs into the run directory. All metrics are computed with numpy from the
@@ -22,10 +23,9 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from kcifar import run
+from kcifar import fileio, run
 from kcifar.data import Split, load_cifar, superclass_groups
 from kcifar.errors import KcifarError, cli
-from kcifar.fileio import write_json
 
 TOP_K = 5
 MOST_CONFUSED = 10
@@ -91,11 +91,41 @@ def metrics_from_logits(logits, y, class_names, mask=None, all_label=None, mask_
     }
 
 
-def predict_logits(model, x, batch_size=500):
-    """The model's logits for uint8 images (N, 32, 32, 3), as float32 (N, C)."""
+TTA = ("none", "flip", "flip_translate")
+
+
+def tta_views(x, tta="none"):
+    """[(weight, images)] whose weighted logits ``predict_logits`` sums (the weights sum to 1).
+
+    ``flip``: the images and their mirror, 1/2 each. ``flip_translate`` (airbench94's TTA): those
+    two at 1/4 each, plus both, shifted one pixel down-right and one pixel up-left (padded by
+    reflection, edge not repeated), at 1/8 each.
+    """
+    if tta not in TTA:
+        raise KcifarError(f"unknown tta {tta!r}; choose one of {', '.join(TTA)}")
+    if tta == "none":
+        return [(1.0, x)]
+
+    def with_mirror(images, weight):
+        return [(weight / 2, images), (weight / 2, images[:, :, ::-1])]
+
+    if tta == "flip":
+        return with_mirror(x, 1.0)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    height, width = x.shape[1:3]
+    shifted = [padded[:, :height, :width], padded[:, 2:, 2:]]
+    return with_mirror(x, 0.5) + [view for images in shifted for view in with_mirror(images, 0.25)]
+
+
+def predict_logits(model, x, batch_size=500, tta="none"):
+    """The model's logits for uint8 images (N, 32, 32, 3), as float32 (N, C), averaged over the
+    ``tta_views`` of the images (``tta``: none, flip or flip_translate): any model."""
     if len(x) == 0:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    logits = sum(weight * np.asarray(model.predict(np.ascontiguousarray(images), batch_size=batch_size, verbose=0),
+                                     dtype=np.float64)
+                 for weight, images in tta_views(np.asarray(x), tta))
+    return logits.astype(np.float32)
 
 
 def evaluate_model(model, split: Split, class_names, mask=None, all_label=None, mask_label=None) -> dict:
@@ -126,11 +156,17 @@ def resolve_target(target):
     if target.is_dir():
         if not (target / "best.keras").is_file():
             raise KcifarError(f"{target} has no best.keras; pass a finished run directory or a .keras file")
-        run.read_recipe(target)
-        return target, target / "best.keras"
-    if not target.exists():
+        run_dir, model = target, target / "best.keras"
+    elif not target.exists():
         raise KcifarError(f"{target} does not exist; pass a run directory (runs/NAME) or a .keras model file")
-    return (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+    else:
+        run_dir, model = (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+    if run_dir is not None:
+        run.read_recipe(run_dir)
+        if not run.is_finished(run_dir):  # its best.keras may still change, and its files are training's
+            raise KcifarError(f"{run_dir} is an unfinished run; run the command that started it again to finish "
+                              "it, then evaluate")
+    return run_dir, model
 
 
 # ---------------------------------------------------------------- writing results
@@ -169,8 +205,9 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     return [p.name for p in paths]
 
 
-def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subset_label=None) -> dict:
-    """Evaluate ``model`` on one split of ``data`` and write evaluation JSON and figures into ``run_dir``.
+def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subset_label=None, tta="none") -> dict:
+    """Evaluate ``model`` on one split of ``data`` (logits averaged over the ``tta`` views) and
+    write evaluation JSON (which records ``tta``) and figures into ``run_dir``.
 
     On the test split the data's pixel-exact mask, if any, is the subset
     unless ``subset_mask`` is given. ``history.csv`` and ``recipe.toml`` in
@@ -187,14 +224,14 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
         subset_mask, subset_label = data.test_exact_mask, f"pixel-exact {int(data.test_exact_mask.sum()):,}"
     recipe = run.read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
     monitor = run.monitor_of(recipe)
-    logits = predict_logits(model, split.x)
+    logits = predict_logits(model, split.x, tta=tta)
     result = {"run": recipe.get("name") or run_dir.name, "dataset": data.name, "label_mode": data.label_mode,
-              "data_source": data.source, "split": split_name}
+              "data_source": data.source, "split": split_name, "tta": tta}
     result.update(metrics_from_logits(logits, split.y, data.class_names, mask=subset_mask,
                                       all_label=f"all {len(split.y):,}", mask_label=subset_label))
     result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name=split_name,
                                       history=run.read_history(run_dir), monitor=monitor, title=result["run"])
-    write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
+    fileio.write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
     return result
 
 
@@ -204,7 +241,8 @@ def describe(result) -> str:
     for entry in (result["all"], result["subset"]):
         if entry and entry["n"]:
             lines.append(f"{result['split']} {entry['label']:>18}: top-1 {100 * entry['top1']:6.2f} %  "
-                         f"top-5 {100 * entry['top5']:6.2f} %  loss {entry['loss']:.4f}")
+                         f"top-5 {100 * entry['top5']:6.2f} %  loss {entry['loss']:.4f}"
+                         + (f"  (TTA {result['tta']})" if result.get("tta", "none") != "none" else ""))
     return "\n".join(lines)
 
 
@@ -219,6 +257,9 @@ def main(argv=None):
     parser.add_argument("--subset-mask", help=".npy bool mask over the split; also reports accuracy on it")
     parser.add_argument("--data-dir", help="folder holding the data (default: $KCIFAR_DATA_DIR, then the Keras cache)")
     parser.add_argument("--out", help="output folder for a bare model (default: MODEL_evaluation/ beside it)")
+    parser.add_argument("--tta", choices=TTA, help="test-time augmentation: average the logits over mirrored "
+                        "(flip) and also 1-pixel shifted (flip_translate) copies; default: the run's train.tta, "
+                        "else none")
     bare = parser.add_argument_group("for a .keras file outside a run directory (a run's recipe.toml decides otherwise)")
     bare.add_argument("--dataset", choices=["cifar10", "cifar100"])
     bare.add_argument("--label-mode", choices=["fine", "coarse"])
@@ -235,17 +276,21 @@ def main(argv=None):
             raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
                               "fixes the data and the run directory is the output")
         settings, out_dir = run.data_settings(run.read_recipe(run_dir)), run_dir
+        tta = args.tta or run.read_recipe(run_dir).get("train", {}).get("tta", "none")
     else:
         settings = run.data_settings({})
         settings.update({key: value for key, value in given.values() if key})
         out_dir = Path(args.out) if args.out else model_path.parent / f"{model_path.stem}_evaluation"
+        fileio.check_writable(out_dir, "--out")
+        tta = args.tta or "none"
     data = load_cifar(data_dir=args.data_dir, **settings)
     mask = None
     if args.subset_mask:
         mask = load_mask(args.subset_mask, len(getattr(data, args.split).y))
     model = run.load_model(model_path)
     result = evaluate_run(out_dir, model, data, args.split, mask,
-                          f"subset {Path(args.subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None)
+                          f"subset {Path(args.subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None,
+                          tta=tta)
     print(describe(result))
     print(f"wrote {out_dir / ('evaluation' + split_suffix(args.split) + '.json')} and "
           f"{', '.join(result['figures'])}")

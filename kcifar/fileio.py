@@ -2,6 +2,7 @@
 and the Keras home where caches go."""
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -15,10 +16,11 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     Use for writers that want a file name (``model.save``, ``savefig``, ``np.savez``).
-    The temporary name keeps the target's suffix so such writers pick the right format.
+    The temporary name keeps the target's suffixes so such writers pick the right format.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
+    suffixes = "".join(path.suffixes)  # all of them: Keras wants ``.weights.h5``
+    tmp = path.with_name(f".{path.name[:len(path.name) - len(suffixes)]}.{secrets.token_hex(4)}{suffixes}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
@@ -27,9 +29,37 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # a full disk, or ``path`` is a folder: the old file stays as it was
+        raise KcifarError(write_error(path, error)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_full_disk(error: OSError) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full; h5py's messages carry only the text."""
+    return error.errno in FULL_DISK or "No space left on device" in str(error)
+
+
+def write_error(path, error: OSError) -> str:
+    """The one line for a write that failed: what happened and what to do."""
+    if is_full_disk(error):
+        return (f"cannot write {path}: no space left on device; free some space and run the same command "
+                "again (a stopped run resumes at its last finished epoch)")
+    return f"cannot write {path}: {error.strerror or error}; choose a writable place"
+
+
+def check_writable(folder, flag="the output folder"):
+    """Refuse, before any work, a folder that cannot be created or written (``flag`` names the option).
+    Creates nothing: the nearest existing parent must be a writable folder."""
+    path = Path(folder).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another {flag}")
 
 
 def write_bytes(path, data: bytes):

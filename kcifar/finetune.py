@@ -59,15 +59,35 @@ def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
 
 
 def cached_features(model, x, path, flip=False, log=None):
-    """``extract(model, x, flip)``, stored at ``path`` (.npy) and read back on the next call."""
+    """``extract(model, x, flip)``, stored at ``path`` (.npy, its sha256 beside it in
+    ``.sha256``) and read back on the next call; a damaged file is computed again."""
     path = Path(path)
     if path.exists():
-        values = np.load(path, mmap_mode="r")
-        if len(values) == len(x):
+        values = read_cached(path)
+        if values is not None and len(values) == len(x):
             return values
     values = extract(model, x, flip=flip, log=log)
     with atomic_path(path) as tmp:
         np.save(tmp, values)
+    fileio.write_text(path.with_name(path.name + ".sha256"), run.file_sha256(path) + "\n")
+    return values
+
+
+def read_cached(path: Path):
+    """The array cached at ``path``, or None (saying so on stderr) when the file is not whole
+    or not the one its ``.sha256`` names. A file without a digest (killed between the two
+    atomic writes, or cached by an older kcifar) is taken, and its digest written."""
+    digest_file = path.with_name(path.name + ".sha256")
+    try:
+        values = np.load(path, mmap_mode="r")
+        digest = run.file_sha256(path)
+        if digest_file.exists() and digest_file.read_text().strip() != digest:
+            raise ValueError("not the file its .sha256 names")
+    except (ValueError, OSError, EOFError) as error:
+        print(f"feature cache {path} is damaged ({error}); computing it again", file=sys.stderr)
+        return None
+    if not digest_file.exists():
+        fileio.write_text(digest_file, digest + "\n")
     return values
 
 
@@ -96,8 +116,10 @@ def resolve_recipe(path=None, overrides=()) -> dict:
         table = layer.pop("finetune", {})
         krecipe.check(table, FINETUNE_DEFAULTS, "finetune.")
         finetune.update(table)
-    if finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0:
-        raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1 and unfreeze_blocks >= 0")
+    if (finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0
+            or finetune["stage1_lr"] <= 0 or finetune["stage2_lr"] <= 0):
+        raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1, unfreeze_blocks >= 0 "
+                          "and positive stage1_lr and stage2_lr")
     recipe = krecipe.resolve(None, layers)
     if not any("name" in layer for layer in layers):
         recipe["name"] = Path(path).stem if path else f"finetune_{Path(finetune['backbone']).name}"
@@ -271,14 +293,19 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     Starting it again after a kill resumes it (finished stages are kept, the stage in
     progress continues at its last finished epoch)."""
     ft = recipe["finetune"]
+    if recipe["train"]["strategy"] == "multiworker":
+        raise KcifarError("kcifar.finetune trains on one machine ('auto', 'default' or 'mirrored'); "
+                          "strategy 'multiworker' is for kcifar.train")
+    AugmentConfig(**recipe["augment"])  # a bad [augment] is refused before the run directory is touched
+    fileio.check_writable(runs_dir, "--runs-dir")
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
-    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
-    if run.resume_epoch(run_dir):
-        print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
-    started = run.start_clock(run.read_history(run_dir))
     with strategy.scope():
-        backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])
+        backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])  # may refuse
+        run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
+        if run.resume_epoch(run_dir):
+            print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
+        started = run.start_clock(run.read_history(run_dir))
         train_fn = train_on_features if ft["cache_features"] else train_on_images
         head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")

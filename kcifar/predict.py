@@ -2,6 +2,7 @@
 
     python -m kcifar.predict runs/NAME/best.keras photo.jpg folder/ [--top-k 5] [--json]
     python -m kcifar.predict model.keras photo.jpg --classes cifar10|cifar100|names.txt
+    python -m kcifar.predict EXPORT_DIR photo.jpg     # a kcifar.export folder: SavedModel, ONNX or LiteRT
 
 Images are read with OpenCV, converted from its BGR order to RGB (the order
 of the CIFAR arrays the models were trained on) and resized to 32x32 with
@@ -13,7 +14,8 @@ object away); alpha is dropped and grey images are repeated to three
 channels. The model's outputs are logits; probabilities are their softmax.
 
 Class names come from ``--classes``, else from the ``classes.txt`` that
-training wrote into the run directory beside the model. A file that cannot be read costs one line
+training wrote into the run directory beside the model (an export: from its
+manifest, which also names its format and so the runtime that runs it). A file that cannot be read costs one line
 on stderr; the others are still predicted and the exit code is 1 at the end.
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from scipy.special import softmax
 
+from kcifar import deploy
 from kcifar.data import class_names_for
 from kcifar.errors import KcifarError, cli
 from kcifar.run import CLASSES_FILE, load_model, read_class_names
@@ -79,13 +82,26 @@ def class_names_for_model(model_path, classes=None) -> list:
     return read_class_names(saved)
 
 
+class Predictor:
+    """A model to predict with: a .keras file (Keras) or a kcifar export (its format's runtime)."""
+
+    def __init__(self, path):
+        self.exported = deploy.load(path) if Path(path).suffix != ".keras" and deploy.manifest_path(path) else None
+        self.keras = None if self.exported else load_model(path)
+        self.num_classes = self.exported.num_classes if self.exported else self.keras.output_shape[-1]
+
+    def logits(self, images) -> np.ndarray:
+        if self.exported:
+            return self.exported.logits(images)
+        return self.keras.predict(np.asarray(images), batch_size=256, verbose=0)
+
+
 def predict_images(model, images, class_names, top_k=5) -> list:
-    """[[(class name, probability), ...top_k]] for uint8 RGB images (N, 32, 32, 3)."""
-    outputs = model.output_shape[-1]
-    if outputs != len(class_names):
-        raise KcifarError(f"the model has {outputs} outputs but {len(class_names)} class names were given; "
-                          "pass the --classes the model was trained on")
-    logits = model.predict(np.asarray(images), batch_size=256, verbose=0)
+    """[[(class name, probability), ...top_k]] for uint8 RGB images (N, 32, 32, 3); ``model`` a Predictor."""
+    if model.num_classes != len(class_names):
+        raise KcifarError(f"the model has {model.num_classes} outputs but {len(class_names)} class names were "
+                          "given; pass the --classes the model was trained on")
+    logits = model.logits(images)
     probabilities = softmax(logits.astype(np.float64), axis=1)
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     return [[(class_names[j], float(p[j])) for j in row] for p, row in zip(probabilities, best)]
@@ -115,7 +131,8 @@ def format_results(results) -> str:
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcifar.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help=".keras model file (inside a run directory, its classes.txt names the classes)")
+    parser.add_argument("model", help=".keras model file (inside a run directory, its classes.txt names the classes) "
+                                      "or a kcifar.export folder")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
@@ -123,8 +140,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise KcifarError(f"--top-k {args.top_k} is not a positive number of classes")
-    class_names = class_names_for_model(args.model, args.classes)
-    model = load_model(args.model)
+    model = Predictor(args.model)
+    if model.exported and not args.classes:
+        class_names = model.exported.manifest["class_names"]
+    else:
+        class_names = class_names_for_model(args.model, args.classes)
     results, errors = predict_files(model, args.images, class_names, min(args.top_k, len(class_names)))
     print(json.dumps({"predictions": results, "errors": errors}, indent=2) if args.json else format_results(results))
     for error in errors:

@@ -11,6 +11,7 @@ The defaults are the S3 improvement (the tutorial network with Adam + amsgrad,
 
 import copy
 import json
+import math
 from pathlib import Path
 
 try:
@@ -29,16 +30,25 @@ DEFAULTS = {
     "data": {"val_size": 5000, "label_mode": "fine", "normalization": "minus1_1",
              "train_subset": 0, "offline_aug": ""},
     "train": {"epochs": 10, "batch_size": 32, "strategy": "auto", "precision": "auto",
-              "jit": "auto", "deterministic": False, "tensorboard": False},
+              "jit": "auto", "deterministic": False, "tensorboard": False,
+              "tta": "none"},  # test-time augmentation of the one test measurement (kcifar.evaluate)
     "optimizer": {"name": "adam", "learning_rate": 0.001, "momentum": 0.9, "nesterov": False,
                   "amsgrad": True, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
-                  "weight_decay": 0.0, "weight_decay_mode": "l2"},
+                  "weight_decay": 0.0, "weight_decay_mode": "l2",
+                  "bn_bias_lr_scale": 1.0,  # BN biases learn this many times faster (sgd; a gradient scale)
+                  # Keras' weight EMA (0 = off): every ema_overwrite_frequency steps the weights become
+                  # their average (must divide the steps per epoch); ema_ramp_power > 0 ramps the momentum up
+                  "ema_momentum": 0.0, "ema_overwrite_frequency": 0, "ema_ramp_power": 0.0},
     "schedule": {"name": "constant", "step_size": 30, "gamma": 0.1, "milestones": [],
                  "t_max": 0, "eta_min": 0.0, "warmup_epochs": 0, "factor": 0.1,
                  "patience": 5, "min_lr": 0.0, "pct_start": 0.3, "div_factor": 25.0,
                  "final_div_factor": 10000.0},
     "loss": {"label_smoothing": 0.0},
-    "augment": {"preset": "none", "engine": "tf", "cutout": 0, "mixup": 0.0, "cutmix": 0.0},
+    "augment": {"preset": "none", "engine": "tf", "cutout": 0, "mixup": 0.0, "cutmix": 0.0,
+                "alternate_flip": False},
+    # models with a PatchWhitening layer (airbench94): its kernel is set from the 2x2 patches of the
+    # first `images` training images; its bias trains for `bias_epochs` epochs, then is frozen (0 = never)
+    "whitening": {"images": 5000, "epsilon": 5e-4, "bias_epochs": 0},
     "early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": 10},
     # the figure the documents report, if any, and its data set ("" = the recipe's own)
     "documented": {"accuracy": 0.0, "source": "", "dataset": ""},
@@ -51,10 +61,11 @@ CHOICES = {
     "train.strategy": ["auto", "default", "mirrored", "multiworker"],
     "train.precision": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
     "train.jit": ["auto", "on", "off"],
+    "train.tta": ["none", "flip", "flip_translate"],
     "optimizer.name": ["sgd", "adam", "adamw", "rmsprop"],
     "optimizer.weight_decay_mode": ["l2", "decoupled"],
     "schedule.name": ["constant", "step", "multistep", "exponential", "cosine", "plateau",
-                      "warmup_cosine", "onecycle"],
+                      "warmup_cosine", "onecycle", "triangular"],
     "augment.engine": ["tf", "idg"],
     "early_stopping.monitor": ["val_accuracy", "val_loss"],
     "documented.dataset": ["", "cifar10", "cifar100"],
@@ -77,6 +88,8 @@ def check(recipe, defaults=DEFAULTS, prefix=""):
             continue
         if not _same_type(value, expected):
             raise KcifarError(f"recipe key '{path}' must be {type(expected).__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KcifarError(f"recipe key '{path}' must be a finite number, got {value!r}")
         if path in CHOICES and value not in CHOICES[path]:
             raise KcifarError(f"recipe key '{path}' = {value!r}; choose one of: {', '.join(CHOICES[path])}")
 
@@ -144,6 +157,12 @@ def resolve(path=None, overrides=()) -> dict:
     return recipe
 
 
+def with_defaults(saved: dict) -> dict:
+    """A recipe as a run directory saved it, with every key added to ``DEFAULTS`` since
+    then at its default: an interrupted run of older code resumes under newer code."""
+    return _merge(copy.deepcopy(DEFAULTS), saved)
+
+
 def _check_consistency(recipe):
     for key in ("epochs", "batch_size"):
         if recipe["train"][key] < 1:
@@ -153,8 +172,27 @@ def _check_consistency(recipe):
     if recipe["early_stopping"]["enabled"] and recipe["data"]["val_size"] == 0:
         raise KcifarError("early stopping needs a validation split: set data.val_size > 0 "
                           "or early_stopping.enabled=false")
+    _check_extras(recipe)
     if "/" in recipe["name"] or recipe["name"] in (".", ".."):
         raise KcifarError(f"run name '{recipe['name']}' must be a plain folder name")
+
+
+def _check_extras(recipe):
+    opt, whitening = recipe["optimizer"], recipe["whitening"]
+    if not 0 <= opt["ema_momentum"] < 1:
+        raise KcifarError(f"optimizer.ema_momentum must be in [0, 1) (0 = no EMA), got {opt['ema_momentum']}")
+    if opt["ema_momentum"] and opt["ema_overwrite_frequency"] < 1:
+        raise KcifarError("optimizer.ema_momentum needs optimizer.ema_overwrite_frequency >= 1 (steps between "
+                          "setting the weights to their average), so that each epoch ends on averaged weights")
+    if opt["ema_ramp_power"] < 0 or opt["ema_overwrite_frequency"] < 0:
+        raise KcifarError("optimizer.ema_ramp_power and optimizer.ema_overwrite_frequency must be >= 0")
+    if opt["bn_bias_lr_scale"] <= 0:
+        raise KcifarError(f"optimizer.bn_bias_lr_scale must be positive, got {opt['bn_bias_lr_scale']}")
+    if opt["bn_bias_lr_scale"] != 1 and opt["name"] != "sgd":
+        raise KcifarError(f"optimizer.bn_bias_lr_scale scales gradients, which {opt['name']} normalises away; "
+                          "use optimizer.name='sgd' or leave the scale at 1")
+    if whitening["images"] < 0 or whitening["bias_epochs"] < 0 or whitening["epsilon"] <= 0:
+        raise KcifarError("whitening.images and whitening.bias_epochs must be >= 0 and whitening.epsilon > 0")
 
 
 # ------------------------------------------------------------ writing TOML

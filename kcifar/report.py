@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from kcifar.errors import KcifarError, cli
+from kcifar import fileio
 from kcifar.fileio import write_text
 from kcifar.run import code_version, read_recipe
 
@@ -157,6 +158,7 @@ def write_report(run_dirs, out="experiments/results/table", command=None):
     """Write ``<out>.md`` and ``<out>.csv`` for the runs, in the order given; returns both paths."""
     if not run_dirs:
         raise KcifarError("no runs given; pass run directories such as runs/NAME")
+    fileio.check_writable(Path(out).parent, "--out")
     rows = [read_run(d) for d in run_dirs]
     command = command or "python -m kcifar.report " + " ".join(shlex.quote(shown_path(d)) for d in run_dirs)
     out = Path(out)

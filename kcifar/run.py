@@ -36,7 +36,7 @@ from kcifar.errors import KcifarError
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
 
-from kcifar import optim  # noqa: E402
+from kcifar import multiworker, optim  # noqa: E402
 
 BACKUP_DIR = "backup"
 
@@ -49,15 +49,10 @@ def _is_gpu_machine():
 
 
 def make_strategy(name: str):
-    """auto: MirroredStrategy over all GPUs when there are several, else the default.
-
-    multiworker is refused with a clear message: Keras 3's ``model.fit`` fails
-    under MultiWorkerMirroredStrategy (measured here with TF 2.21 / Keras 3.15:
-    "Attempt to convert a value (PerReplica ...)"; upstream keras-team/keras#20585).
-    """
+    """auto: MirroredStrategy over all GPUs when there are several, else the default;
+    multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
     if name == "multiworker":
-        raise KcifarError("strategy 'multiworker' does not work with Keras 3's model.fit yet "
-                          "(keras-team/keras#20585); use 'mirrored' for several GPUs of one machine")
+        return multiworker.make_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
@@ -121,7 +116,9 @@ def set_up(recipe: dict):
 
 
 def load_data(recipe: dict, data_dir=None):
-    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split."""
+    """The recipe's splits; ``train_subset`` keeps a stratified part of the training split.
+    Checks what only the data can refuse (a batch larger than the split), before any run
+    directory is touched."""
     spec = recipe["data"]
     data = kdata.load_cifar(recipe["dataset"], data_dir=data_dir, label_mode=spec["label_mode"],
                             val_size=spec["val_size"], seed=recipe["seed"])
@@ -130,6 +127,10 @@ def load_data(recipe: dict, data_dir=None):
         train = kdata.stratified_subset(train, spec["train_subset"], recipe["seed"])
     if spec["offline_aug"]:
         train = add_offline_augmented(data, train, spec["offline_aug"])
+    batch_size = recipe["train"]["batch_size"]
+    if batch_size > len(train):
+        raise KcifarError(f"train.batch_size {batch_size} is larger than the training split ({len(train)} images); "
+                          "choose a smaller batch size or a larger data.train_subset")
     return data, train
 
 
@@ -163,10 +164,15 @@ def steps_per_execution(steps_per_epoch: int) -> int:
 
 def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
     """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss."""
-    epochs = recipe["train"]["epochs"]
-    lr = optim.make_schedule(recipe["schedule"], recipe["optimizer"]["learning_rate"], epochs, steps_per_epoch)
+    epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
+    if spec["ema_momentum"] and steps_per_epoch % spec["ema_overwrite_frequency"]:
+        raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
+                          f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
+                          "averaged weights (those are validated, saved and resumed)")
+    scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
+    lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
-        optimizer=optim.make_optimizer(recipe["optimizer"], lr),
+        optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe["loss"]["label_smoothing"]),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
         jit_compile=jit,
@@ -174,7 +180,54 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
     )
 
 
+def scale_bn_bias_learning_rate(model, scale: float):
+    """Give the biases of every batch norm of ``model`` ``scale`` times the learning rate (SGD), by
+    ``FusedBatchNorm.bias_lr_scale``; set before the first trace of the training step."""
+    if scale == 1:
+        return
+    from kcifar.models.parts import FusedBatchNorm
+
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not all(isinstance(layer, FusedBatchNorm) for layer in layers):
+        raise KcifarError(f"optimizer.bn_bias_lr_scale needs kcifar's FusedBatchNorm layers; {model.name} has "
+                          "Keras' own BatchNormalization: leave the scale at 1")
+    for layer in layers:
+        layer.bias_lr_scale = float(scale)
+
+
+def init_from_data(model, recipe: dict, train: kdata.Split) -> int:
+    """The recipe's data-dependent initialisation, before ``fit``: the ``PatchWhitening`` kernels
+    from the 2x2 patches of the first ``whitening.images`` training images. Returns the layers set."""
+    from kcifar.models import airbench
+
+    spec = recipe["whitening"]
+    return airbench.init_whitening(model, train.x[:spec["images"]], spec["epsilon"])
+
+
 # ------------------------------------------------------------ callbacks
+
+
+class FreezeWhiteningBias(keras.callbacks.Callback):
+    """From epoch ``epochs`` on (counted from 0) every ``PatchWhitening`` layer is frozen, its
+    bias no longer trained: no gradient, momentum or decay, as PyTorch's ``requires_grad=False``.
+
+    Keras reads ``trainable`` when it traces the training step, so the step is traced once
+    more (``make_train_function(force=True)``); no recompile, the optimizer keeps its state.
+    Checked at every epoch start, so a run resumed after that epoch starts frozen.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from kcifar.models import airbench
+
+        layers = [layer for layer in airbench.whitening_layers(self.model) if layer.trainable]
+        if self.epochs and epoch >= self.epochs and layers:
+            for layer in layers:
+                layer.trainable = False
+            self.model.make_train_function(force=True)
 
 
 class EpochStats(keras.callbacks.Callback):
@@ -211,6 +264,89 @@ class BestModelSaver(keras.callbacks.ModelCheckpoint):
         if self._should_save_model(epoch, batch, logs, self.filepath):
             with fileio.atomic_path(self.filepath) as tmp:
                 self.model.save(tmp)
+
+
+class RunBackup(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore (weights, optimizer state and epoch, two copies) whose every
+    file is replaced atomically, each metadata file naming the sha256 of its weights file:
+    a kill at any moment leaves at least one whole, matching pair, and a damaged or
+    mismatched copy is detected (``backup_pair``) and the other one used."""
+
+    def __init__(self, backup_dir):
+        super().__init__(str(backup_dir), double_checkpoint=True)
+
+    def on_train_begin(self, logs=None):
+        pair = backup_pair(Path(self.backup_dir))
+        if pair is None:
+            return
+        weights, state = pair
+        if weights.name.endswith(".bkp"):  # the whole copy is the previous one: it becomes the latest again
+            _link(weights, self._weights_path)
+            fileio.write_json(Path(self._training_metadata_path), state)
+            weights = Path(self._weights_path)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        try:
+            self.model.load_weights(weights)
+        except Exception as error:  # whole, but not this model's (h5py and Keras raise many types)
+            raise KcifarError(f"{weights} does not fit this run's model ({type(error).__name__}); pass --overwrite "
+                              "to train this run again from the start") from None
+        self.model._initial_epoch = state["epoch"]
+
+    def _save_model(self):
+        weights, meta = Path(self._weights_path), Path(self._training_metadata_path)
+        for current, previous in ((weights, self._prev_weights_path), (meta, self._prev_training_metadata_path)):
+            if current.exists():  # the current copy becomes the previous one
+                _link(current, previous)
+        with fileio.atomic_path(weights) as tmp:
+            self.model.save_weights(tmp)
+        fileio.write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                                 "weights_sha256": file_sha256(weights)})
+
+
+def _link(source, target):
+    """``target`` becomes a hard link to ``source`` (no copying), atomically."""
+    with fileio.atomic_path(target) as tmp:
+        tmp.unlink()
+        os.link(source, tmp)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_pair(backup_dir: Path):
+    """(weights file, metadata) of the newest whole backup copy in ``backup_dir`` (the latest,
+    else the previous one), or None when there is no backup. Copies that exist but none of
+    which is whole are a one-line error."""
+    problems = []
+    for weights, meta in ((backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"),
+                          (backup_dir / "latest.weights.h5.bkp", backup_dir / "training_metadata.json.bkp")):
+        if not (weights.exists() or meta.exists()):
+            continue
+        try:
+            state = json.loads(meta.read_text(encoding="utf-8"))
+            int(state["epoch"])
+        except FileNotFoundError:
+            problems.append(f"{meta.name} is missing")
+            continue
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            problems.append(f"{meta.name} is damaged (not valid JSON)")
+            continue
+        if not weights.exists():
+            problems.append(f"{weights.name} is missing")
+        elif "weights_sha256" in state and file_sha256(weights) != state["weights_sha256"]:
+            problems.append(f"{weights.name} is damaged (not the file {meta.name} names)")
+        else:  # a backup written by Keras' own callback names no digest: taken as it is
+            return weights, state
+    if problems:
+        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); pass --overwrite to train "
+                          "this run again from the start")
+    return None
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -264,7 +400,7 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
         keras.callbacks.TerminateOnNaN(),
         BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
+        RunBackup(run_dir / BACKUP_DIR),
     ]
     if stop["enabled"]:
         callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
@@ -272,6 +408,8 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
     plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
     if plateau:
         callbacks.append(plateau)
+    if recipe["whitening"]["bias_epochs"]:
+        callbacks.insert(0, FreezeWhiteningBias(recipe["whitening"]["bias_epochs"]))
     if recipe["train"]["tensorboard"]:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     return callbacks
@@ -308,7 +446,8 @@ def monitor_of(recipe: dict) -> str:
 def read_history(run_dir) -> dict:
     """``run_dir/history.csv`` (Keras CSVLogger) as {column: float array}, one row per epoch.
 
-    A resumed run can log an epoch twice; the later row wins. No file: {}.
+    A resumed run can log an epoch twice; the later row wins. Empty and "NA" cells (Keras writes
+    NA in the val_ columns of a run without validation) are NaN. No file: {}.
     """
     path = Path(run_dir) / "history.csv"
     try:
@@ -319,11 +458,10 @@ def read_history(run_dir) -> dict:
     by_epoch = {}
     for row in rows:
         try:
-            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", None) else np.nan
+            by_epoch[int(float(row["epoch"]))] = {k: float(v) if v not in ("", "NA", None) else np.nan
                                                   for k, v in row.items() if k}
         except (KeyError, ValueError):
-            raise KcifarError(f"{path} is not a Keras CSVLogger history (bad row {row}); "
-                              "remove it or restore it from the run") from None
+            raise KcifarError(damaged(path, f"not a Keras CSVLogger history: bad row {row}")) from None
     if not by_epoch:
         return {}
     columns = list(next(iter(by_epoch.values())))
@@ -376,9 +514,9 @@ def read_state(path: Path):
 def resume_epoch(run_dir: Path) -> int:
     """The epoch an interrupted run continues at: its backup's, else the end of its
     last finished stage (0 for a new run)."""
-    meta = run_dir / BACKUP_DIR / "training_metadata.json"
-    if meta.exists():
-        return int(read_state(meta)["epoch"])
+    pair = backup_pair(run_dir / BACKUP_DIR)
+    if pair is not None:
+        return int(pair[1]["epoch"])
     return sum(stage["epochs"] for stage in finished_stages(run_dir).values())
 
 
@@ -402,12 +540,42 @@ def start_clock(history: dict) -> float:
 
 
 def _trim_history(run_dir: Path, epochs_done: int):
-    """Drop history rows of epochs the backup does not hold (killed between the two writes)."""
+    """Drop history rows of epochs the backup does not hold (killed between the two writes);
+    refuse a history that lacks whole rows of the epochs done."""
     path = run_dir / "history.csv"
     if path.exists() and not epochs_done:
         path.unlink()
-    elif path.exists():
-        fileio.write_text(path, "".join(path.read_text().splitlines(keepends=True)[: 1 + epochs_done]))
+    elif path.exists() or epochs_done:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[: 1 + epochs_done]
+        except (OSError, UnicodeDecodeError) as error:
+            raise KcifarError(damaged(path, error.strerror if isinstance(error, OSError) else "not text")) from None
+        rows = list(csv.reader(lines))
+        whole = len(lines) == 1 + epochs_done and all(line.endswith("\n") and len(row) == len(rows[0])
+                                                         for line, row in zip(lines, rows))
+        if not whole:
+            raise KcifarError(damaged(path, f"it lacks whole rows of the {epochs_done} epochs done"))
+        fileio.write_text(path, "".join(lines))
+
+
+def damaged(path, why: str) -> str:
+    """The one line for a damaged file of a run directory."""
+    return f"{path} is damaged ({why}); pass --overwrite to train this run again from the start"
+
+
+def check_models(run_dir: Path):
+    """Refuse a resumed run whose kept models (best.keras, stage<N>.keras) are not whole
+    (every member of the zip present, CRCs right): they would be used at the end."""
+    import zipfile
+
+    for path in sorted(run_dir.glob("*.keras")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            bad = str(error) or type(error).__name__
+        if bad:
+            raise KcifarError(damaged(path, f"not a whole Keras file: {bad}"))
 
 
 _HELD_LOCKS = {}  # lock file -> its open handle: the runs this process trains
@@ -441,10 +609,14 @@ def unlock_run(run_dir: Path):
         handle.close()  # closing the last descriptor releases the flock
 
 
-def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Path:
+def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strategy=None) -> Path:
     """Lock, then create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write
-    the recipe and the class names."""
+    the recipe and the class names. Under ``strategy`` with several workers, a worker other
+    than the chief gets a temporary copy instead (kcifar.multiworker), and every worker
+    must resume at the same epoch."""
     run_dir = Path(runs_dir) / recipe["name"]
+    if strategy is not None and not multiworker.is_chief(strategy):
+        run_dir = multiworker.worker_copy(run_dir, overwrite)
     lock_run(run_dir)
     saved = run_dir / "recipe.toml"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -454,12 +626,16 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=()) -> Pat
             raise KcifarError(f"{run_dir} holds a finished run; pass --overwrite to replace it or --name to start another")
         elif not saved.exists():
             raise KcifarError(f"{run_dir} exists and is not a kcifar run; choose another --name or --runs-dir")
-        elif krecipe.read_toml(saved) != recipe:
+        elif krecipe.with_defaults(krecipe.read_toml(saved)) != recipe:
             raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
                               "rerun with the same recipe to resume, or pass --overwrite or another --name")
+    epochs_done = resume_epoch(run_dir)
+    _trim_history(run_dir, epochs_done)
+    check_models(run_dir)
     fileio.write_text(saved, krecipe.to_toml(recipe))
     write_class_names(run_dir, class_names)
-    _trim_history(run_dir, resume_epoch(run_dir))
+    if strategy is not None:
+        multiworker.check_same_on_every_worker(strategy, epochs_done)
     return run_dir
 
 
@@ -558,7 +734,8 @@ def test_scores(evaluation: dict) -> dict:
         return {"top1": entry["top1"], "top5": entry["top5"], "loss": entry["loss"], "n": entry["n"]}
 
     subset = evaluation.get("subset")
-    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None}
+    return {"test": pick(evaluation["all"]), "test_exact": pick(subset) if subset and subset["n"] else None,
+            "tta": evaluation.get("tta", "none")}
 
 
 def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n_train: int) -> dict:

@@ -3,8 +3,9 @@
 The flow, on the run library (``kcifar.run``): resolve the recipe -> load the
 data (validation split carved from training) -> build and compile the model
 under a ``tf.distribute`` strategy -> ``model.fit`` with Keras callbacks ->
-measure the test set once (``kcifar.evaluate``), with the model that scored
-best on validation -> ``evaluation.json``, figures and ``metrics.json``.
+measure the test set once (``kcifar.evaluate``, with the recipe's test-time
+augmentation ``train.tta``), with the model that scored best on validation ->
+``evaluation.json``, figures and ``metrics.json``.
 
 Starting the same command again resumes an interrupted run from its last
 finished epoch; a finished run is kept unless ``--overwrite``.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import data as kdata, evaluate, models, recipe as krecipe, run
+from kcifar import data as kdata, evaluate, fileio, models, multiworker, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -48,6 +49,7 @@ class RunResult:
     model: keras.Model  # with the kept (best validation) weights
     data: kdata.CifarData
     evaluation: dict | None = None  # kcifar.evaluate.evaluate_run's result on the test split
+    chief: bool = True  # False: a worker of several whose run_dir was a temporary copy, now gone
 
 
 def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
@@ -55,6 +57,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     the kept model once on the test set (evaluation.json, figures, metrics.json)."""
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
+    augment = AugmentConfig(**recipe["augment"])  # refused here, before the run directory is touched
+    fileio.check_writable(runs_dir, "--runs-dir")
     spec = recipe["train"]
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
@@ -62,16 +66,19 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     steps_per_epoch = -(-len(train_split) // batch_size)
     with strategy.scope():
         model = build_model(recipe, data, train_split)
+        run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
         run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
-    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
+    run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
     first_epoch = run.resume_epoch(run_dir)
+    if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
+        raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)
     started = run.start_clock(history)
     has_val = len(data.val) > 0
     model.fit(
-        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, AugmentConfig(**recipe["augment"]),
+        train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,
                       seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
@@ -82,9 +89,9 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.load_weights(run_dir / "best.keras")
-    evaluation = evaluate.evaluate_run(run_dir, model, data)
+    evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
     metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split))
-    return RunResult(run_dir, metrics, model, data, evaluation)
+    return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
 
 
 # ------------------------------------------------------------ command line
@@ -96,7 +103,7 @@ FLAGS = {  # flag -> (recipe key, type)
     "schedule": ("schedule.name", str), "augment": ("augment.preset", str), "aug_engine": ("augment.engine", str),
     "val_size": ("data.val_size", int), "train_subset": ("data.train_subset", int),
     "offline_aug": ("data.offline_aug", str), "strategy": ("train.strategy", str),
-    "precision": ("train.precision", str), "jit": ("train.jit", str),
+    "precision": ("train.precision", str), "jit": ("train.jit", str), "tta": ("train.tta", str),
 }
 
 
@@ -139,8 +146,12 @@ def main(argv=None):
     if not args.recipe and not argv_sets_anything(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
-    result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
+    with multiworker.lost_workers_are_errors():
+        result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
     print(evaluate.describe(result.evaluation))
+    if not result.chief:
+        print("done; the chief (worker 0) wrote the run directory")
+        return
     print(f"run directory: {result.run_dir} (metrics.json, evaluation.json, {', '.join(result.evaluation['figures'])})")
 
 

@@ -90,6 +90,7 @@ def write_run(run_dir, val_size=10, monitor="val_loss"):
         f'name = "{run_dir.name}"\nmodel = "colour"\ndataset = "cifar10"\nseed = 3\n'
         f'[data]\nval_size = {val_size}\nlabel_mode = "fine"\n'
         f'[early_stopping]\nmonitor = "{monitor}"\n')
+    (run_dir / "metrics.json").write_text('{"finished": true}\n')
     return run_dir
 
 
@@ -183,6 +184,19 @@ def test_evaluate_run_directory_end_to_end(tmp_path, capsys):
     sizes = {name: png_size(run / name) for name in result["figures"]}
     assert sizes == {"confusion.png": (950, 800), "per_class_accuracy.png": (900, 400),
                      "predictions.png": (1300, 650), "learning_curves.png": (1500, 480)}
+
+
+def test_tta_flag_is_recorded_and_a_mirror_invariant_model_scores_the_same(tmp_path, capsys):
+    data_dir = write_data(tmp_path / "data")
+    run = write_run(tmp_path / "runs" / "colour_run")
+    with open(run / "recipe.toml", "a") as f:
+        f.write('[train]\ntta = "flip"\n')
+    evaluate.main([str(run), "--data-dir", str(data_dir)])  # the run's train.tta
+    assert "(TTA flip)" in capsys.readouterr().out
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["tta"] == "flip" and result["all"]["top1"] == pytest.approx(17 / 20)  # mean colour: mirror-blind
+    evaluate.main([str(run), "--data-dir", str(data_dir), "--tta", "none"])
+    assert json.loads((run / "evaluation.json").read_text())["tta"] == "none"
 
 
 def test_validation_split_uses_the_recipe_split_and_a_user_mask(tmp_path):

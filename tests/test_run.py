@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kcifar import data, run
+from kcifar.errors import KcifarError
 from kcifar.models import pretrained
 
 
@@ -108,3 +109,17 @@ def test_several_steps_per_execution_train_exactly_as_one():
         assert int(model.optimizer.iterations) == 24  # 12 steps an epoch, not rounded up
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_an_interrupted_run_of_older_code_resumes_when_newer_code_added_recipe_keys(tmp_path):
+    from kcifar import recipe as krecipe
+
+    recipe = krecipe.resolve(overrides=["name=old"])
+    run_dir = run.open_run_dir(tmp_path, recipe, overwrite=False)
+    saved = krecipe.read_toml(run_dir / "recipe.toml")
+    del saved["train"]["tta"], saved["augment"]["alternate_flip"]  # keys this run's code did not know yet
+    (run_dir / "recipe.toml").write_text(krecipe.to_toml(saved))
+    assert run.open_run_dir(tmp_path, recipe, overwrite=False) == run_dir  # no metrics.json: it resumes
+    (run_dir / "recipe.toml").write_text(krecipe.to_toml({**saved, "seed": 7}))
+    with pytest.raises(KcifarError, match="interrupted run of a different recipe"):
+        run.open_run_dir(tmp_path, recipe, overwrite=False)

@@ -25,7 +25,7 @@ one-hot (soft with mixup/cutmix).
 import numpy as np
 import tensorflow as tf
 
-from kcifar.augment.config import ENGINES, PRESETS, AugmentConfig, Geometry, batch_seed
+from kcifar.augment.config import ENGINES, PRESETS, AugmentConfig, Geometry, alternate_flips, batch_seed
 from kcifar.augment.idg import IdgDataset
 from kcifar.augment.tf_ops import augment_batch
 from kcifar.errors import KcifarError
@@ -53,6 +53,8 @@ def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=1, use_mul
         return IdgDataset(x, y, num_classes, batch_size, cfg, seed=seed, workers=workers,
                           use_multiprocessing=use_multiprocessing, first_epoch=first_epoch or 0)
     if first_epoch is None:
+        if cfg.alternate_flip:
+            raise KcifarError("augment alternate_flip flips by epoch: pass first_epoch (0 for a new run)")
         indices = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         batches = tf.data.Dataset.zip(indices.batch(batch_size), batch_seeds)
@@ -61,19 +63,20 @@ def train_dataset(x, y, num_classes, batch_size, cfg, seed=0, workers=1, use_mul
         batches = epochs.flat_map(lambda epoch: _epoch_batches(len(x), batch_size, seed, epoch))
     x, y = tf.constant(x), tf.constant(y)
 
-    def load_and_augment(batch_indices, batch_seed):
+    def load_and_augment(batch_indices, batch_seed, epoch=None):
         images = tf.cast(tf.gather(x, batch_indices), tf.float32)
         labels = tf.one_hot(tf.gather(y, batch_indices), num_classes)
-        return augment_batch(images, labels, cfg, tf.stack([tf.constant(seed, tf.int64), batch_seed]))
+        flips = alternate_flips(batch_indices, epoch, seed) if cfg.alternate_flip else None
+        return augment_batch(images, labels, cfg, tf.stack([tf.constant(seed, tf.int64), batch_seed]), flips)
 
     return batches.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _epoch_batches(n, batch_size, seed, epoch):
-    """(indices, seed) of every batch of one epoch, a function of (seed, epoch) alone."""
+    """(indices, seed, epoch) of every batch of one epoch, a function of (seed, epoch) alone."""
     order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
     batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
-    return batches.map(lambda i, indices: (indices, batch_seed(epoch, i)))
+    return batches.map(lambda i, indices: (indices, batch_seed(epoch, i), epoch))
 
 
 def augment_once(x, y, num_classes, cfg, seed=0):
@@ -81,8 +84,9 @@ def augment_once(x, y, num_classes, cfg, seed=0):
     x, y = _check_arrays(x, y, num_classes, len(x))
     if cfg.engine == "idg":
         return IdgDataset(x, y, num_classes, len(x), cfg, seed, workers=1, shuffle=False)[0]
+    flips = alternate_flips(tf.range(len(x), dtype=tf.int64), 0, seed) if cfg.alternate_flip else None
     images, labels = augment_batch(tf.cast(x, tf.float32), tf.one_hot(y, num_classes), cfg,
-                                   tf.constant([seed, 0], tf.int64))
+                                   tf.constant([seed, 0], tf.int64), flips)
     return images.numpy(), labels.numpy()
 
 

@@ -2,9 +2,11 @@
 images (one per class) beside several augmented draws of each, to look at."""
 
 import argparse
+from pathlib import Path
 
+from kcifar import fileio
 from kcifar.augment import ENGINES, PRESETS, AugmentConfig
-from kcifar.errors import cli
+from kcifar.errors import KcifarError, cli
 
 
 @cli
@@ -21,6 +23,11 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (else KCIFAR_DATA_DIR)")
     parser.add_argument("--out", default="augment_preview.png", help="PNG to write")
     args = parser.parse_args(argv)
+    if args.images < 1 or args.copies < 1:
+        raise KcifarError(f"--images and --copies must be at least 1, got {args.images} and {args.copies}")
+    if Path(args.out).suffix.lower() != ".png" or Path(args.out).is_dir():
+        raise KcifarError(f"--out {args.out} is not a .png file name; pass one such as grid.png")
+    fileio.check_writable(Path(args.out).parent, "--out")
     cfg = AugmentConfig(preset=args.preset, engine=args.engine, cutout=args.cutout, mixup=args.mixup,
                         cutmix=args.cutmix)
 

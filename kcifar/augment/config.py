@@ -15,7 +15,8 @@ class Geometry:
     shear: degrees, uniform in [-shear, shear].
     zoom: x and y scale drawn independently, uniform in [1 - zoom, 1 + zoom].
     hflip: mirror left-right with probability 1/2.
-    fill: "nearest" (repeat the edge) or "constant" (black) outside the image.
+    fill: outside the image, "nearest" (repeat the edge), "constant" (black) or "reflect"
+        (mirrored at the edge, the edge pixel repeated: SciPy's and the generator's "reflect").
     """
 
     rotation: float = 0.0
@@ -48,7 +49,12 @@ PRESETS = {
     # Standard CIFAR recipe: zero-pad 4, random 32x32 crop = integer shift of
     # -4..4 pixels with black fill, plus horizontal flip.
     "crop_flip": Geometry(shift=4, hflip=True, fill="constant"),
+    # airbench94's: pad 2 by reflection, random 32x32 crop (integer shift of -2..2 pixels), flip.
+    # Assumed: the generator's reflection, which repeats the edge pixel (PyTorch's does not).
+    "crop2_flip": Geometry(shift=2, hflip=True, fill="reflect"),
+    "flip": Geometry(hflip=True),  # mirror only (fast94's ablation of the translation)
 }
+FILLS = ("nearest", "constant", "reflect")
 ENGINES = ("tf", "idg")
 
 
@@ -56,6 +62,9 @@ ENGINES = ("tf", "idg")
 class AugmentConfig:
     """What to augment with: a preset, an engine and optional extras.
 
+    alternate_flip: instead of the preset's random flip, each image is mirrored on every other
+        epoch: at random in the first (a fixed bit per image and seed), the opposite in the next
+        (airbench94). Needs a preset with hflip, and epoch-keyed data (``first_epoch``).
     cutout: side in pixels of one square set to black (0 = off); its centre is
         uniform over the image, so it may be partly outside (DeVries & Taylor).
     mixup, cutmix: Beta(alpha, alpha) parameter (0 = off). Each sample is mixed
@@ -68,6 +77,7 @@ class AugmentConfig:
     cutout: int = 0
     mixup: float = 0.0
     cutmix: float = 0.0
+    alternate_flip: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -76,6 +86,9 @@ class AugmentConfig:
             raise KcifarError(f"unknown augment engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.cutout < 0 or self.mixup < 0 or self.cutmix < 0:
             raise KcifarError("augment cutout, mixup and cutmix must be >= 0 (0 = off)")
+        if self.alternate_flip and not self.geometry.hflip:
+            raise KcifarError(f"augment alternate_flip replaces a preset's random flip; {self.preset!r} has none: "
+                              f"choose one with a flip ({', '.join(n for n, g in PRESETS.items() if g.hflip)})")
         if self.cutout != int(self.cutout):
             raise KcifarError(f"augment cutout is a square side in whole pixels, got {self.cutout}")
 
@@ -92,3 +105,11 @@ def batch_seed(epoch, index):
     """The seed of batch ``index`` of ``epoch`` (ints or tensors): one formula for both engines,
     so a batch's draws depend on (seed, epoch, index) alone."""
     return epoch * 1_000_003 + index
+
+
+def alternate_flips(indices, epoch, seed):
+    """Whether each image (by its index in the training set) is mirrored in ``epoch`` under
+    ``alternate_flip``: a fixed pseudo-random bit per (image, seed), flipped every epoch. NumPy
+    arrays or int64 tensors alike, so both engines flip the same images."""
+    bit = ((indices + seed * 40503) * 2654435761) % 2**32 // 2**31  # Knuth's multiplicative hash, top bit
+    return (bit + epoch) % 2 == 1

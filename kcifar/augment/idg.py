@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcifar.augment.config import batch_seed
+from kcifar.augment.config import alternate_flips, batch_seed
 from kcifar.augment.tf_ops import augment_batch
 from kcifar.errors import KcifarError
 
@@ -87,6 +87,9 @@ class IdgDataset(keras.utils.PyDataset):
         if self.cfg.geometry.warps or self.cfg.geometry.hflip:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             warps = random_warp_params(self.cfg.geometry, len(images), *images.shape[1:3], rng)
+            if self.cfg.alternate_flip:
+                for warp, flip in zip(warps, alternate_flips(batch, self.epoch, self.seed)):
+                    warp["flip_horizontal"] = bool(flip)
             images = np.stack([self.generator.apply_transform(image, w) for image, w in zip(images, warps)])
         if self.cfg.extras:
             seed = tf.constant([self.seed, batch_seed(self.epoch, index)], tf.int64)

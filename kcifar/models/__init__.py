@@ -10,7 +10,7 @@ Each family module registers its builders when imported; a new family is one
 module that uses ``registry.register`` and one import line here.
 """
 
-from kcifar.models import baselines, efficientnet_lite, resnet, vgg  # noqa: F401  (they register their models)
+from kcifar.models import airbench, baselines, efficientnet_lite, resnet, vgg  # noqa: F401  (they register their models)
 from kcifar.models import pretrained  # noqa: F401, I001  (after the families: ImageNet weights of the Lite entries)
 from kcifar.models.registry import build, entry, names, register
 

@@ -75,7 +75,16 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
     statistics equal Keras' layer (tests/test_models.py); the moving variance
     is the biased batch variance, as in Keras. 4-D inputs on the channel axis;
     anything else (masks, renorm, other axes) takes Keras' own path.
+
+    ``bias_lr_scale`` multiplies the gradient of the bias (beta) and leaves its value alone:
+    with SGD (plain or momentum) that is a learning rate ``bias_lr_scale`` times the others for
+    the bias, PyTorch's parameter group, while weight decay, added by the optimizer, stays as it
+    is. Keras optimizers have no per-variable learning rate; this costs two ops on a vector.
     """
+
+    def __init__(self, *args, bias_lr_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_lr_scale = float(bias_lr_scale)
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
@@ -83,6 +92,8 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         channels = inputs.shape[-1]
         scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
         offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        if self.center and self.bias_lr_scale != 1:  # the same value; its gradient times bias_lr_scale
+            offset += (self.bias_lr_scale - 1) * (offset - tf.stop_gradient(offset))
         if not (training and self.trainable):
             outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 inputs, scale, offset, mean=tf.convert_to_tensor(self.moving_mean),
@@ -96,10 +107,14 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
         return outputs
 
+    def get_config(self):
+        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
 
-def batch_norm(x, name):
-    """Batch normalisation with the zoo's PyTorch-matching momentum and epsilon (``FusedBatchNorm``)."""
-    return FusedBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+
+def batch_norm(x, name, momentum=BN_MOMENTUM, scale=True):
+    """Batch normalisation with the zoo's PyTorch-matching momentum and epsilon (``FusedBatchNorm``);
+    ``scale=False``: no learnable scale (gamma fixed at 1)."""
+    return FusedBatchNorm(momentum=momentum, epsilon=BN_EPSILON, scale=scale, name=name)(x)
 
 
 def conv_bn_act(x, filters, prefix, suffix="", kernel_size=3, strides=1, padding="same",

@@ -9,6 +9,7 @@ import argparse
 import shlex
 import sys
 
+from kcifar import fileio
 from kcifar.errors import cli
 from kcifar.sweep import estimate, runner, summary
 from kcifar.sweep.study import load_study
@@ -40,7 +41,7 @@ def main(argv=None):
         print(estimate.describe(study, estimate.estimate(study, args.runs_dir), args.runs_dir))
         return
     for folder in {args.runs_dir, args.out or args.runs_dir}:
-        summary.check_writable(folder)
+        fileio.check_writable(folder)
     if not args.summarize:
         runner.run_study(study, args.runs_dir, args.data_dir, args.budget_min, command, verbose=2 if args.verbose else 0)
     for path in summary.write_summary(study, args.runs_dir, args.out, command):

@@ -40,6 +40,8 @@ def provenance(command: str) -> dict:
 
 def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command="", verbose=0, log=None) -> Progress:
     """Train every unfinished run of ``study`` under ``runs_dir/<study>/``; returns what happened."""
+    if any(recipe["train"]["strategy"] == "multiworker" for _, _, recipe in study.runs()):
+        raise KcifarError("a sweep trains on one machine; strategy 'multiworker' is for kcifar.train")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     folder, progress, started = Path(runs_dir) / study.name, Progress(), monotonic()
     total = len(study.cells) * len(study.seeds)

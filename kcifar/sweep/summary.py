@@ -21,7 +21,6 @@ import csv
 import datetime
 import io
 import json
-import os
 import re
 import statistics
 from pathlib import Path
@@ -37,15 +36,6 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\",]+)")
 STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
          ("test_exact_top1", "test top-1, pixel-exact")]
 PROVENANCE_COLUMNS = ["cpu", "date", "commit", "command"]
-
-
-def check_writable(folder):
-    """Refuse, before any training, an output folder that cannot be created or written."""
-    path = Path(folder).absolute()
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another folder")
 
 
 def scrub_paths(text: str) -> str:
@@ -245,7 +235,7 @@ def write_summary(study, runs_dir="runs", out=None, command="") -> list:
     """Write the study's summary (and, with ``out``, its recorded copy); returns the paths written."""
     runs_folder = Path(runs_dir) / study.name
     out = Path(out) if out else runs_folder
-    check_writable(out)
+    fileio.check_writable(out)
     if out.resolve() != runs_folder.resolve():
         record(study, runs_folder, out)
     cells = read_cells(study, out)

@@ -1,0 +1,89 @@
+"""Export a trained model for inference outside TensorFlow's training set-up.
+
+    python -m kcifar.export runs/NAME --format savedmodel|onnx|litert [--int8] --out DIR
+    python -m kcifar.export model.keras --format onnx --out DIR --classes cifar10
+
+Writes the folder DIR: the model (``saved_model/``, ``model.onnx`` or ``model.tflite``)
+and ``manifest.json`` (class names, input contract, source run and its test
+accuracy, versions, sha256 of each file); ``python -m kcifar.predict DIR photo.jpg``
+runs it. The model takes raw 0..255 RGB images like ``best.keras``, any batch size.
+Each export is run back in its runtime before it is kept: a float export's
+logits must match Keras' (``kcifar.deploy.FLOAT_TOLERANCE``); ``--int8`` (LiteRT)
+is calibrated on training images of the run's data set and its top-1 agreement
+with Keras and test-accuracy change are measured on the whole test split and
+recorded in the manifest. The converters and runtimes are the export extra:
+``pip install -e ".[export]"``.
+"""
+
+import argparse
+from pathlib import Path
+
+from kcifar import deploy, run
+from kcifar.data import load_cifar
+from kcifar.errors import KcifarError, cli
+from kcifar.evaluate import resolve_target
+from kcifar.predict import class_names_for_model
+
+
+def source_record(run_dir, model_path) -> dict:
+    """Where the exported model comes from: its file and sha256, and its run's test accuracy if any."""
+    record = {"model": str(model_path), "sha256": deploy.sha256(model_path), "run": None,
+              "test_top1": None, "test_exact_top1": None}
+    metrics_file = Path(run_dir) / "metrics.json" if run_dir else None
+    if metrics_file and metrics_file.is_file():
+        metrics = run.read_state(metrics_file)
+        record.update(run=metrics.get("run"), dataset=metrics.get("dataset"),
+                      test_top1=(metrics.get("test") or {}).get("top1"),
+                      test_exact_top1=(metrics.get("test_exact") or {}).get("top1"))
+    return record
+
+
+def int8_data(run_dir, dataset, data_dir, class_names):
+    """The data set the model was trained on: its training split calibrates, its test split measures."""
+    settings = run.data_settings(run.read_recipe(run_dir) if run_dir else {})
+    if dataset:
+        if run_dir:
+            raise KcifarError(f"--dataset cannot be used with run {run_dir}: its recipe.toml names the data set")
+        settings["name"] = dataset
+    data = load_cifar(data_dir=data_dir, **settings)
+    if data.num_classes != len(class_names):
+        raise KcifarError(f"{data.name} has {data.num_classes} classes but the model {len(class_names)}; "
+                          "pass the --dataset it was trained on")
+    return data
+
+
+def describe(out, manifest) -> str:
+    check = manifest["check"]
+    if manifest["int8"]:
+        return (f"wrote {out} (litert int8): top-1 agreement with Keras {check['top1_agreement']:.2%} on the "
+                f"{check['images']}; test top-1 {check['test_top1_keras']:.2%} -> {check['test_top1_int8']:.2%}")
+    return (f"wrote {out} ({manifest['format']}): logits within {check['max_abs_logit_difference']:.2g} of Keras' "
+            f"on {check['images']} images")
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kcifar.export", description=__doc__.split("\n")[0])
+    parser.add_argument("target", help="run directory (runs/NAME, its best.keras) or a .keras model file")
+    parser.add_argument("--format", required=True, help=f"one of: {', '.join(deploy.FORMATS)}")
+    parser.add_argument("--int8", action="store_true", help="litert only: full-integer post-training quantisation")
+    parser.add_argument("--out", required=True, help="the folder to write (model and manifest.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    parser.add_argument("--classes", help="for a bare .keras file: cifar10, cifar100, cifar100-coarse or a file of names")
+    parser.add_argument("--dataset", choices=["cifar10", "cifar100"], help="for --int8 of a bare .keras file")
+    parser.add_argument("--data-dir", help="for --int8: folder holding the data (default: $KCIFAR_DATA_DIR, ...)")
+    args = parser.parse_args(argv)
+    deploy.require(args.format, "export")
+    if args.int8 and args.format != "litert":
+        raise KcifarError(f"--int8 applies to --format litert only, not {args.format}")
+    run_dir, model_path = resolve_target(args.target)
+    class_names = class_names_for_model(model_path, args.classes)
+    data = int8_data(run_dir, args.dataset, args.data_dir, class_names) if args.int8 else None
+    model = run.load_model(model_path)
+    manifest = deploy.export(model, args.format, args.out, class_names, source_record(run_dir, model_path),
+                             int8_data=data, overwrite=args.overwrite)
+    print(describe(args.out, manifest))
+
+
+if __name__ == "__main__":
+    main()

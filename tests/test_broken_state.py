@@ -1,0 +1,122 @@
+"""Broken state in a run directory (issue 18, item 3): a damaged backup copy, history.csv,
+best model or feature cache is detected, never silently used and never a traceback. A
+backup has two copies (the latest and the previous epoch's): one damaged copy resumes from
+the other; anything else is one line naming the file and --overwrite."""
+
+import errno
+
+import keras
+import numpy as np
+import pytest
+from conftest import one_line_error
+
+from kcifar import finetune, run, train
+
+ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Stops the process's work the way a kill would, once the backup of ``epoch`` is written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def stopped_run(tiny_cifar10, tmp_path, monkeypatch):
+    """A run of 4 epochs stopped after its third: backups of epochs 2 (previous) and 3 (latest)."""
+    runs = tmp_path / "runs"
+    recipe = train.recipe_from_args(train.parse_args(ARGS))
+    make_callbacks = run.make_callbacks
+    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [StopAfterEpoch(2)])
+    with pytest.raises(KeyboardInterrupt):
+        train.train(recipe, runs, verbose=0)
+    monkeypatch.setattr(run, "make_callbacks", make_callbacks)
+    return runs / "r"
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def test_a_damaged_latest_backup_resumes_from_the_previous_copy(stopped_run, capsys):
+    backup = stopped_run / "backup"
+    assert run.resume_epoch(stopped_run) == 3 and (backup / "latest.weights.h5.bkp").exists()
+    _flip_a_byte(backup / "latest.weights.h5")  # a bit of the weights: only the digest can tell
+    assert run.resume_epoch(stopped_run) == 2
+    train.main([*ARGS, "--runs-dir", str(stopped_run.parent)])
+    err = capsys.readouterr().err
+    assert f"resuming {stopped_run} at epoch 3" in err
+    epochs = [line.split(",")[0] for line in (stopped_run / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == ["0", "1", "2", "3"]  # epoch 2 (counted from 0) trained again from its start, not twice logged
+    assert run.is_finished(stopped_run)
+
+
+def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
+    """A kill between the two atomic writes of a backup: the latest weights are new, the
+    metadata still the previous epoch's. The previous copy is the whole pair."""
+    backup = stopped_run / "backup"
+    (backup / "training_metadata.json").write_bytes((backup / "training_metadata.json.bkp").read_bytes())
+    assert run.backup_pair(backup) == (backup / "latest.weights.h5.bkp", run.read_state(backup / "training_metadata.json.bkp"))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: [_truncate(r / "backup" / name) for name in ("latest.weights.h5", "latest.weights.h5.bkp")],
+     "backup holds no whole backup (latest.weights.h5 is damaged"),
+    (lambda r: _truncate(r / "history.csv", keep=0.7), "history.csv is damaged (it lacks whole rows of the 3 epochs"),
+    (lambda r: (r / "history.csv").unlink(), "history.csv is damaged (No such file or directory)"),
+    (lambda r: _truncate(r / "best.keras"), "best.keras is damaged (not a whole Keras file"),
+    (lambda r: _flip_a_byte(r / "best.keras"), "best.keras is damaged (not a whole Keras file"),
+    (lambda r: (r / "best.keras").unlink(), "best.keras is damaged (it is missing)"),
+])
+def test_damaged_state_is_one_line_naming_the_file_and_overwrite(stopped_run, capsys, damage, named):
+    damage(stopped_run)
+    err = one_line_error(train.main, [*ARGS, "--runs-dir", str(stopped_run.parent)], capsys)
+    assert named in err and err.endswith("pass --overwrite to train this run again from the start")
+    train.main([*ARGS, "--runs-dir", str(stopped_run.parent), "--overwrite"])
+    assert run.is_finished(stopped_run)
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, lambda path: path.write_bytes(b"")])
+def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys, damage):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).integers(0, 256, (50, 4)).astype("uint8")
+    path = tmp_path / "train.npy"
+    first = np.array(finetune.cached_features(model, x, path))
+    assert (tmp_path / "train.npy.sha256").exists()
+    damage(path)
+    again = np.array(finetune.cached_features(model, x, path))
+    np.testing.assert_array_equal(again, first)
+    assert f"feature cache {path} is damaged" in capsys.readouterr().err
+    np.testing.assert_array_equal(finetune.read_cached(path), first)  # and whole again on disk
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(tiny_cifar10, tmp_path, capsys, monkeypatch):
+    """Keras' own writer (CSVLogger) meets a full disk in the second epoch: one line, exit 2;
+    the same command, once there is space, finishes the run from its last backup."""
+    argv = [*ARGS, "--runs-dir", str(tmp_path / "runs")]
+    write_row = keras.callbacks.CSVLogger.on_epoch_end
+
+    def full_disk(self, epoch, logs=None):
+        if epoch == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "r" / "history.csv"))
+        write_row(self, epoch, logs)
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", full_disk)
+    err = one_line_error(train.main, argv, capsys)
+    assert "history.csv: no space left on device; free some space and run the same command again" in err
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", write_row)
+    train.main(argv)
+    assert f"resuming {tmp_path / 'runs' / 'r'} at epoch 2" in capsys.readouterr().err
+    assert run.is_finished(tmp_path / "runs" / "r") and len(run.read_history(tmp_path / "runs" / "r")["epoch"]) == 4
