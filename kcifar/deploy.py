@@ -22,7 +22,6 @@ quantises the input and dequantises the logits), so the contract above holds.
 Integer pixels 0..255 quantise exactly (the input's scale is 1).
 """
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -67,19 +66,11 @@ def require(fmt: str, purpose: str):
                           f"install the export extra: {EXTRA}")
 
 
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_hashes(folder: Path, artifact: str) -> dict:
     """{path relative to ``folder``: sha256} of the artifact's files (a SavedModel is a folder)."""
     root = folder / artifact
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    return {p.relative_to(folder).as_posix(): sha256(p) for p in files}
+    return {p.relative_to(folder).as_posix(): fileio.file_sha256(p) for p in files}
 
 
 # ---------------------------------------------------------------- exporting
@@ -278,7 +269,7 @@ def load(path) -> "Exported":
     folder = found.parent
     require(manifest["format"], "run")
     for name, digest in manifest["files"].items():
-        if not (folder / name).is_file() or sha256(folder / name) != digest:
+        if not (folder / name).is_file() or fileio.file_sha256(folder / name) != digest:
             raise KcifarError(f"{folder / name} is missing or differs from its manifest's sha256; export the model again")
     return Exported(folder, manifest)
 

@@ -18,7 +18,7 @@ recorded in the manifest. The converters and runtimes are the export extra:
 import argparse
 from pathlib import Path
 
-from kcifar import deploy, run
+from kcifar import deploy, fileio, run
 from kcifar.data import load_cifar
 from kcifar.errors import KcifarError, cli
 from kcifar.evaluate import resolve_target
@@ -27,7 +27,7 @@ from kcifar.predict import class_names_for_model
 
 def source_record(run_dir, model_path) -> dict:
     """Where the exported model comes from: its file and sha256, and its run's test accuracy if any."""
-    record = {"model": str(model_path), "sha256": deploy.sha256(model_path), "run": None,
+    record = {"model": str(model_path), "sha256": fileio.file_sha256(model_path), "run": None,
               "test_top1": None, "test_exact_top1": None}
     metrics_file = Path(run_dir) / "metrics.json" if run_dir else None
     if metrics_file and metrics_file.is_file():

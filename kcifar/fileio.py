@@ -2,6 +2,7 @@
 and the Keras home where caches go."""
 
 import contextlib
+import hashlib
 import errno
 import json
 import os
@@ -60,6 +61,15 @@ def check_writable(folder, flag="the output folder"):
         path = path.parent
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise KcifarError(f"cannot write {folder}: {path} is not a writable folder; choose another {flag}")
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path, data: bytes):

@@ -69,7 +69,7 @@ def cached_features(model, x, path, flip=False, log=None):
     values = extract(model, x, flip=flip, log=log)
     with atomic_path(path) as tmp:
         np.save(tmp, values)
-    fileio.write_text(path.with_name(path.name + ".sha256"), run.file_sha256(path) + "\n")
+    fileio.write_text(path.with_name(path.name + ".sha256"), fileio.file_sha256(path) + "\n")
     return values
 
 
@@ -80,7 +80,7 @@ def read_cached(path: Path):
     digest_file = path.with_name(path.name + ".sha256")
     try:
         values = np.load(path, mmap_mode="r")
-        digest = run.file_sha256(path)
+        digest = fileio.file_sha256(path)
         if digest_file.exists() and digest_file.read_text().strip() != digest:
             raise ValueError("not the file its .sha256 names")
     except (ValueError, OSError, EOFError) as error:

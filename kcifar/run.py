@@ -301,7 +301,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         with fileio.atomic_path(weights) as tmp:
             self.model.save_weights(tmp)
         fileio.write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                                 "weights_sha256": file_sha256(weights)})
+                                 "weights_sha256": fileio.file_sha256(weights)})
 
 
 def _link(source, target):
@@ -309,14 +309,6 @@ def _link(source, target):
     with fileio.atomic_path(target) as tmp:
         tmp.unlink()
         os.link(source, tmp)
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def backup_pair(backup_dir: Path):
@@ -339,7 +331,7 @@ def backup_pair(backup_dir: Path):
             continue
         if not weights.exists():
             problems.append(f"{weights.name} is missing")
-        elif "weights_sha256" in state and file_sha256(weights) != state["weights_sha256"]:
+        elif "weights_sha256" in state and fileio.file_sha256(weights) != state["weights_sha256"]:
             problems.append(f"{weights.name} is damaged (not the file {meta.name} names)")
         else:  # a backup written by Keras' own callback names no digest: taken as it is
             return weights, state

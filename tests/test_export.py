@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error
 from test_predict import write_photo
 
-from kcifar import deploy, export, models, predict, run
+from kcifar import deploy, export, fileio, models, predict, run
 from kcifar.data import CIFAR10_CLASSES, load_cifar
 from kcifar.errors import KcifarError
 
@@ -80,9 +80,9 @@ def test_float_export_writes_its_manifest_and_matches_keras(exports, bn_run, bn_
     assert manifest["class_names"] == CIFAR10_CLASSES
     assert manifest["input"]["shape"] == [None, 32, 32, 3] and manifest["input"]["dtype"] == "float32"
     assert manifest["source"]["run"] == "resnet20_run" and manifest["source"]["test_top1"] == TEST_TOP1
-    assert manifest["source"]["sha256"] == deploy.sha256(bn_run / "best.keras")
+    assert manifest["source"]["sha256"] == fileio.file_sha256(bn_run / "best.keras")
     assert manifest["versions"]["kcifar"] and manifest["files"]
-    assert all(deploy.sha256(folder / name) == digest for name, digest in manifest["files"].items())
+    assert all(fileio.file_sha256(folder / name) == digest for name, digest in manifest["files"].items())
     assert manifest["check"]["max_abs_logit_difference"] <= manifest["check"]["tolerance"]
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # no staging left
     exported = deploy.load(folder)
