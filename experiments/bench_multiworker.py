@@ -12,25 +12,14 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from kcifar import fileio, run
+from kcifar import fileio, multiworker, run
 
 TIMEOUT_S = 3600
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def train(workers: int, args, runs_dir: Path) -> dict:
@@ -40,12 +29,12 @@ def train(workers: int, args, runs_dir: Path) -> dict:
                "--batch-size", str(args.batch_size), "--train-subset", str(args.train_subset), "--val-size", "1000",
                "--precision", "float32", "--strategy", "multiworker" if workers else "default",
                "--name", name, "--runs-dir", str(runs_dir), "--quiet"]
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(max(workers, 1))]
+    tf_configs = multiworker.local_tf_configs(workers)
     processes = []
     for index in range(max(workers, 1)):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         if workers:
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+            env["TF_CONFIG"] = tf_configs[index]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         for process in processes:

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -63,6 +64,22 @@ def check_tf_config(text):
                           '"task": {"type": "worker", "index": 0}}') from None
     if kind not in config["cluster"] or not 0 <= index < len(config["cluster"][kind]) or not workers:
         raise KcifarError(f"TF_CONFIG's task {kind} {index} is not in its cluster {config['cluster']}")
+
+
+def local_tf_configs(workers: int) -> list[str]:
+    """One ``TF_CONFIG`` per worker of a cluster on this machine (free 127.0.0.1 ports), to
+    try several workers without several machines. A port is free when asked for; another
+    program could take it before the workers start."""
+    sockets = [socket.socket() for _ in range(workers)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    return [json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+            for index in range(workers)]
 
 
 def fix_keras():

@@ -9,7 +9,6 @@ Every worker process has a deadline and is killed at the end."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -46,24 +45,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def start_workers(tmp, runs_dir, data_dir, round_name):
     """Both workers of a fresh two-worker cluster on localhost."""
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    tf_configs = multiworker.local_tf_configs(2)
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KCIFAR_DATA_DIR": str(data_dir),
                "TMPDIR": str(tmp / f"{round_name}_tmp{index}"),
-               "TF_CONFIG": json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})}
+               "TF_CONFIG": tf_configs[index]}
         (tmp / f"{round_name}_tmp{index}").mkdir()
         args = [*(arg for o in OVERRIDES for arg in ("--set", o)), "--strategy", "multiworker", "--runs-dir", str(runs_dir), "--quiet"]
         workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp / f"{round_name}{index}.npz"), *args],
@@ -163,6 +152,16 @@ def test_only_the_chief_writes_the_run_directory(scenario):
 def test_a_bad_tf_config_is_one_line(config, message):
     with pytest.raises(KcifarError, match=message):
         multiworker.check_tf_config(config)
+
+
+def test_local_tf_configs_name_one_cluster_of_distinct_ports_and_each_workers_index():
+    configs = multiworker.local_tf_configs(3)
+    for config in configs:
+        multiworker.check_tf_config(config)
+    parsed = [json.loads(config) for config in configs]
+    addresses = parsed[0]["cluster"]["worker"]
+    assert len(set(addresses)) == 3 and all(p["cluster"]["worker"] == addresses for p in parsed)
+    assert [p["task"]["index"] for p in parsed] == [0, 1, 2]
 
 
 def test_finetune_and_sweep_refuse_multiworker(tmp_path):
