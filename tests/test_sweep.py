@@ -237,6 +237,12 @@ def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
         gflops = estimate.fitted_gflops(measured_key, 2000.0)
         assert "fitted to 1 float32 run(s)" in source and speed == pytest.approx(estimate.step_speed(key, gflops))
     assert estimate.step_speed(measured_key, estimate.fitted_gflops(measured_key, 2000.0)) == pytest.approx(2000.0)
+    wide = ("s3_tutorial", '{"dense_units": [256]}', "cifar10", 32, "float32")  # the same model's own run, other args
+    measured = [(measured_key, 2000.0), (other_model, 100.0)]
+    speed, source = estimate.speed_for(wide, measured)
+    assert "fitted to 1 float32 run(s) of this model" in source
+    assert speed == pytest.approx(estimate.step_speed(wide, estimate.fitted_gflops(measured_key, 2000.0)))
+    assert "of other models" in estimate.speed_for(other_batch[:0] + ("s1_step10",) + other_batch[1:], measured)[1]
     assert estimate.step_speed(other_model, 50) < estimate.step_speed(measured_key, 50)  # more FLOPs, slower
     overhead_only = ("s3_tutorial", "{}", "cifar10", 4, "float32")  # 4 images in 6.4 ms: the step overhead
     assert "assumed 50 GFLOPS" in estimate.speed_for(other_model, [(overhead_only, 626.0)])[1]

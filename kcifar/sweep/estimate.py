@@ -11,9 +11,11 @@ by the evaluation). The speed, first found wins:
    (``model_args``, data set), batch size and precision on this CPU (same
    ``cpu_description()``; ``"auto"`` is the precision it picks on this machine);
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
-   with GFLOPS the median fitted to the finished runs of other models in the same
-   precision on this CPU (those whose steps took at least twice the overhead: the
-   others measure only it); a run that recorded no precision ran in float32 (the CPU
+   with GFLOPS the median fitted to the finished runs in the same precision on this CPU
+   of the same model with other arguments or batch sizes, or if there are none of other
+   models (only runs whose steps took at least twice the overhead: the others measure
+   only it; small models at small batches reach a fraction of the GFLOPS of large
+   ones, so the model's own runs are the better guide); a run that recorded no precision ran in float32 (the CPU
    default before "auto" picked bfloat16);
 3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
 
@@ -97,10 +99,12 @@ def speed_for(key, measured) -> tuple:
     if same:
         return statistics.median(same), f"measured: {len(same)} run(s) of this model and batch on this CPU"
     informative = [(k, speed) for k, speed in measured if k[4] == key[4] and k[3] / speed > 2 * STEP_OVERHEAD_S]
+    same_model = [(k, speed) for k, speed in informative if k[0] == key[0]]
     if informative:
-        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in informative)
-        return step_speed(key, gflops), (f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(informative)} {key[4]} "
-                                         "run(s) on this CPU")
+        fitted = same_model or informative
+        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in fitted)
+        return step_speed(key, gflops), (f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(fitted)} {key[4]} run(s) "
+                                         f"of {'this model' if same_model else 'other models'} on this CPU")
     return step_speed(key, FALLBACK_GFLOPS), (f"FLOPs at an assumed {FALLBACK_GFLOPS:g} GFLOPS + "
                                               f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no {key[4]} run recorded on "
                                               "this CPU)")
