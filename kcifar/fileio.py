@@ -6,6 +6,7 @@ import hashlib
 import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TEMPORARY = re.compile(r"^\.[^.]+\.[0-9a-f]{8}(\.[^.]+)*$")  # atomic_path's names: .<stem>.<8 hex><suffixes>
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files ``atomic_path`` left under ``folder``, its writer killed while
+    writing (a kill skips the clean-up). Only for a folder no other process writes now (a locked run)."""
+    for path in Path(folder).rglob(".*"):
+        if TEMPORARY.match(path.name) and path.is_file():
+            path.unlink()
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)

@@ -169,9 +169,10 @@ def fit_stage(model, recipe, stage, train_ds, *, val_ds, steps, run_dir, verbose
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
     run.compile_model(model, spec, steps, run.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
-    model.fit(train_ds, validation_data=val_ds, epochs=first + spec["train"]["epochs"], initial_epoch=first,
+    epochs = len(logged.get("epoch", [])) if run.stopped_early(spec, logged) else spec["train"]["epochs"]
+    model.fit(train_ds, validation_data=val_ds, epochs=first + epochs, initial_epoch=first,
               steps_per_epoch=steps, verbose=verbose,
-              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path))
+              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
