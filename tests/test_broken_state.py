@@ -8,23 +8,11 @@ import errno
 import keras
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import one_line_error, stop_after_epoch
 
 from kcifar import finetune, run, train
 
 ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
-
-
-class StopAfterEpoch(keras.callbacks.Callback):
-    """Stops the process's work the way a kill would, once the backup of ``epoch`` is written."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture
@@ -33,7 +21,7 @@ def stopped_run(tiny_cifar10, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     recipe = train.recipe_from_args(train.parse_args(ARGS))
     make_callbacks = run.make_callbacks
-    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [StopAfterEpoch(2)])
+    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(2)])
     with pytest.raises(KeyboardInterrupt):
         train.train(recipe, runs, verbose=0)
     monkeypatch.setattr(run, "make_callbacks", make_callbacks)
