@@ -19,6 +19,8 @@ def atomic_path(path):
 
     Use for writers that want a file name (``model.save``, ``savefig``, ``np.savez``).
     The temporary name keeps the target's suffixes so such writers pick the right format.
+    A writer that fails may leave its file open (Keras' HDF5 store does, on a full disk):
+    the temporary is emptied, so closing it later (at exit, HDF5 flushes it) finds room.
     """
     path = Path(path)
     suffixes = "".join(path.suffixes)  # all of them: Keras wants ``.weights.h5``
@@ -32,6 +34,8 @@ def atomic_path(path):
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as error:  # a full disk, or ``path`` is a folder: the old file stays as it was
+        with contextlib.suppress(OSError):
+            os.truncate(tmp, 0)  # its space back now: the writer may hold it open (see below)
         raise KcifarError(write_error(path, error)) from None
     finally:
         if os.path.exists(tmp):
