@@ -57,6 +57,8 @@ def test_finetune_killed_in_its_feature_cache_and_both_stages_ends_as_if_never_s
     moments = [
         ("feature cache", lambda: lambda: any(features.glob("*/val.npy.sha256")), "feature caching"),
         ("stage 1 best-model save", lambda: lambda: writing(run_dir, "stage1"), "best-model save"),
+        ("stage 1 backup write", lambda: lambda: backup_epoch(run_dir) is not None and backup_writing(run_dir),
+         "backup write"),  # resumed inside stage 1: its data must go on where it was
         ("stage 2 backup write", lambda: lambda: stages(run_dir) == ["1"] and backup_epoch(run_dir) == 3
          and backup_writing(run_dir), "backup write"),
     ]
