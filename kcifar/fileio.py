@@ -6,6 +6,7 @@ import hashlib
 import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def atomic_path(path):
 
     Use for writers that want a file name (``model.save``, ``savefig``, ``np.savez``).
     The temporary name keeps the target's suffixes so such writers pick the right format.
+    A writer that fails may leave its file open (Keras' HDF5 store does, on a full disk):
+    the temporary is emptied, so closing it later (at exit, HDF5 flushes it) finds room.
     """
     path = Path(path)
     suffixes = "".join(path.suffixes)  # all of them: Keras wants ``.weights.h5``
@@ -31,10 +34,23 @@ def atomic_path(path):
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as error:  # a full disk, or ``path`` is a folder: the old file stays as it was
+        with contextlib.suppress(OSError):
+            os.truncate(tmp, 0)  # its space back now: the writer may hold it open (see below)
         raise KcifarError(write_error(path, error)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TEMPORARY = re.compile(r"^\.[^.]+\.[0-9a-f]{8}(\.[^.]+)*$")  # atomic_path's names: .<stem>.<8 hex><suffixes>
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files ``atomic_path`` left under ``folder``, its writer killed while
+    writing (a kill skips the clean-up). Only for a folder no other process writes now (a locked run)."""
+    for path in Path(folder).rglob(".*"):
+        if TEMPORARY.match(path.name) and path.is_file():
+            path.unlink()
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)

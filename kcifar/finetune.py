@@ -155,11 +155,12 @@ def stack(inputs, layers, name):
 # ------------------------------------------------------------ training
 
 
-def fit_stage(model, recipe, stage, train_ds, *, val_ds, steps, run_dir, verbose):
+def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbose):
     """Compile and fit one stage with the run library's callbacks, so a killed stage resumes
-    at its last finished epoch and a finished one is not run again. The model ends with the
-    stage's best weights (by the early-stopping monitor). Returns (epochs run, best monitor
-    value or None)."""
+    at its last finished epoch and a finished one is not run again. ``train_data(e)``: the
+    training batches from the stage's epoch ``e`` on (what an uninterrupted stage sees there).
+    The model ends with the stage's best weights (by the early-stopping monitor). Returns
+    (epochs run, best monitor value or None)."""
     best_path = run_dir / f"stage{stage}.keras"
     finished = run.finished_stages(run_dir)
     if str(stage) in finished:  # finished before the run was stopped
@@ -169,9 +170,11 @@ def fit_stage(model, recipe, stage, train_ds, *, val_ds, steps, run_dir, verbose
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
     run.compile_model(model, spec, steps, run.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
-    model.fit(train_ds, validation_data=val_ds, epochs=first + spec["train"]["epochs"], initial_epoch=first,
+    epochs = len(logged.get("epoch", [])) if run.stopped_early(spec, logged) else spec["train"]["epochs"]
+    model.fit(train_data(max(run.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
+              initial_epoch=first,
               steps_per_epoch=steps, verbose=verbose,
-              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path))
+              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
@@ -194,15 +197,16 @@ def stage2_if_better(model, layers, recipe, stage1_best, fit):
     return epochs
 
 
-def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0):
+def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_batches=0):
     """(float32 x, one-hot y) batches from arrays; repeating and shuffled for training.
-    Shuffled as indices over all rows (a full buffer), so each epoch draws from every row."""
+    Shuffled as indices over all rows (a full buffer), so each epoch draws from every row;
+    the first ``skip_batches`` batches left out (a resumed stage starts where it was)."""
     import tensorflow as tf
 
     x, y = tf.constant(x), tf.constant(y)
     rows = tf.data.Dataset.range(len(y))
     if shuffle:
-        rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat()
+        rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().skip(skip_batches * batch_size)
     return rows.batch(batch_size).map(
         lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
 
@@ -253,17 +257,19 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     head = new_head(classes, ft["head_dropout"])
     head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
     val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
-    train_ds = array_dataset(pooled["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
-    epochs1, best1 = fit_stage(head_model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir,
-                               verbose=verbose)
+    def train_data(features):
+        return lambda epoch: array_dataset(features, train_y, classes, batch, shuffle=True, seed=recipe["seed"],
+                                           skip_batches=epoch * steps)
+
+    epochs1, best1 = fit_stage(head_model, recipe, 1, train_data(pooled["train"]), val_ds=val, steps=steps,
+                               run_dir=run_dir, verbose=verbose)
     epochs2 = 0
     if top is not None and ft["stage2_epochs"] > 0:
         unfreeze_top(backbone, ft["unfreeze_blocks"])
         top_model = stack(keras.Input(cut["train"].shape[1:]), [top] + head, "top_and_head")
         val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
-        train_ds = array_dataset(cut["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"])
         epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
-            top_model, recipe, 2, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
+            top_model, recipe, 2, train_data(cut["train"]), val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
     return head, (epochs1, epochs2)
 
 
@@ -274,8 +280,10 @@ def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
     model = stack(backbone.input, [backbone] + head, "finetune")
     batch, classes = spec["batch_size"], data.num_classes
     steps = -(-len(train_split) // batch)
-    train_ds = train_dataset(train_split.x, train_split.y, classes, batch, AugmentConfig(**recipe["augment"]),
-                             seed=recipe["seed"])
+    def train_ds(epoch):
+        return train_dataset(train_split.x, train_split.y, classes, batch, AugmentConfig(**recipe["augment"]),
+                             seed=recipe["seed"], first_epoch=epoch)
+
     val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
     backbone.trainable = False
     epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose)

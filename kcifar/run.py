@@ -270,16 +270,29 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore (weights, optimizer state and epoch, two copies) whose every
     file is replaced atomically, each metadata file naming the sha256 of its weights file:
     a kill at any moment leaves at least one whole, matching pair, and a damaged or
-    mismatched copy is detected (``backup_pair``) and the other one used."""
+    mismatched copy is detected (``backup_pair``) and the other one used.
 
-    def __init__(self, backup_dir):
-        super().__init__(str(backup_dir), double_checkpoint=True)
+    The metadata also holds the layers' random-number states (``seed_states``), which Keras'
+    weight files leave out: a resumed run draws the dropout masks it would have drawn.
+    The backup outlives ``fit`` (``finish`` removes it once ``metrics.json`` is written), so a
+    run killed while it is scored resumes there, not at epoch 1. A stage starting at
+    ``first_epoch`` takes from a backup of that epoch (an earlier stage's end) only its
+    random-number states."""
+
+    def __init__(self, backup_dir, first_epoch=0):
+        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+        self.first_epoch = first_epoch
 
     def on_train_begin(self, logs=None):
         pair = backup_pair(Path(self.backup_dir))
-        if pair is None:
+        if pair is None or pair[1]["epoch"] < self.first_epoch:
             return
         weights, state = pair
+        for name, value in state.get("seed_states", {}).items():
+            if name in seed_states(self.model):
+                seed_states(self.model)[name].assign(value)
+        if state["epoch"] == self.first_epoch:
+            return
         if weights.name.endswith(".bkp"):  # the whole copy is the previous one: it becomes the latest again
             _link(weights, self._weights_path)
             fileio.write_json(Path(self._training_metadata_path), state)
@@ -301,7 +314,16 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         with fileio.atomic_path(weights) as tmp:
             self.model.save_weights(tmp)
         fileio.write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                                 "weights_sha256": fileio.file_sha256(weights)})
+                                 "weights_sha256": fileio.file_sha256(weights),
+                                 "seed_states": {name: keras.ops.convert_to_numpy(state).tolist()
+                                                 for name, state in seed_states(self.model).items()}})
+
+
+def seed_states(model) -> dict:
+    """{layer name: state variable} of the layers of ``model`` that draw random numbers
+    (Dropout's ``SeedGenerator``), by name, so a stage's model finds its layers' states."""
+    return {layer.name: layer.seed_generator.state for layer in model._flatten_layers()
+            if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)}
 
 
 def _link(source, target):
@@ -380,9 +402,18 @@ def best_so_far(history: dict, monitor: str):
     return (None, 0) if best is None else (float(values[best]), len(values) - 1 - best)
 
 
-def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict, best_path=None):
-    """Keras callbacks of a resumable run (or stage): EarlyStopping and the best-model file
-    (``best_path``, default ``best.keras``) continue from ``history``, the rows logged so far."""
+def stopped_early(recipe: dict, history: dict) -> bool:
+    """Whether ``history``, the rows logged so far, already spent EarlyStopping's patience
+    (as Keras' EarlyStopping decides it): the run stopped there, and resumed it trains no
+    further epoch."""
+    stop = recipe["early_stopping"]
+    _, wait = best_so_far(history, stop["monitor"])
+    return stop["enabled"] and len(history.get("epoch", [])) > 1 and wait >= max(stop["patience"], 1)
+
+
+def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict, best_path=None, first_epoch=0):
+    """Keras callbacks of a resumable run (or stage from ``first_epoch``): EarlyStopping and the
+    best-model file (``best_path``, default ``best.keras``) continue from ``history``, the rows logged so far."""
     stop = recipe["early_stopping"]
     has_val = recipe["data"]["val_size"] > 0
     monitor = stop["monitor"]
@@ -392,7 +423,7 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
         keras.callbacks.TerminateOnNaN(),
         BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        RunBackup(run_dir / BACKUP_DIR),
+        RunBackup(run_dir / BACKUP_DIR, first_epoch),
     ]
     if stop["enabled"]:
         callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
@@ -610,6 +641,8 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strate
     if strategy is not None and not multiworker.is_chief(strategy):
         run_dir = multiworker.worker_copy(run_dir, overwrite)
     lock_run(run_dir)
+    if run_dir.is_dir():
+        fileio.remove_temporaries(run_dir)  # a kill while a file was written leaves its temporary
     saved = run_dir / "recipe.toml"
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:

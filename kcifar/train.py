@@ -72,16 +72,18 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     first_epoch = run.resume_epoch(run_dir)
     if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
         raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
-    if first_epoch:
-        print(f"resuming {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
     history = run.read_history(run_dir)
+    epochs = first_epoch if run.stopped_early(recipe, history) else spec["epochs"]
+    if first_epoch:
+        print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
+              f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
     started = run.start_clock(history)
     has_val = len(data.val) > 0
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,
                       seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
-        epochs=spec["epochs"], steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
+        epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
         callbacks=run.make_callbacks(run_dir, recipe, len(train_split), history),
     )
     history = run.read_history(run_dir)

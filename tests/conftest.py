@@ -100,6 +100,29 @@ def real_cifar10(real_cifar10_dir):
     return load_cifar("cifar10", data_dir=real_cifar10_dir)
 
 
+def stop_after_epoch(epoch):
+    """A Keras callback that stops the process's work the way a kill would, once the backup
+    of ``epoch`` (counted from 0) is written."""
+    import keras
+
+    class StopAfterEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, done, logs=None):
+            if done == epoch:
+                raise KeyboardInterrupt
+
+    return StopAfterEpoch()
+
+
+def tiny_backbone(folder) -> Path:
+    """A tiny fine-tune backbone: an untrained s3_tutorial saved as a run directory ``folder``."""
+    from kcifar import models
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    models.build("s3_tutorial").save(folder / "best.keras")
+    return folder
+
+
 def one_line_error(main, argv, capsys) -> str:
     """Run a kcifar command's ``main``; assert it fails with exit 2 and a single ``error:`` line."""
     with pytest.raises(SystemExit) as exit_info:

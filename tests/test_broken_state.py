@@ -4,27 +4,19 @@ backup has two copies (the latest and the previous epoch's): one damaged copy re
 the other; anything else is one line naming the file and --overwrite."""
 
 import errno
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import one_line_error, own_stderr_lines, stop_after_epoch, write_cifar10
+from soak import differences
 
 from kcifar import finetune, run, train
 
 ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
-
-
-class StopAfterEpoch(keras.callbacks.Callback):
-    """Stops the process's work the way a kill would, once the backup of ``epoch`` is written."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture
@@ -33,7 +25,7 @@ def stopped_run(tiny_cifar10, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     recipe = train.recipe_from_args(train.parse_args(ARGS))
     make_callbacks = run.make_callbacks
-    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [StopAfterEpoch(2)])
+    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(2)])
     with pytest.raises(KeyboardInterrupt):
         train.train(recipe, runs, verbose=0)
     monkeypatch.setattr(run, "make_callbacks", make_callbacks)
@@ -120,3 +112,65 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(tiny_ci
     train.main(argv)
     assert f"resuming {tmp_path / 'runs' / 'r'} at epoch 2" in capsys.readouterr().err
     assert run.is_finished(tmp_path / "runs" / "r") and len(run.read_history(tmp_path / "runs" / "r")["epoch"]) == 4
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A real 8 MiB file system: a tmpfs, else a loop-mounted ext4 image; unmounted at the end.
+    Skipped, saying why, where neither can be mounted (not root, no mount in the container)."""
+    mount, image, errors = tmp_path / "small", tmp_path / "small.img", []
+    mount.mkdir()
+    for commands in ([["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mount]],
+                     [["truncate", "-s", "8M", image], ["mkfs.ext4", "-q", image], ["mount", "-o", "loop", image, mount]]):
+        try:
+            for command in commands:
+                subprocess.run(command, check=True, capture_output=True, text=True)
+            break
+        except (OSError, subprocess.CalledProcessError) as error:
+            errors.append(f"{commands[-1][:3]}: {getattr(error, 'stderr', '') or error}".strip())
+    else:
+        pytest.skip(f"cannot mount a small file system here ({'; '.join(errors)})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", mount], capture_output=True)
+
+
+FULL_DISK_RUN = ["--deterministic", "--epochs", "3", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
+
+
+def _train(runs_dir, data):
+    return subprocess.run([sys.executable, "-m", "kcifar.train", *FULL_DISK_RUN, "--runs-dir", str(runs_dir)],
+                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                                              "KCIFAR_DATA_DIR": str(data)})
+
+
+@pytest.fixture(scope="module")
+def run_with_space(tmp_path_factory):
+    """The run of FULL_DISK_RUN on a disk with space: (its data, its run directory)."""
+    folder = tmp_path_factory.mktemp("with_space")
+    data = write_cifar10(folder / "data").parent
+    whole = _train(folder / "runs", data)
+    assert whole.returncode == 0, whole.stderr
+    return data, folder / "runs" / "r"
+
+
+@pytest.mark.parametrize("room, fails_in", [(0.5, "r/best.keras"), (1.5, "backup/latest.weights.h5"),
+                                            (2.5, "r/best.keras")])  # epoch 1's model, its backup; epoch 2's model
+def test_a_really_full_file_system_is_one_line_and_the_run_resumes_once_there_is_space(
+        small_file_system, run_with_space, room, fails_in):
+    """A filler file leaves ``room`` times the size of best.keras free on a real small file
+    system, so a write of the run (Keras' own model and HDF5 writers) meets ENOSPC: one line,
+    exit 2 (no crash of HDF5 at exit); once the filler is gone the same command finishes the
+    run, equal to the one that had space."""
+    data, whole = run_with_space
+    free = os.statvfs(small_file_system)
+    filler = small_file_system / "filler"
+    filler.write_bytes(bytes(free.f_bavail * free.f_frsize - int(room * (whole / "best.keras").stat().st_size)))
+    full = _train(small_file_system / "runs", data)
+    assert full.returncode == 2 and len(own_stderr_lines(full.stderr)) == 1, full.stderr
+    assert f"{fails_in}: no space left on device; free some space and run the same command again" in full.stderr
+    filler.unlink()
+    again = _train(small_file_system / "runs", data)
+    assert again.returncode == 0, again.stderr
+    assert differences(whole, small_file_system / "runs" / "r") == []

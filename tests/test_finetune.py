@@ -8,6 +8,7 @@ import pickle
 import keras
 import numpy as np
 import pytest
+from conftest import stop_after_epoch, tiny_backbone
 
 from kcifar import finetune, models
 from kcifar.models import backbones
@@ -171,22 +172,8 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
     assert {"top_conv", "block7a_project_conv", "predictions"} <= trainable and "block6d_project_conv" not in trainable
 
 
-class KillAfterEpoch(keras.callbacks.Callback):
-    """Stops the process's work the way a kill would, after the backup of ``epoch`` is written."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_killed_finetune_resumes_in_its_stage_under_the_recipes_strategy(tiny_cifar10, tmp_path, monkeypatch):
-    backbone_dir = tmp_path / "backbone"
-    backbone_dir.mkdir()
-    models.build("s3_tutorial").save(backbone_dir / "best.keras")
+    backbone_dir = tiny_backbone(tmp_path / "backbone")
     recipe = finetune.resolve_recipe(None, [{
         "name": "r", "data": {"val_size": 20}, "train": {"batch_size": 10, "strategy": "default"},
         "early_stopping": {"enabled": False},
@@ -194,7 +181,7 @@ def test_killed_finetune_resumes_in_its_stage_under_the_recipes_strategy(tiny_ci
     strategies = []
     make_strategy, make_callbacks = finetune.run.make_strategy, finetune.run.make_callbacks
     monkeypatch.setattr(finetune.run, "make_strategy", lambda name: strategies.append(name) or make_strategy(name))
-    monkeypatch.setattr(finetune.run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [KillAfterEpoch(3)])
+    monkeypatch.setattr(finetune.run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(3)])
     with pytest.raises(KeyboardInterrupt):  # killed in stage 2's first epoch (epoch 3 counted from 0)
         finetune.finetune(recipe, tmp_path / "runs", verbose=0)
     run_dir = tmp_path / "runs" / "r"

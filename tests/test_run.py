@@ -28,6 +28,31 @@ def test_best_so_far_counts_patience_from_history():
     assert run.best_so_far({}, "val_loss") == (None, 0)
 
 
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_stopped_early_agrees_with_keras_early_stopping(patience):
+    """A run killed after EarlyStopping stopped it (while it was being scored) trains no more
+    epochs when resumed: ``stopped_early`` reads from the history where Keras' own callback stopped."""
+    recipe = {"early_stopping": {"enabled": True, "monitor": "val_accuracy", "patience": patience}}
+    for seed in range(20):
+        values = np.round(np.random.default_rng(seed).uniform(0, 1, 12), 1)  # ties included
+        stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience)
+        model = keras.Sequential()
+        model.stop_training = False  # as model.fit sets it
+        stop.set_model(model)
+        stop.on_train_begin()
+        stopped = None
+        for epoch, value in enumerate(values):
+            stop.on_epoch_end(epoch, {"val_accuracy": value})
+            if stop.model.stop_training:
+                stopped = epoch
+                break
+        for epoch in range(len(values) if stopped is None else stopped + 1):  # the epochs a run logs
+            history = {"epoch": np.arange(epoch + 1), "val_accuracy": values[:epoch + 1]}
+            assert run.stopped_early(recipe, history) is (epoch == stopped), (values, epoch, stopped)
+    assert not run.stopped_early({"early_stopping": {**recipe["early_stopping"], "enabled": False}},
+                                 {"epoch": np.arange(3), "val_accuracy": np.array([0.5, 0.1, 0.1])})
+
+
 def test_best_model_saver_keeps_the_best_epoch_and_leaves_no_temporaries(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     saver = run.BestModelSaver(tmp_path / "best.keras", "val_accuracy", best=0.5)
