@@ -288,9 +288,10 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if pair is None or pair[1]["epoch"] < self.first_epoch:
             return
         weights, state = pair
+        states = seed_states(self.model)
         for name, value in state.get("seed_states", {}).items():
-            if name in seed_states(self.model):
-                seed_states(self.model)[name].assign(value)
+            if name in states:
+                states[name].assign(value)
         if state["epoch"] == self.first_epoch:
             return
         if weights.name.endswith(".bkp"):  # the whole copy is the previous one: it becomes the latest again
