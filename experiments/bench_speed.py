@@ -50,6 +50,7 @@ MODELS = {  # model: (recipe, batch size); the recipe's augmentation, optimizer 
     "resnet20": ("experiments/recipes/resnet20_onecycle_15ep.toml", 128),
     "vgg11": ("experiments/recipes/s4_vgg11_20ep.toml", 64),
     "vgg16": ("experiments/recipes/s4_vgg16_final.toml", 64),
+    "airbench94": ("experiments/recipes/fast94.toml", 1024),  # with its EMA and BN-bias scale; PyTorch without
 }
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # name here: kcifar's train.precision
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -34,8 +34,14 @@ class TorchTwin(nn.Module):
 
     def _translate(self, layer, kind, in_shape):
         c = layer.get_config()
-        if kind in ("Normalization", "Rescaling", "Identity"):
+        if kind in ("Normalization", "Identity") or (kind == "Rescaling" and layer.name == "normalize"):
             return lambda x: x * (1 / 127.5) - 1.0
+        if kind == "Rescaling":
+            return lambda x: x * c["scale"] + c["offset"]
+        if kind == "PatchWhitening":  # airbench94's 2x2 conv: kernel frozen, bias trained
+            self.mods[layer.name] = nn.Conv2d(in_shape[-1], c["filters"], 2, bias=True)
+            self.mods[layer.name].weight.requires_grad_(False)
+            return self.mods[layer.name]
         if kind == "Conv2D":
             k, s = c["kernel_size"][0], c["strides"][0]
             pad = k // 2 if c["padding"] == "same" else 0
@@ -46,10 +52,16 @@ class TorchTwin(nn.Module):
             return self._with_activation(self.mods[layer.name], c["activation"])
         if kind in ("BatchNormalization", "FusedBatchNorm"):
             cls = nn.BatchNorm2d if len(in_shape) == 4 else nn.BatchNorm1d
-            self.mods[layer.name] = cls(in_shape[-1], eps=c["epsilon"], momentum=1 - c["momentum"],
-                                        affine=c["scale"] or c["center"])
-            return self.mods[layer.name]
+            bn = cls(in_shape[-1], eps=c["epsilon"], momentum=1 - c["momentum"], affine=c["scale"] or c["center"])
+            if bn.affine and not c["scale"]:  # airbench94's BN: a bias, no scale
+                bn.weight.requires_grad_(False)
+            if bn.affine and not c["center"]:
+                bn.bias.requires_grad_(False)
+            self.mods[layer.name] = bn
+            return bn
         if kind == "Activation":
+            if isinstance(c["activation"], dict) and c["activation"].get("config") == "kcifar>gelu_tanh":
+                return lambda x: F.gelu(x, approximate="tanh")
             return ACTIVATIONS[c["activation"]]
         if kind == "MaxPooling2D":
             k, s = c["pool_size"][0], c["strides"][0]
