@@ -2,13 +2,16 @@
 
 VGG16 in bfloat16 trains slower in kcifar than in PyTorch on an AMX CPU
 (experiments/results/speed_*.md) while the models around the convolutions
-are the same. This times the convolution alone, at VGG16's layer shapes on
-CIFAR (batch 64, channels/size 64/32 ... 512/2), forward and forward+backward
-(gradients for the input and the kernel), in each framework's fast CPU path:
-TensorFlow with oneDNN on, NHWC, a `tf.function`; PyTorch channels_last. Both
-call oneDNN; the numbers show which side of the gap the kernels are on.
+are the same. This times the convolution alone, at a model's layer shapes on
+CIFAR (`--shapes vgg16`: batch 64, channels/size 64/32 ... 512/2; `airbench94`:
+batch 1024, 24->64 at 31x31 ... 256->256 at 3x3), forward, forward+backward
+(gradients for the input and the kernel), and each backward kernel alone (the
+input's gradient, "backward data"; the kernel's, "backward weights"), in each
+framework's fast CPU path: TensorFlow with oneDNN on, NHWC, a `tf.function`;
+PyTorch channels_last. Both call oneDNN; the numbers show which side of the
+gap the kernels are on, and which kernel.
 
-    python experiments/bench_conv_layers.py [--precision bfloat16] [--out FILE]
+    python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--out FILE]
 """
 
 if __name__ == "__main__":
@@ -23,16 +26,21 @@ import subprocess
 import sys
 import time
 
-SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (512, 2)]  # (channels, height = width): VGG16's conv sizes
-BATCH, SECONDS = 64, 2.0
+# name: (batch, [(input channels, output channels, height = width)]): each model's 3x3 conv sizes on CIFAR
+SHAPES = {
+    "vgg16": (64, [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (512, 512, 2)]),
+    "airbench94": (1024, [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]),
+}
+SECONDS = 2.0
 
 
-def tf_step(channels, size, precision):
+def tf_step(batch, cin, cout, size, precision):
     import tensorflow as tf
 
     dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-    x = tf.random.normal((BATCH, size, size, channels), dtype=dtype)
-    kernel = tf.Variable(tf.random.normal((3, 3, channels, channels), dtype=dtype))
+    x = tf.random.normal((batch, size, size, cin), dtype=dtype)
+    kernel = tf.Variable(tf.random.normal((3, 3, cin, cout), dtype=dtype))
+    dy = tf.random.normal((batch, size, size, cout), dtype=dtype)
 
     @tf.function
     def forward():
@@ -45,17 +53,22 @@ def tf_step(channels, size, precision):
             loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
         return tape.gradient(loss, [x, kernel])
 
-    return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()])
+    backward_data = tf.function(lambda: tf.nn.conv2d_transpose(dy, kernel, tf.shape(x), 1, "SAME"))
+    backward_weights = tf.function(
+        lambda: tf.compat.v1.nn.conv2d_backprop_filter(x, tf.shape(kernel), dy, [1, 1, 1, 1], "SAME"))
+    return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()]), \
+        (lambda: backward_data().numpy()), (lambda: backward_weights().numpy())
 
 
-def torch_step(channels, size, precision):
+def torch_step(batch, cin, cout, size, precision):
     import torch
 
     torch.set_num_threads(os.cpu_count())
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    x = torch.randn(BATCH, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(dtype).to(memory_format=torch.channels_last)
+    dy = torch.randn(batch, cout, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
     def forward():
         with torch.no_grad():
@@ -65,7 +78,11 @@ def torch_step(channels, size, precision):
         x.grad, conv.weight.grad = None, None
         conv(x).sum().backward()
 
-    return forward, forward_backward
+    def backward(mask):  # ATen's convolution backward, only the gradients asked for
+        return lambda: torch.ops.aten.convolution_backward(dy, x.detach(), conv.weight.detach(), None, [1, 1], [1, 1],
+                                                           [1, 1], False, [0, 0], 1, mask)
+
+    return forward, forward_backward, backward([True, False, False]), backward([False, True, False])
 
 
 def gflops(fn, flops):
@@ -78,48 +95,55 @@ def gflops(fn, flops):
     return flops * reps / (time.perf_counter() - start) / 1e9
 
 
-def worker(framework, precision):
-    """One framework in its own process: GFLOPS per shape, forward and forward+backward."""
+def worker(framework, precision, shapes):
+    """One framework in its own process: GFLOPS per shape of forward, forward+backward, backward
+    data and backward weights."""
     make = tf_step if framework == "tf" else torch_step
-    for channels, size in SHAPES:
-        flops = 2 * BATCH * size * size * channels * channels * 9
-        forward, forward_backward = make(channels, size, precision)
-        print(f"{channels} {size} {gflops(forward, flops):.0f} {gflops(forward_backward, 3 * flops):.0f}", flush=True)
+    batch, sizes = SHAPES[shapes]
+    for cin, cout, size in sizes:
+        flops = 2 * batch * size * size * cin * cout * 9
+        forward, forward_backward, data, weights = make(batch, cin, cout, size, precision)
+        rates = [gflops(forward, flops), gflops(forward_backward, 3 * flops), gflops(data, flops), gflops(weights, flops)]
+        print(cin, cout, size, *(f"{rate:.0f}" for rate in rates), flush=True)
 
 
-def measure(framework, precision) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--worker", framework, "--precision", precision],
-                            capture_output=True, text=True, check=True,
+def measure(framework, precision, shapes) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--worker", framework, "--precision", precision,
+                             "--shapes", shapes], capture_output=True, text=True, check=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
-    return {(int(c), int(s)): (float(f), float(fb)) for c, s, f, fb in (line.split() for line in output.splitlines())}
+    rows = (line.split() for line in output.splitlines())
+    return {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
 
 
-def report(precision, results) -> str:
+def report(precision, shapes, results) -> str:
     from kcifar import run
 
+    batch, sizes = SHAPES[shapes]
     lines = ["# One 3x3 convolution's training step: TensorFlow against PyTorch", "",
              f"- command: `{run.command_line()}`", f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {run.code_version()}",
-             f"- {precision}, batch {BATCH}, 'same' padding, no bias; GFLOPS (forward = 2 x MACs; "
-             "forward+backward = 3x that)", "",
-             "| channels | size | TF forward | PyTorch forward | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd |",
-             "|---|---|---|---|---|---|---|"]
-    for shape in SHAPES:
-        (tf_f, tf_fb), (pt_f, pt_fb) = results["tf"][shape], results["torch"][shape]
-        lines.append(f"| {shape[0]} | {shape[1]}x{shape[1]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
-                     f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} |")
+             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias; GFLOPS (forward, "
+             "backward data and backward weights = 2 x MACs each; forward+backward = 3x that)", "",
+             "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
+             "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in sizes:
+        (tf_f, tf_fb, tf_d, tf_w), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
+        lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
+                     f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--shapes", default="vgg16", choices=list(SHAPES), help="whose conv shapes and batch")
     parser.add_argument("--out", help="markdown file to write (default: print)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.precision)
-    text = report(args.precision, {fw: measure(fw, args.precision) for fw in ("tf", "torch")})
+        return worker(args.worker, args.precision, args.shapes)
+    text = report(args.precision, args.shapes, {fw: measure(fw, args.precision, args.shapes) for fw in ("tf", "torch")})
     if args.out:
         from kcifar.fileio import write_text
 

@@ -37,6 +37,35 @@ def test_airbench94_has_the_stated_parameters_and_identity_convs():
     assert model.get_layer("whiten").output.shape[1:] == (31, 31, 24)
 
 
+
+def test_under_bfloat16_the_input_stage_computes_in_float32_and_the_rest_in_bfloat16():
+    """normalize and whiten stay float32 (bf16 inputs gave the whitened small-eigenvalue channels
+    ~5 % noise); everything after them computes in bfloat16, and the logits come out float32."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build("airbench94")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    computes = {layer.name: layer.compute_dtype for layer in model.layers}
+    assert computes["normalize"] == computes["whiten"] == "float32"
+    assert computes["whiten_act"] == computes["block1_conv1"] == computes["block3_act2"] == "bfloat16"
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    whitened = keras.Model(model.inputs, model.get_layer("whiten").output)(x)
+    assert whitened.dtype == "float32" and model(x).dtype == "float32"
+
+
+def test_gelu_approximate_is_the_tanh_gelu_and_survives_saving(tmp_path):
+    exact, tanh = models.build("airbench94"), models.build("airbench94", gelu_approximate=True)
+    assert exact.get_layer("block2_act1").activation is keras.activations.gelu
+    values = np.linspace(-6, 6, 1001, dtype=np.float32)
+    gap = np.abs(np.asarray(airbench.gelu_tanh(values)) - np.asarray(keras.activations.gelu(values)))
+    assert 0 < gap.max() < 1e-3  # another function, within the docstring's bound
+    tanh.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(tanh(x)))
+    assert loaded.get_layer("block2_act1").activation is airbench.gelu_tanh
+
 def test_whitening_kernel_whitens_the_patches():
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(12, 12))  # strongly correlated 2x2x3 patches
