@@ -230,21 +230,25 @@ def overlaid_curves(cells, path, title="Learning curves"):
     """Validation top-1 and validation loss per epoch of every run, one colour per cell.
 
     ``cells`` is [(cell name, [history dicts of its runs])], histories as in
-    ``learning_curves``; runs without a validation split show their training curves.
+    ``learning_curves``; runs without a validation split (their ``val_`` columns
+    missing or all NaN) show their training curves, and the axes say so.
     """
     fig = Figure(figsize=size_learning_curves(), layout="constrained")
     axes = fig.subplots(1, 2)
     palette = colormaps["tab10" if len(cells) <= 10 else "tab20"].colors
+    kinds = set()
     for i, (name, histories) in enumerate(cells):
         colour = palette[i % len(palette)]
         for run, history in enumerate(histories):
             for ax, column in zip(axes, ("accuracy", "loss")):
-                shown = f"val_{column}" if f"val_{column}" in history else column
-                if shown in history:
+                shown = f"val_{column}" if _has_values(history, f"val_{column}") else column
+                if _has_values(history, shown):
+                    kinds.add("validation" if shown.startswith("val_") else "training")
                     epochs = np.asarray(history["epoch"]) + 1
                     ax.plot(epochs, history[shown], color=colour, linewidth=1.2, alpha=0.8,
                             marker="o" if len(epochs) <= 30 else None, markersize=3, label=name if run == 0 else None)
-    for ax, ylabel in zip(axes, ("validation top-1 (fraction of images)", "validation loss (cross-entropy)")):
+    split = " or ".join(sorted(kinds, reverse=True)) or "validation"
+    for ax, ylabel in zip(axes, (f"{split} top-1 (fraction of images)", f"{split} loss (cross-entropy)")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -252,6 +256,11 @@ def overlaid_curves(cells, path, title="Learning curves"):
     axes[0].legend(fontsize=8, ncol=2 if len(cells) > 8 else 1)
     fig.suptitle(title + " (one line per run, one colour per cell)")
     return _save(fig, path)
+
+
+def _has_values(history, column) -> bool:
+    """Whether ``history`` has ``column`` with a finite value (a run without validation writes NA)."""
+    return column in history and bool(np.isfinite(np.asarray(history[column], dtype=float)).any())
 
 
 def progression(steps, documented, ours, path, title, documented_label, ours_label):

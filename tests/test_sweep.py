@@ -250,3 +250,22 @@ def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
     assert "no mixed_bfloat16 run" in estimate.speed_for(in_bfloat16, [(measured_key, 2000.0)])[1]
     assert "no mixed_bfloat16 run" in estimate.speed_for(other_model[:4] + ("mixed_bfloat16",),
                                                           [(measured_key, 2000.0)])[1]
+
+
+def test_overlaid_curves_show_training_curves_of_runs_without_validation(tmp_path, monkeypatch):
+    """fast94 trains on all 50,000 images: its history's val_ columns are NaN, so the figure shows
+    its training curves (it was empty before) and labels the axes so."""
+    from kcifar import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    nan = float("nan")
+    no_val = {"epoch": [0, 1], "accuracy": [0.5, 0.7], "loss": [1.5, 1.0], "val_accuracy": [nan, nan], "val_loss": [nan, nan]}
+    with_val = {"epoch": [0, 1], "accuracy": [0.5, 0.7], "loss": [1.5, 1.0], "val_accuracy": [0.4, 0.6], "val_loss": [1.6, 1.2]}
+    plots.overlaid_curves([("a", [no_val])], tmp_path / "a.png")
+    accuracy_axis = figures[-1].axes[0]
+    assert list(accuracy_axis.lines[0].get_ydata()) == [0.5, 0.7]
+    assert accuracy_axis.get_ylabel().startswith("training top-1")
+    plots.overlaid_curves([("b", [with_val])], tmp_path / "b.png")
+    assert list(figures[-1].axes[0].lines[0].get_ydata()) == [0.4, 0.6]
+    assert figures[-1].axes[1].get_ylabel().startswith("validation loss")
