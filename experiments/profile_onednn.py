@@ -78,8 +78,8 @@ def report(args, by_kind, by_shape, wall, steps, started) -> str:
     lines = [f"# Where the training step spends its time in oneDNN: {args.recipe}", "",
              f"- command: `{run.command_line()}`", f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
              f"- date: {started} (UTC); commit: {run.code_version()}",
-             f"- TF_NUM_INTEROP_THREADS={os.environ.get('TF_NUM_INTEROP_THREADS')} (0: TensorFlow's default, "
-             "operations side by side; kcifar's commands set 1 on a machine without a GPU)",
+             f"- TF_NUM_INTEROP_THREADS={os.environ.get('TF_NUM_INTEROP_THREADS')} (unset or 0: TensorFlow's "
+             "default, independent operations side by side)",
              f"- {steps} steps profiled after {args.warmup} unprofiled; their wall time {wall:.1f} s "
              f"({wall / steps * 1000:.0f} ms a step, with verbose logging); oneDNN's execution times add up to "
              f"{total / 1000:.1f} s (more than the wall time where TensorFlow ran primitives side by side)", "",

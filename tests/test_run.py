@@ -79,7 +79,6 @@ filters = list(warnings.filters)
 import kcifar, kcifar.train, kcifar.finetune, kcifar.evaluate, kcifar.predict, kcifar.report
 import kcifar.augment.preview, kcifar.augment.__main__
 assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ, "import set TF_ENABLE_ONEDNN_OPTS"
-assert "TF_NUM_INTEROP_THREADS" not in os.environ, "import set TF_NUM_INTEROP_THREADS"
 assert not any("affine_transform" in str(f[1]) for f in warnings.filters), "import added a warning filter"
 import matplotlib
 assert matplotlib.get_backend() == "svg", "import chose another matplotlib backend"
@@ -88,7 +87,7 @@ print("clean")
 
 
 def test_importing_kcifar_changes_nothing_in_the_process():
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTEROP_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True,
                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "2", "MPLBACKEND": "svg"}, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr[-2000:]
@@ -150,27 +149,3 @@ def test_an_interrupted_run_of_older_code_resumes_when_newer_code_added_recipe_k
     with pytest.raises(KcifarError, match="interrupted run of a different recipe"):
         run.open_run_dir(tmp_path, recipe, overwrite=False)
 
-
-START = """
-import os
-from kcifar.errors import start_command
-start_command()
-print(os.environ.get("TF_NUM_INTEROP_THREADS"))
-"""
-
-
-@pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
-def test_a_command_runs_one_op_at_a_time_on_a_cpu_unless_told(preset, expected):
-    """Without an NVIDIA device start_command asks TensorFlow (which reads the variable when it
-    makes its thread pool) for one inter-op thread; a value the user set is kept."""
-    from kcifar.errors import has_nvidia_device
-
-    env = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTEROP_THREADS"}
-    if preset:
-        env["TF_NUM_INTEROP_THREADS"] = preset
-    out = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True,
-                         env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    if has_nvidia_device() and not preset:
-        pytest.skip("a machine with an NVIDIA GPU keeps TensorFlow's default")
-    assert out.stdout.split()[-1] == expected
