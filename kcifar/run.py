@@ -715,6 +715,7 @@ def environment() -> dict:
                     "cpu": cpu_description(),
                     "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                    "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS"),
                     "TF_NUM_INTEROP_THREADS": os.environ.get("TF_NUM_INTEROP_THREADS"),
                     "onednn": onednn_enabled()},
         "precision": keras.mixed_precision.global_policy().name,
