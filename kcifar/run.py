@@ -736,13 +736,19 @@ def command_line(argv=None) -> str:
     return " ".join(["python", program, *(sys.argv[1:] if argv is None else argv)])
 
 
+# Written by the commands themselves (results, the report): a change there is not a change of code.
+RECORDED_OUTPUT = ("experiments/results", "experiments/REPORT.md", "experiments/REPORT_s1_progression.png")
+
+
 def code_version() -> str:
-    """The commit of the checkout kcifar runs from (``plus uncommitted changes`` when dirty)."""
+    """The commit of the checkout kcifar runs from (``plus uncommitted changes`` when a tracked
+    file other than the recorded results differs from it)."""
     root = REPOSITORY
+    status = ["status", "--porcelain", "-uno", "--", ".", *(f":(exclude){path}" for path in RECORDED_OUTPUT)]
     try:
         commit, dirty = (subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                                         check=True).stdout.strip()
-                         for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"]))
+                         for args in (["rev-parse", "--short", "HEAD"], status))
     except (OSError, subprocess.CalledProcessError):
         return "not recorded (not a git checkout)"
     return commit + (" plus uncommitted changes" if dirty else "")

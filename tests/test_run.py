@@ -149,3 +149,27 @@ def test_an_interrupted_run_of_older_code_resumes_when_newer_code_added_recipe_k
     with pytest.raises(KcifarError, match="interrupted run of a different recipe"):
         run.open_run_dir(tmp_path, recipe, overwrite=False)
 
+
+
+def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path, monkeypatch):
+    """A sweep rewrites experiments/results/ while later runs record the commit: that is output,
+    not a change of the code the runs use; an edit under kcifar/ is."""
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+    (tmp_path / "kcifar").mkdir()
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "kcifar" / "x.py").write_text("a = 1\n")
+    (tmp_path / "experiments" / "results" / "study.md").write_text("old\n")
+    (tmp_path / "experiments" / "REPORT.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(run, "REPOSITORY", tmp_path)
+    (tmp_path / "experiments" / "results" / "study.md").write_text("new\n")
+    (tmp_path / "experiments" / "REPORT.md").write_text("new\n")
+    assert "uncommitted" not in run.code_version()
+    (tmp_path / "kcifar" / "x.py").write_text("a = 2\n")
+    assert run.code_version().endswith(" plus uncommitted changes")
