@@ -208,6 +208,20 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
+def test_a_hand_written_reading_survives_a_new_summary(tmp_path):
+    study = load_study(write_study(tmp_path, 'seeds = [0, 1]\n[grid]\n"train.epochs" = [3]\n'))
+    fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.50)
+    summary.write_summary(study, tmp_path / "runs")
+    md = tmp_path / "runs" / "tiny" / "tiny.md"
+    reading = "\n## Reading (today)\n\nSeed 0 alone: 50 %.\n"
+    md.write_text(md.read_text() + reading)
+    fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[1], 0.70)
+    summary.write_summary(study, tmp_path / "runs")
+    text = md.read_text()
+    assert "| epochs-3 | 3 | 2/2 |" in text and "60.00 ± 14.14 %" in text  # the table is new ...
+    assert text.endswith(reading) and text.count("## Reading") == 1  # ... the reading kept, once
+
+
 def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys, monkeypatch):
     from kcifar.run import auto_precision, cpu_description
 

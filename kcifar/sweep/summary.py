@@ -15,6 +15,8 @@ With an output folder other than the runs' folder the small files of each run
 learning_curves.png; never a model) are copied there first, absolute paths of
 this machine replaced by ``…/<last part>``, and the summary is made from the
 copies: ``experiments/results/<study>/`` then holds everything the report needs.
+A reading written by hand below the generated part (from a ``## Reading`` heading on)
+is kept each time the summary is written again.
 """
 
 import csv
@@ -231,6 +233,17 @@ def draw_figures(study, cells, rows, out: Path) -> list:
 # ------------------------------------------------------------ the whole summary
 
 
+READING = "## Reading"
+
+
+def kept_reading(md: Path) -> str:
+    """The hand-written part of an existing summary (from its first ``## Reading`` heading on),
+    kept when the summary is written again; "" when there is none."""
+    text = md.read_text() if md.is_file() else ""
+    start = text.find(f"\n{READING}")
+    return "" if start < 0 else text[start:]
+
+
 def write_summary(study, runs_dir="runs", out=None, command="") -> list:
     """Write the study's summary (and, with ``out``, its recorded copy); returns the paths written."""
     runs_folder = Path(runs_dir) / study.name
@@ -243,5 +256,5 @@ def write_summary(study, runs_dir="runs", out=None, command="") -> list:
     figures = draw_figures(study, cells, rows, out)
     md, csv_path = out / f"{study.name}.md", out / f"{study.name}.csv"
     fileio.write_text(csv_path, to_csv(rows))
-    fileio.write_text(md, to_markdown(study, cells, rows, figures, command))
+    fileio.write_text(md, to_markdown(study, cells, rows, figures, command) + kept_reading(md))
     return [md, csv_path] + [out / name for name, _ in figures]
