@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import soak  # noqa: E402
 from conftest import tiny_backbone, write_cifar10  # noqa: E402
-from test_kill_soak import STUDY, TRAIN  # noqa: E402
+from test_kill_soak import EPOCHS, STUDY, TRAIN  # noqa: E402
 
 
 def opened_after(run_dirs, since, delay):
@@ -74,9 +74,9 @@ def commands(work: Path):
 
     return [
         ("train", "kcifar.train", [*TRAIN, "--runs-dir", train_dir.parent], data, lambda: [train_dir],
-         lambda: train_dir, 5, None,
+         lambda: train_dir, EPOCHS, None,
          {**{k: v for k, v in common(train_dir).items() if k != "figure writing"},
-          "final test scoring": lambda: lambda: soak.backup_epoch(train_dir) == 5, "figure writing": lambda: pngs(train_dir)}),
+          "final test scoring": lambda: lambda: soak.backup_epoch(train_dir) == EPOCHS, "figure writing": lambda: pngs(train_dir)}),
         ("finetune", "kcifar.finetune", [*ft_args, "--runs-dir", ft_dir.parent],
          {**data, "KERAS_HOME": str(features.parents[1])}, lambda: [ft_dir], lambda: ft_dir, 5, features,
          {"feature cache": lambda: lambda: any(features.glob("*/val.npy.sha256")),

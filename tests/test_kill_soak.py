@@ -24,7 +24,8 @@ def _pngs(run_dir):
     return lambda: run_dir.exists() and any(name.endswith(".png") for name in os.listdir(run_dir))
 
 
-TRAIN = ["--deterministic", "--epochs", "5", "--val-size", "100", "--batch-size", "50", "--augment", "crop_flip",
+EPOCHS = 7  # a retried kill moves the run on: enough epochs left for "mid-epoch" (two ends + half) on a busy CPU
+TRAIN = ["--deterministic", "--epochs", str(EPOCHS), "--val-size", "100", "--batch-size", "50", "--augment", "crop_flip",
          "--schedule", "cosine", "--set", "model_args.dropout=0.2", "--set", "model_args.head_dropout=0.2",
          "--name", "r", "--quiet"]  # dropout: its random-number state must resume too
 
@@ -36,10 +37,10 @@ def test_train_killed_at_five_moments_ends_as_if_never_stopped(tmp_path, data):
         ("best-model save", lambda: lambda: writing(run_dir, "best"), "best-model save"),
         ("backup write", lambda: lambda: backup_epoch(run_dir) is not None and backup_writing(run_dir), "backup write"),
         ("mid-epoch", lambda: mid_epoch(run_dir), "epoch "),
-        ("final test scoring", lambda: lambda: backup_epoch(run_dir) == 5, "final test scoring"),
+        ("final test scoring", lambda: lambda: backup_epoch(run_dir) == EPOCHS, "final test scoring"),
         ("figure writing", lambda: _pngs(run_dir), "figure writing"),
     ]
-    kills = soak("kcifar.train", [*TRAIN, "--runs-dir", run_dir.parent], data, run_dir, moments, 5, tmp_path / "killed.log")
+    kills = soak("kcifar.train", [*TRAIN, "--runs-dir", run_dir.parent], data, run_dir, moments, EPOCHS, tmp_path / "killed.log")
     assert whole.wait() == 0, (tmp_path / "whole.log").read_text()
     print(*(f"{kill['label']}: {kill['phase']}" for kill in kills), sep="\n")
     assert differences(tmp_path / "whole" / "r", run_dir) == []
