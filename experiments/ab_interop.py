@@ -19,7 +19,7 @@ import datetime
 import os
 import statistics
 
-from bench_speed import Worker
+from bench_speed import Worker, take_turns
 
 
 def compare(model, precision, rounds, seconds):
@@ -27,13 +27,7 @@ def compare(model, precision, rounds, seconds):
     for threads in ("0", "1"):
         os.environ["TF_NUM_INTEROP_THREADS"] = threads  # the worker process inherits it
         workers[threads] = Worker("kcifar", model, precision)
-    speeds = {threads: [] for threads in workers}
-    for _ in range(rounds):
-        for threads, worker in workers.items():
-            speeds[threads].append(worker.run(seconds))
-    for worker in workers.values():
-        worker.close()
-    return speeds
+    return take_turns(workers, rounds, seconds)
 
 
 def main():

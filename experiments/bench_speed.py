@@ -278,9 +278,8 @@ def chip_peaks(frameworks) -> dict:
     return peaks
 
 
-def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> dict:
-    """{(framework, precision): [images/s per round]}, the workers taking turns."""
-    workers = {(fw, p): Worker(fw, model, p) for fw in frameworks for p in precisions}
+def take_turns(workers: dict, rounds: int, seconds: float) -> dict:
+    """{key: [images/s per round]} of started workers, each running ``seconds`` in turn; then closed."""
     speeds = {key: [] for key in workers}
     for _ in range(rounds):
         for key, worker in workers.items():
@@ -288,6 +287,11 @@ def measure_model(model: str, frameworks, precisions, rounds: int, seconds: floa
     for worker in workers.values():
         worker.close()
     return speeds
+
+
+def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> dict:
+    """{(framework, precision): [images/s per round]}, the workers taking turns."""
+    return take_turns({(fw, p): Worker(fw, model, p) for fw in frameworks for p in precisions}, rounds, seconds)
 
 
 # ------------------------------------------------------------ the report

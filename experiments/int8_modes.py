@@ -3,8 +3,8 @@
 For a run's best.keras: full-integer int8 (what `kcifar.export --int8` writes) and LiteRT's
 16x8 mode (int16 activations, int8 weights), both post-training quantised from the same
 stratified training-split images, each against the Keras logits on the first `--images`
-test images (top-1 agreement, test top-1), its file size and batch-256 images/s in the
-LiteRT interpreter; then LiteRT's QuantizationDebugger on the int8 model: each quantised
+test images (top-1 agreement, test top-1), its file size and batch-256 images/s run as
+`kcifar.deploy` runs a LiteRT export (one thread per core); then LiteRT's QuantizationDebugger on the int8 model: each quantised
 tensor's rms error in units of its quantisation step (uniform rounding alone gives 0.29).
 
     KCIFAR_DATA_DIR=../shared/datasets python experiments/int8_modes.py RUN_DIR [--images 2048]
@@ -19,7 +19,7 @@ import argparse
 import csv
 import io
 import tempfile
-import time
+from pathlib import Path
 
 import numpy as np
 
@@ -38,29 +38,18 @@ def converter(saved, representative, mode):
     return c
 
 
-def run_litert(content, x, batch=256):
-    """(logits, images/s of the median of 3 timed batch-256 calls after the full pass)."""
-    from ai_edge_litert.interpreter import Interpreter
+def run_litert(content, x, folder):
+    """(logits of ``x``, batch-256 images/s): the file run as kcifar.deploy runs a LiteRT export
+    (one thread per core), timed as bench_inference.py times it."""
+    from bench_inference import BIG, throughput
 
-    interpreter = Interpreter(model_content=content)
-    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
-    logits = []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        interpreter.resize_tensor_input(inp, chunk.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(inp, chunk)
-        interpreter.invoke()
-        logits.append(interpreter.get_tensor(out).copy())
-    interpreter.resize_tensor_input(inp, x[:batch].shape)
-    interpreter.allocate_tensors()
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        interpreter.set_tensor(inp, x[:batch])
-        interpreter.invoke()
-        times.append(time.perf_counter() - started)
-    return np.concatenate(logits), batch / float(np.median(times))
+    from kcifar import deploy
+
+    path = Path(folder) / "model.tflite"
+    path.write_bytes(content)
+    run = deploy._litert(path)
+    logits = np.concatenate([run(x[start:start + BIG]) for start in range(0, len(x), BIG)])
+    return logits, throughput(run, x[:BIG], repeats=3)
 
 
 def layer_errors(conv, representative, top=8):
@@ -106,7 +95,7 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for mode in ("float", *MODES):
         content = converter(saved, representative, mode).convert()
-        logits, speed = run_litert(content, x)
+        logits, speed = run_litert(content, x, tempfile.mkdtemp())
         got = logits.argmax(1)
         print(f"| {mode} | {len(content) / 1e6:.2f} | {np.mean(got == expected):.2%} | {np.mean(got == y):.2%} | "
               f"{speed:,.0f} |", flush=True)
