@@ -4,8 +4,9 @@ For a run's best.keras: full-integer int8 (what `kcifar.export --int8` writes) a
 16x8 mode (int16 activations, int8 weights), both post-training quantised from the same
 stratified training-split images, each against the Keras logits on the first `--images`
 test images (top-1 agreement, test top-1), its file size and batch-256 images/s run as
-`kcifar.deploy` runs a LiteRT export (one thread per core); then LiteRT's QuantizationDebugger on the int8 model: each quantised
-tensor's rms error in units of its quantisation step (uniform rounding alone gives 0.29).
+`kcifar.deploy` runs a LiteRT export (one thread per core); then LiteRT's
+QuantizationDebugger on the int8 model: each quantised tensor's rms error in units of its
+quantisation step (uniform rounding alone gives 0.29).
 
     KCIFAR_DATA_DIR=../shared/datasets python experiments/int8_modes.py RUN_DIR [--images 2048]
 """
