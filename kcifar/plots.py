@@ -226,12 +226,14 @@ def sweep_accuracy(x_labels, series, path, xlabel, title="Test top-1 per cell", 
     return _save(fig, path)
 
 
-def overlaid_curves(cells, path, title="Learning curves"):
+def overlaid_curves(cells, path, title="Learning curves", with_training=False):
     """Validation top-1 and validation loss per epoch of every run, one colour per cell.
 
     ``cells`` is [(cell name, [history dicts of its runs])], histories as in
     ``learning_curves``; runs without a validation split (their ``val_`` columns
     missing or all NaN) show their training curves, and the axes say so.
+    ``with_training``: the training curves too, dashed in the cell's colour, beside
+    the validation ones (overfitting is the gap between them; S2 and S4 show it so).
     """
     fig = Figure(figsize=size_learning_curves(), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -240,14 +242,18 @@ def overlaid_curves(cells, path, title="Learning curves"):
     for i, (name, histories) in enumerate(cells):
         colour = palette[i % len(palette)]
         for run, history in enumerate(histories):
+            epochs = np.asarray(history["epoch"]) + 1
+            style = dict(color=colour, alpha=0.8, markersize=3, marker="o" if len(epochs) <= 30 else None)
             for ax, column in zip(axes, ("accuracy", "loss")):
                 shown = f"val_{column}" if _has_values(history, f"val_{column}") else column
                 if _has_values(history, shown):
                     kinds.add("validation" if shown.startswith("val_") else "training")
-                    epochs = np.asarray(history["epoch"]) + 1
-                    ax.plot(epochs, history[shown], color=colour, linewidth=1.2, alpha=0.8,
-                            marker="o" if len(epochs) <= 30 else None, markersize=3, label=name if run == 0 else None)
-    split = " or ".join(sorted(kinds, reverse=True)) or "validation"
+                    ax.plot(epochs, history[shown], linewidth=1.2, label=name if run == 0 else None, **style)
+                if with_training and shown != column and _has_values(history, column):
+                    kinds.add("dashed")
+                    ax.plot(epochs, history[column], linewidth=0.9, linestyle="--", **style)
+    split = " or ".join(sorted(kinds - {"dashed"}, reverse=True)) or "validation"
+    split += " (solid), training (dashed)" if "dashed" in kinds else ""
     for ax, ylabel in zip(axes, (f"{split} top-1 (fraction of images)", f"{split} loss (cross-entropy)")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -44,6 +44,8 @@ def test_grid_expands_into_named_cells_with_seeded_recipes(tmp_path):
                                  '"train.epochs" = [4]\n')
     study = load_study(path)
     assert study.name == "tiny" and study.keys == ["model_args.blocks", "train.batch_size"]
+    assert not study.training_curves  # the curves show validation only unless the study asks
+    assert load_study(write_study(tmp_path, 'training_curves = true\n' + path.read_text(), "t2")).training_curves
     assert [c.name for c in study.cells] == ["blocks-6x16_batch_size-32", "blocks-6x16_batch_size-64",
                                              "blocks-16x32_batch_size-32", "blocks-16x32_batch_size-64"]
     cell, seed, recipe = list(study.runs())[-1]
@@ -75,6 +77,7 @@ def test_cell_list_takes_each_cells_recipe_and_name(tmp_path):
     ('seeds = [0]\n[grid]\n"train.epochs" = [0, 1]\n', "train.epochs must be at least 1"),
     ('seeds = [0]\n', "give either a [grid] table or a [[cells]] list"),
     ('seeds = [0]\ngrid_typo = 1\n', "unknown key grid_typo"),
+    ('seeds = [0]\ntraining_curves = "yes"\n[grid]\n"train.epochs" = [1, 2]\n', "training_curves must be true or false"),
 ])
 def test_bad_study_is_one_line_and_writes_nothing(tmp_path, capsys, body, message):
     path = write_study(tmp_path, body)
@@ -283,3 +286,9 @@ def test_overlaid_curves_show_training_curves_of_runs_without_validation(tmp_pat
     plots.overlaid_curves([("b", [with_val])], tmp_path / "b.png")
     assert list(figures[-1].axes[0].lines[0].get_ydata()) == [0.4, 0.6]
     assert figures[-1].axes[1].get_ylabel().startswith("validation loss")
+    assert len(figures[-1].axes[1].lines) == 1  # validation only, unless asked
+    plots.overlaid_curves([("b", [with_val])], tmp_path / "c.png", with_training=True)
+    validation, training = figures[-1].axes[1].lines  # S2 and S4 show overfitting as the gap between them
+    assert list(validation.get_ydata()) == [1.6, 1.2] and list(training.get_ydata()) == [1.5, 1.0]
+    assert training.get_linestyle() == "--" and training.get_color() == validation.get_color()
+    assert figures[-1].axes[1].get_ylabel().startswith("validation (solid), training (dashed) loss")

@@ -5,6 +5,7 @@ A study file is TOML; recipe paths in it are relative to the study file's folder
     description = "S0 study 1 on the CIFAR-10 stand-in"   # one line, shown in the summary
     recipe = "../recipes/s0_base.toml"                     # the base recipe (optional)
     seeds = [0, 1, 2]
+    training_curves = true      # the summary's curves show training (dashed) beside validation
 
     [base]                      # recipe keys set on top of the base recipe (optional)
     dataset = "cifar10"
@@ -34,7 +35,7 @@ from pathlib import Path
 from kcifar import recipe as krecipe
 from kcifar.errors import KcifarError
 
-STUDY_KEYS = {"name", "description", "recipe", "seeds", "base", "grid", "cells"}
+STUDY_KEYS = {"name", "description", "recipe", "seeds", "base", "grid", "cells", "training_curves"}
 RESERVED = {"name", "seed"}  # set by the sweep for every run
 
 
@@ -53,6 +54,7 @@ class Study:
     seeds: list
     keys: list  # the dotted keys that vary between cells, in file order
     cells: list = field(default_factory=list)
+    training_curves: bool = False  # the overlaid curves show training beside validation
 
     def runs(self):
         """(cell, seed, recipe) for every run, cell by cell."""
@@ -119,7 +121,10 @@ def load_study(path) -> Study:
         raise KcifarError(f"study {path}: name {name!r} must be a plain folder name (letters, digits, . _ -)")
     cell_specs = _cell_specs(spec, path)
     keys = _varied_keys([settings for settings, _, _ in cell_specs])
-    study = Study(name, path, spec.get("description", ""), seeds, keys)
+    training_curves = spec.get("training_curves", False)
+    if not isinstance(training_curves, bool):
+        raise KcifarError(f"study {path}: training_curves must be true or false, got {training_curves!r}")
+    study = Study(name, path, spec.get("description", ""), seeds, keys, training_curves=training_curves)
     base = spec.get("base", {})
     for settings, recipe_path, given_name in cell_specs:
         cell = given_name or (Path(recipe_path).stem if recipe_path and not settings else cell_name(settings, keys))

@@ -226,7 +226,8 @@ def draw_figures(study, cells, rows, out: Path) -> list:
     top1 = plots.sweep_accuracy(x_labels, series, out / f"{study.name}_top1.png", xlabel=x_key or "cell", connect=x_key is not None,
                                 title=f"{study.name}: test top-1 on all test images (mean ± std over seeds, dots: seeds)")
     curves = plots.overlaid_curves([(cell.name, [run["history"] for run in runs]) for cell, runs in cells if runs],
-                                   out / f"{study.name}_curves.png", title=f"{study.name}: every run's learning curves")
+                                   out / f"{study.name}_curves.png", title=f"{study.name}: every run's learning curves",
+                                   with_training=study.training_curves)
     return [(top1.name, "test top-1 against the swept key"), (curves.name, "learning curves of the cells")]
 
 
