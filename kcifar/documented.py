@@ -157,7 +157,7 @@ def measured(figure: Documented, results_dir: Path):
     if figure.cell is None and rows:
         best = max(rows, key=lambda r: _num(r["test_all_top1_mean"]) or -1)
         found = _from_study(best, figure.study)
-        return {**found, "text": f"best cell {best['cell']}: {found['text']}"}
+        return {**found, "text": f"best cell on all test images, {best['cell']}: {found['text']}"}
     row = next((r for r in rows if r["cell"] == figure.cell), None)
     if row is not None:
         return _from_study(row, figure.study)
