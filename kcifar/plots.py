@@ -238,7 +238,7 @@ def overlaid_curves(cells, path, title="Learning curves", with_training=False):
     fig = Figure(figsize=size_learning_curves(), layout="constrained")
     axes = fig.subplots(1, 2)
     palette = colormaps["tab10" if len(cells) <= 10 else "tab20"].colors
-    kinds = set()
+    kinds, dashed = set(), False
     for i, (name, histories) in enumerate(cells):
         colour = palette[i % len(palette)]
         for run, history in enumerate(histories):
@@ -250,10 +250,10 @@ def overlaid_curves(cells, path, title="Learning curves", with_training=False):
                     kinds.add("validation" if shown.startswith("val_") else "training")
                     ax.plot(epochs, history[shown], linewidth=1.2, label=name if run == 0 else None, **style)
                 if with_training and shown != column and _has_values(history, column):
-                    kinds.add("dashed")
+                    dashed = True
                     ax.plot(epochs, history[column], linewidth=0.9, linestyle="--", **style)
-    split = " or ".join(sorted(kinds - {"dashed"}, reverse=True)) or "validation"
-    split += " (solid), training (dashed)" if "dashed" in kinds else ""
+    split = " or ".join(sorted(kinds, reverse=True)) or "validation"
+    split += " (solid), training (dashed)" if dashed else ""
     for ax, ylabel in zip(axes, (f"{split} top-1 (fraction of images)", f"{split} loss (cross-entropy)")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
