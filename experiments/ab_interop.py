@@ -37,10 +37,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    from kcifar import run
+    from kcifar import machine
 
-    print(f"command: `{run.command_line()}`; CPU: {run.cpu_description()}; {os.cpu_count()} cores; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {run.code_version()}")
+    print(f"command: `{machine.command_line()}`; CPU: {machine.cpu_description()}; {os.cpu_count()} cores; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {machine.code_version()}")
     print("| model | precision | images/s, inter-op default (0) | images/s, inter-op 1 | 1 / default, per round (median) |")
     print("|---|---|---|---|---|")
     for model in args.models.split(","):

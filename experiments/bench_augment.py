@@ -46,7 +46,7 @@ from kcifar import models  # noqa: E402
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset  # noqa: E402
 from kcifar.data import load_cifar  # noqa: E402
 from kcifar.fileio import write_text  # noqa: E402
-from kcifar.run import code_version, command_line, cpu_description  # noqa: E402
+from kcifar.machine import code_version, command_line, cpu_description  # noqa: E402
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)

@@ -116,12 +116,12 @@ def measure(framework, precision, shapes) -> dict:
 
 
 def report(precision, shapes, results) -> str:
-    from kcifar import run
+    from kcifar import machine
 
     batch, sizes = SHAPES[shapes]
     lines = ["# One 3x3 convolution's training step: TensorFlow against PyTorch", "",
-             f"- command: `{run.command_line()}`", f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {run.code_version()}",
+             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
              f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias; GFLOPS (forward, "
              "backward data and backward weights = 2 x MACs each; forward+backward = 3x that)", "",
              "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "

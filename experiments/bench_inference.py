@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--note", default="", help="a line on the conditions, written under the settings")
     args = parser.parse_args()
     from kcifar import deploy
-    from kcifar.run import code_version, command_line, cpu_description
+    from kcifar.machine import code_version, command_line, cpu_description
 
     load_before, started, commit = sh("uptime"), datetime.datetime.now(datetime.timezone.utc), code_version()
     results = {name: measure(name, args.calls, args.repeats) for name in args.models}

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kcifar import fileio, multiworker, run
+from kcifar import fileio, machine, multiworker, run
 
 TIMEOUT_S = 3600
 
@@ -65,9 +65,9 @@ def main():
             for w, m in results.items()]
     fileio.write_text(args.out, "\n".join([
         "# `--strategy multiworker` on one machine: 1 and 2 workers against one process", "",
-        f"- command: `{run.command_line()}`",
-        f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores, shared with other training jobs during the run",
-        f"- date: {started} (UTC); commit: {run.code_version()}",
+        f"- command: `{machine.command_line()}`",
+        f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores, shared with other training jobs during the run",
+        f"- date: {started} (UTC); commit: {machine.code_version()}",
         f"- versions: TensorFlow {results[0]['versions']['tensorflow']}, Keras {results[0]['versions']['keras']}",
         f"- run: {args.model}, {args.train_subset:,} CIFAR-10 training images, global batch {args.batch_size}, "
         f"{args.epochs} epochs, float32; workers on localhost ports", "",

@@ -83,7 +83,7 @@ def main():
         print(rows[-1], flush=True)
     import tensorflow as tf
 
-    from kcifar.run import code_version, command_line, cpu_description
+    from kcifar.machine import code_version, command_line, cpu_description
 
     report = "\n".join([
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",

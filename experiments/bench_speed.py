@@ -88,7 +88,7 @@ def steps_for(seconds: float, rate_steps_per_s: float, multiple: int = 1) -> int
 
 
 def kcifar_worker(model_name: str, precision: str):
-    from kcifar import run, train
+    from kcifar import machine, run, train
     from kcifar.augment import AugmentConfig, train_dataset
 
     recipe = bench_recipe(model_name, precision)
@@ -97,7 +97,7 @@ def kcifar_worker(model_name: str, precision: str):
     batch = recipe["train"]["batch_size"]
     with strategy.scope():
         model = train.build_model(recipe, data, split)
-        run.compile_model(model, recipe, -(-len(split) // batch), run.jit_enabled(recipe["train"]["jit"]))
+        run.compile_model(model, recipe, -(-len(split) // batch), machine.jit_enabled(recipe["train"]["jit"]))
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)
 
@@ -336,13 +336,13 @@ def _spread(values) -> str:
 
 
 def report(results: dict, peaks: dict, args, started: str) -> str:
-    from kcifar import run
+    from kcifar import machine
 
     versions = _versions()
-    lines = [f"# Training speed on this CPU: kcifar beside PyTorch, float32 and bfloat16", "",
-             f"- command: `{run.command_line()}`",
-             f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {started} (UTC); commit: {run.code_version()}",
+    lines = ["# Training speed on this CPU: kcifar beside PyTorch, float32 and bfloat16", "",
+             f"- command: `{machine.command_line()}`",
+             f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
+             f"- date: {started} (UTC); commit: {machine.code_version()}",
              f"- versions: {versions}",
              f"- settings: {args.rounds} rounds of {args.seconds:g} s per worker, workers taking turns", "",
              "## The chip's peaks (GFLOPS, forward)", "",
@@ -358,9 +358,9 @@ def report(results: dict, peaks: dict, args, started: str) -> str:
 def _versions() -> str:
     import tensorflow as tf
 
-    from kcifar import run
+    from kcifar import machine
 
-    parts = [f"TensorFlow {tf.__version__} (oneDNN {'on' if run.onednn_enabled() else 'off'})",
+    parts = [f"TensorFlow {tf.__version__} (oneDNN {'on' if machine.onednn_enabled() else 'off'})",
              f"Keras {keras.__version__}"]
     try:
         import torch

@@ -77,7 +77,7 @@ def main():
     import keras
 
     import kcifar.models  # noqa: F401  (registers the zoo's layers)
-    from kcifar import deploy, run
+    from kcifar import deploy, machine, run
     from kcifar.data import load_cifar, stratified_subset
 
     model = deploy.float32_model(keras.models.load_model(f"{args.run_dir}/best.keras", compile=False))
@@ -89,8 +89,8 @@ def main():
     model.export(saved, format="tf_saved_model", verbose=False)
     from kcifar.sweep.summary import scrub_paths
 
-    print(f"command: `{scrub_paths(run.command_line())}`; CPU: {run.cpu_description()}; "
-          f"commit {run.code_version()}\n")
+    print(f"command: `{scrub_paths(machine.command_line())}`; CPU: {machine.cpu_description()}; "
+          f"commit {machine.code_version()}\n")
     print(f"Keras test top-1 on the first {len(x):,} test images: {np.mean(expected == y):.2%}\n")
     print("| LiteRT mode | size, MB | top-1 agreement with Keras | test top-1 | batch-256 images/s |")
     print("|---|---:|---:|---:|---:|")

@@ -106,7 +106,7 @@ def main():
                                                                "commands, besides each command's named moments")
     parser.add_argument("--out", help="markdown file for the results (default: print only)")
     args = parser.parse_args()
-    from kcifar.run import code_version, cpu_description
+    from kcifar.machine import code_version, cpu_description
 
     rng, began = random.Random(args.seed), time.monotonic()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

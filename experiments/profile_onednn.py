@@ -29,7 +29,7 @@ import time
 
 def worker(recipe_path, sets, warmup, steps):
     """Runs in a child process whose stdout is oneDNN's verbose log; prints the wall time last."""
-    from kcifar import recipe as krecipe, run, train
+    from kcifar import machine, recipe as krecipe, run, train
     from kcifar.augment import AugmentConfig, train_dataset
 
     recipe = krecipe.resolve(recipe_path, sets)
@@ -38,7 +38,7 @@ def worker(recipe_path, sets, warmup, steps):
     batch = recipe["train"]["batch_size"]
     steps_per_epoch = -(-len(split) // batch)
     model = train.build_model(recipe, data, split)
-    run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(recipe["train"]["jit"]))
+    run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(recipe["train"]["jit"]))
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)
     model.fit(batches, steps_per_epoch=warmup, epochs=1, verbose=0)
@@ -72,12 +72,12 @@ def summarize(log: str, top: int):
 
 
 def report(args, by_kind, by_shape, wall, steps, started) -> str:
-    from kcifar import run
+    from kcifar import machine
 
     total = sum(by_kind.values())
     lines = [f"# Where the training step spends its time in oneDNN: {args.recipe}", "",
-             f"- command: `{run.command_line()}`", f"- CPU: {run.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {started} (UTC); commit: {run.code_version()}",
+             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
+             f"- date: {started} (UTC); commit: {machine.code_version()}",
              f"- TF_NUM_INTEROP_THREADS={os.environ.get('TF_NUM_INTEROP_THREADS')} (unset or 0: TensorFlow's "
              "default, independent operations side by side)",
              f"- {steps} steps profiled after {args.warmup} unprofiled; their wall time {wall:.1f} s "

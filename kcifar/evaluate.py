@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from kcifar import fileio, run
+from kcifar import callbacks as kcallbacks, fileio, run
 from kcifar.data import Split, load_cifar, superclass_groups
 from kcifar.errors import KcifarError, cli
 
@@ -200,7 +200,7 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     ]
     if history:
         paths.append(plots.learning_curves(history, out_dir / "learning_curves.png",
-                                           best_index=run.best_index(history.get(monitor), monitor), monitor=monitor,
+                                           best_index=kcallbacks.best_index(history.get(monitor), monitor), monitor=monitor,
                                            title=f"Learning curves: {title}" if title else "Learning curves"))
     return [p.name for p in paths]
 

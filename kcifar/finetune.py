@@ -38,7 +38,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import evaluate, fileio, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, evaluate, fileio, machine, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
@@ -168,17 +168,17 @@ def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbo
         return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
     spec = stage_recipe(recipe, stage)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
-    run.compile_model(model, spec, steps, run.jit_enabled(spec["train"]["jit"]))
+    run.compile_model(model, spec, steps, machine.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
-    epochs = len(logged.get("epoch", [])) if run.stopped_early(spec, logged) else spec["train"]["epochs"]
+    epochs = len(logged.get("epoch", [])) if kcallbacks.stopped_early(spec, logged) else spec["train"]["epochs"]
     model.fit(train_data(max(run.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
               initial_epoch=first,
               steps_per_epoch=steps, verbose=verbose,
-              callbacks=run.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
+              callbacks=kcallbacks.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
     logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
-    best = run.best_index(logged.get(monitor), monitor)
+    best = kcallbacks.best_index(logged.get(monitor), monitor)
     result = len(logged["epoch"]), None if best is None else float(logged[monitor][best])
     run.record_stage(run_dir, stage, *result)
     return result
@@ -190,7 +190,7 @@ def stage2_if_better(model, layers, recipe, stage1_best, fit):
     saved = [layer.get_weights() for layer in layers]
     epochs, best = fit()
     monitor = recipe["early_stopping"]["monitor"]
-    if best is not None and stage1_best is not None and not run.improves(best, stage1_best, monitor):
+    if best is not None and stage1_best is not None and not kcallbacks.improves(best, stage1_best, monitor):
         for layer, weights in zip(layers, saved):
             layer.set_weights(weights)
         print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)

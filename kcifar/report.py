@@ -28,7 +28,9 @@ from pathlib import Path
 from kcifar.errors import KcifarError, cli
 from kcifar import fileio
 from kcifar.fileio import write_text
-from kcifar.run import code_version, read_recipe
+from kcifar.machine import code_version
+
+from kcifar.run import read_recipe
 
 COLUMNS = ["run", "model", "dataset", "finished", "epochs", "best_epoch", "val_top1_pct", "test_top1_all_pct",
            "test_top1_exact_pct", "test_exact_n", "wall_time_s", "train_images_per_s", "documented_pct",

@@ -1,11 +1,11 @@
 """The run library: what ``kcifar.train`` and ``kcifar.finetune`` share.
 
 A run's lifecycle, one function each: set up the process (strategy,
-precision, seed) -> load the recipe's data -> open ``runs/<name>/`` (new,
-resumed or replaced) -> compile -> ``model.fit`` with the callbacks here ->
-``summarize`` into ``metrics.json``. Readers of a run directory
-(``read_recipe``, ``read_history``, ``best_index``) live here too, so every
-command reads a run the same way.
+precision, seed: ``kcifar.machine``) -> load the recipe's data -> open
+``runs/<name>/`` (new, resumed or replaced) -> compile -> ``model.fit`` with
+``kcifar.callbacks`` -> ``summarize`` into ``metrics.json``. Readers of a run
+directory (``read_recipe``, ``read_history``, ``read_state``) live here too, so
+every command reads a run the same way.
 
 A run lives in ``runs/<name>/``: ``recipe.toml``, ``classes.txt``,
 ``history.csv``, ``best.keras``, ``backup/`` (BackupAndRestore),
@@ -15,10 +15,7 @@ A run lives in ``runs/<name>/``: ``recipe.toml``, ``classes.txt``,
 import csv
 import hashlib
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,66 +27,14 @@ except ImportError:
 
 import numpy as np
 
-from kcifar import __version__, data as kdata, fileio, recipe as krecipe
+from kcifar import data as kdata, fileio, recipe as krecipe
 from kcifar.errors import KcifarError
 
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
 
-from kcifar import multiworker, optim  # noqa: E402
-
-BACKUP_DIR = "backup"
-
-
-# ------------------------------------------------------------ devices
-
-
-def _is_gpu_machine():
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def make_strategy(name: str):
-    """auto: MirroredStrategy over all GPUs when there are several, else the default;
-    multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
-    if name == "multiworker":
-        return multiworker.make_strategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "auto":
-        name = "mirrored" if len(gpus) > 1 else "default"
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices=devices)
-
-
-# CPU flags of native bfloat16 arithmetic: AMX tiles (Intel Xeon since Sapphire Rapids) or
-# AVX512_BF16 (Intel Cooper Lake, AMD Zen 4). Without them bfloat16 is emulated and slower.
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def auto_precision() -> str:
-    """mixed_float16 on a GPU; on a CPU mixed_bfloat16 where it has native bfloat16, else float32.
-
-    Measured in experiments/results/speed_*.md: faster in bfloat16 on AMX and
-    AVX512_BF16 CPUs; slower on AVX2-only CPUs, so those keep float32.
-    """
-    if _is_gpu_machine():
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
-
-
-def set_precision(precision: str):
-    """Keras' global dtype policy; 'auto' is ``auto_precision()``."""
-    if precision == "auto":
-        precision = auto_precision()
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
-def jit_enabled(jit: str) -> bool:
-    """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
-    return _is_gpu_machine() if jit == "auto" else jit == "on"
+from kcifar import callbacks as kcallbacks, machine, multiworker, optim  # noqa: E402
+from kcifar.callbacks import BACKUP_DIR  # noqa: E402
 
 
 def progress_verbosity(quiet: bool) -> int:
@@ -106,9 +51,9 @@ def seed_everything(seed: int, deterministic: bool):
 def set_up(recipe: dict):
     """Seed, precision and the ``tf.distribute`` strategy of ``recipe["train"]``; returns the strategy."""
     spec = recipe["train"]
-    strategy = make_strategy(spec["strategy"])
+    strategy = machine.make_strategy(spec["strategy"])
     seed_everything(recipe["seed"], spec["deterministic"])
-    set_precision(spec["precision"])
+    machine.set_precision(spec["precision"])
     return strategy
 
 
@@ -205,238 +150,6 @@ def init_from_data(model, recipe: dict, train: kdata.Split) -> int:
 
 
 # ------------------------------------------------------------ callbacks
-
-
-class FreezeWhiteningBias(keras.callbacks.Callback):
-    """From epoch ``epochs`` on (counted from 0) every ``PatchWhitening`` layer is frozen, its
-    bias no longer trained: no gradient, momentum or decay, as PyTorch's ``requires_grad=False``.
-
-    Keras reads ``trainable`` when it traces the training step, so the step is traced once
-    more (``make_train_function(force=True)``); no recompile, the optimizer keeps its state.
-    Checked at every epoch start, so a run resumed after that epoch starts frozen.
-    """
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        from kcifar.models import airbench
-
-        layers = [layer for layer in airbench.whitening_layers(self.model) if layer.trainable]
-        if self.epochs and epoch >= self.epochs and layers:
-            for layer in layers:
-                layer.trainable = False
-            self.model.make_train_function(force=True)
-
-
-class EpochStats(keras.callbacks.Callback):
-    """Adds ``learning_rate`` (at the epoch's end), ``epoch_time_s`` and ``train_images_per_s``
-    (training part, validation excluded) to the epoch logs, so history.csv has them."""
-
-    def __init__(self, images_per_epoch: int):
-        super().__init__()
-        self.images_per_epoch = images_per_epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start, self.validation_start = time.perf_counter(), None
-
-    def on_test_begin(self, logs=None):
-        self.validation_start = self.validation_start or time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        end = time.perf_counter()
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logs["epoch_time_s"] = end - self.start
-        logs["train_images_per_s"] = self.images_per_epoch / ((self.validation_start or end) - self.start)
-
-
-class BestModelSaver(keras.callbacks.ModelCheckpoint):
-    """Keras' ModelCheckpoint (whole model, best epoch only when ``monitor`` is
-    given) whose file is replaced atomically: a kill never leaves half a file.
-    ``best``: the monitor's best value before a resumed run."""
-
-    def __init__(self, path, monitor=None, best=None):
-        super().__init__(str(path), monitor=monitor or "loss", mode=mode(monitor or "loss"),
-                         save_best_only=monitor is not None, initial_value_threshold=best)
-
-    def _save_model(self, epoch, batch, logs):
-        if self._should_save_model(epoch, batch, logs, self.filepath):
-            with fileio.atomic_path(self.filepath) as tmp:
-                self.model.save(tmp)
-
-
-class RunBackup(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore (weights, optimizer state and epoch, two copies) whose every
-    file is replaced atomically, each metadata file naming the sha256 of its weights file:
-    a kill at any moment leaves at least one whole, matching pair, and a damaged or
-    mismatched copy is detected (``backup_pair``) and the other one used.
-
-    The metadata also holds the layers' random-number states (``seed_states``), which Keras'
-    weight files leave out: a resumed run draws the dropout masks it would have drawn.
-    The backup outlives ``fit`` (``finish`` removes it once ``metrics.json`` is written), so a
-    run killed while it is scored resumes there, not at epoch 1. A stage starting at
-    ``first_epoch`` takes from a backup of that epoch (an earlier stage's end) only its
-    random-number states."""
-
-    def __init__(self, backup_dir, first_epoch=0):
-        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
-        self.first_epoch = first_epoch
-
-    def on_train_begin(self, logs=None):
-        pair = backup_pair(Path(self.backup_dir))
-        if pair is None or pair[1]["epoch"] < self.first_epoch:
-            return
-        weights, state = pair
-        states = seed_states(self.model)
-        for name, value in state.get("seed_states", {}).items():
-            if name in states:
-                states[name].assign(value)
-        if state["epoch"] == self.first_epoch:
-            return
-        if weights.name.endswith(".bkp"):  # the whole copy is the previous one: it becomes the latest again
-            _link(weights, self._weights_path)
-            fileio.write_json(Path(self._training_metadata_path), state)
-            weights = Path(self._weights_path)
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        try:
-            self.model.load_weights(weights)
-        except Exception as error:  # whole, but not this model's (h5py and Keras raise many types)
-            raise KcifarError(f"{weights} does not fit this run's model ({type(error).__name__}); pass --overwrite "
-                              "to train this run again from the start") from None
-        self.model._initial_epoch = state["epoch"]
-
-    def _save_model(self):
-        weights, meta = Path(self._weights_path), Path(self._training_metadata_path)
-        for current, previous in ((weights, self._prev_weights_path), (meta, self._prev_training_metadata_path)):
-            if current.exists():  # the current copy becomes the previous one
-                _link(current, previous)
-        with fileio.atomic_path(weights) as tmp:
-            self.model.save_weights(tmp)
-        fileio.write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                                 "weights_sha256": fileio.file_sha256(weights),
-                                 "seed_states": {name: keras.ops.convert_to_numpy(state).tolist()
-                                                 for name, state in seed_states(self.model).items()}})
-
-
-def seed_states(model) -> dict:
-    """{layer name: state variable} of the layers of ``model`` that draw random numbers
-    (Dropout's ``SeedGenerator``), by name, so a stage's model finds its layers' states."""
-    return {layer.name: layer.seed_generator.state for layer in model._flatten_layers()
-            if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)}
-
-
-def _link(source, target):
-    """``target`` becomes a hard link to ``source`` (no copying), atomically."""
-    with fileio.atomic_path(target) as tmp:
-        tmp.unlink()
-        os.link(source, tmp)
-
-
-def backup_pair(backup_dir: Path):
-    """(weights file, metadata) of the newest whole backup copy in ``backup_dir`` (the latest,
-    else the previous one), or None when there is no backup. Copies that exist but none of
-    which is whole are a one-line error."""
-    problems = []
-    for weights, meta in ((backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"),
-                          (backup_dir / "latest.weights.h5.bkp", backup_dir / "training_metadata.json.bkp")):
-        if not (weights.exists() or meta.exists()):
-            continue
-        try:
-            state = json.loads(meta.read_text(encoding="utf-8"))
-            int(state["epoch"])
-        except FileNotFoundError:
-            problems.append(f"{meta.name} is missing")
-            continue
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            problems.append(f"{meta.name} is damaged (not valid JSON)")
-            continue
-        if not weights.exists():
-            problems.append(f"{weights.name} is missing")
-        elif "weights_sha256" in state and fileio.file_sha256(weights) != state["weights_sha256"]:
-            problems.append(f"{weights.name} is damaged (not the file {meta.name} names)")
-        else:  # a backup written by Keras' own callback names no digest: taken as it is
-            return weights, state
-    if problems:
-        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); pass --overwrite to train "
-                          "this run again from the start")
-    return None
-
-
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping that continues counting patience from an earlier, interrupted run."""
-
-    def __init__(self, *args, resume_best=None, resume_wait=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.resume_best, self.resume_wait = resume_best, resume_wait
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.resume_best is not None:
-            self.best, self.wait = self.resume_best, self.resume_wait
-
-
-def mode(monitor: str) -> str:
-    """"min" for a loss, else "max": what Keras' callbacks call the direction of ``monitor``."""
-    return "min" if monitor.endswith("loss") else "max"
-
-
-def best_index(values, monitor: str):
-    """Index of the first best value of ``monitor`` among ``values`` (NaN ignored), or None.
-    The epoch EarlyStopping and BestModelSaver keep."""
-    values = np.asarray([] if values is None else values, dtype=float)
-    if np.all(np.isnan(values)):
-        return None
-    return int(np.nanargmin(values) if mode(monitor) == "min" else np.nanargmax(values))
-
-
-def improves(value, best, monitor: str) -> bool:
-    """Whether ``value`` of ``monitor`` beats ``best``."""
-    return value < best if mode(monitor) == "min" else value > best
-
-
-def best_so_far(history: dict, monitor: str):
-    """(best value, epochs since it) from an earlier run's history, or (None, 0)."""
-    values = history.get(monitor)
-    best = best_index(values, monitor)
-    return (None, 0) if best is None else (float(values[best]), len(values) - 1 - best)
-
-
-def stopped_early(recipe: dict, history: dict) -> bool:
-    """Whether ``history``, the rows logged so far, already spent EarlyStopping's patience
-    (as Keras' EarlyStopping decides it): the run stopped there, and resumed it trains no
-    further epoch."""
-    stop = recipe["early_stopping"]
-    _, wait = best_so_far(history, stop["monitor"])
-    return stop["enabled"] and len(history.get("epoch", [])) > 1 and wait >= max(stop["patience"], 1)
-
-
-def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict, best_path=None, first_epoch=0):
-    """Keras callbacks of a resumable run (or stage from ``first_epoch``): EarlyStopping and the
-    best-model file (``best_path``, default ``best.keras``) continue from ``history``, the rows logged so far."""
-    stop = recipe["early_stopping"]
-    has_val = recipe["data"]["val_size"] > 0
-    monitor = stop["monitor"]
-    best, wait = best_so_far(history, monitor)
-    callbacks = [
-        EpochStats(images_per_epoch),
-        keras.callbacks.TerminateOnNaN(),
-        BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        RunBackup(run_dir / BACKUP_DIR, first_epoch),
-    ]
-    if stop["enabled"]:
-        callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
-                                                   verbose=1, resume_best=best, resume_wait=wait))
-    plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
-    if plateau:
-        callbacks.append(plateau)
-    if recipe["whitening"]["bias_epochs"]:
-        callbacks.insert(0, FreezeWhiteningBias(recipe["whitening"]["bias_epochs"]))
-    if recipe["train"]["tensorboard"]:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-    return callbacks
 
 
 # ------------------------------------------------------------ the run directory
@@ -538,7 +251,7 @@ def read_state(path: Path):
 def resume_epoch(run_dir: Path) -> int:
     """The epoch an interrupted run continues at: its backup's, else the end of its
     last finished stage (0 for a new run)."""
-    pair = backup_pair(run_dir / BACKUP_DIR)
+    pair = kcallbacks.backup_pair(run_dir / BACKUP_DIR)
     if pair is not None:
         return int(pair[1]["epoch"])
     return sum(stage["epochs"] for stage in finished_stages(run_dir).values())
@@ -675,85 +388,6 @@ def is_finished(run_dir) -> bool:
 # ------------------------------------------------------------ recording
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_flags() -> set:
-    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...) from /proc/cpuinfo; empty elsewhere."""
-    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines()
-                     if line.startswith("flags")), []))
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its AVX-512 and AMX flags (speed figures depend on them), from /proc/cpuinfo."""
-    info = _cpuinfo()
-    if not info:
-        return f"{platform.processor() or 'unknown'}; AVX-512: unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = cpu_flags()
-    avx512 = sorted(flag for flag in flags if flag.startswith("avx512"))
-    amx = sorted(flag for flag in flags if flag.startswith("amx"))
-    return f"{model}; AVX-512: {' '.join(avx512) or 'none'}" + (f"; AMX: {' '.join(amx)}" if amx else "")
-
-
-def onednn_enabled() -> bool:
-    """Whether this TensorFlow process really runs oneDNN kernels (not only what the variable asks)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def environment() -> dict:
-    return {
-        "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "numpy": np.__version__},
-        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
-                    "cpu": cpu_description(),
-                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-                    "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS"),
-                    "TF_NUM_INTEROP_THREADS": os.environ.get("TF_NUM_INTEROP_THREADS"),
-                    "onednn": onednn_enabled()},
-        "precision": keras.mixed_precision.global_policy().name,
-    }
-
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def command_line(argv=None) -> str:
-    """This process's command as typed from the repository root, without the interpreter's
-    path: ``python -m kcifar.report ...`` or ``python experiments/x.py ...``; ``argv``
-    (default ``sys.argv[1:]``) as given."""
-    import __main__
-
-    spec = getattr(__main__, "__spec__", None)
-    program = f"-m {spec.name}" if spec else os.path.relpath(Path(sys.argv[0]).resolve(), REPOSITORY)
-    return " ".join(["python", program, *(sys.argv[1:] if argv is None else argv)])
-
-
-# Written by the commands themselves (results, the report): a change there is not a change of code.
-RECORDED_OUTPUT = ("experiments/results", "experiments/REPORT.md", "experiments/REPORT_s1_progression.png")
-
-
-def code_version() -> str:
-    """The commit of the checkout kcifar runs from (``plus uncommitted changes`` when a tracked
-    file other than the recorded results differs from it)."""
-    root = REPOSITORY
-    status = ["status", "--porcelain", "-uno", "--", ".", *(f":(exclude){path}" for path in RECORDED_OUTPUT)]
-    try:
-        commit, dirty = (subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-                         for args in (["rev-parse", "--short", "HEAD"], status))
-    except (OSError, subprocess.CalledProcessError):
-        return "not recorded (not a git checkout)"
-    return commit + (" plus uncommitted changes" if dirty else "")
-
-
 def offline_aug_record(folder: str):
     """Which offline-augmented set a run used: its folder and the sha256 of its manifest."""
     if not folder:
@@ -774,7 +408,7 @@ def test_scores(evaluation: dict) -> dict:
 
 def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n_train: int) -> dict:
     """metrics.json: the kept model's epoch (best by the early-stopping monitor) and its scores."""
-    best = best_index(history.get(recipe["early_stopping"]["monitor"]), recipe["early_stopping"]["monitor"])
+    best = kcallbacks.best_index(history.get(recipe["early_stopping"]["monitor"]), recipe["early_stopping"]["monitor"])
     speeds = [s for s in history.get("train_images_per_s", []) if np.isfinite(s)]
     steady = speeds[1:] or speeds  # the first epoch includes graph tracing
     return {
@@ -788,8 +422,8 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
         "seed": recipe["seed"],
         "train_images": n_train,
         "offline_aug": offline_aug_record(recipe["data"]["offline_aug"]),
-        "code": code_version(),
-        **environment(),
+        "code": machine.code_version(),
+        **machine.environment(),
     }
 
 

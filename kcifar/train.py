@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import data as kdata, evaluate, fileio, models, multiworker, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, data as kdata, evaluate, fileio, machine, models, multiworker, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -67,13 +67,13 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     with strategy.scope():
         model = build_model(recipe, data, train_split)
         run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
-        run.compile_model(model, recipe, steps_per_epoch, run.jit_enabled(spec["jit"]))
+        run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
     first_epoch = run.resume_epoch(run_dir)
     if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
         raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
     history = run.read_history(run_dir)
-    epochs = first_epoch if run.stopped_early(recipe, history) else spec["epochs"]
+    epochs = first_epoch if kcallbacks.stopped_early(recipe, history) else spec["epochs"]
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
               f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
@@ -84,7 +84,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
                       seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
-        callbacks=run.make_callbacks(run_dir, recipe, len(train_split), history),
+        callbacks=kcallbacks.make_callbacks(run_dir, recipe, len(train_split), history),
     )
     history = run.read_history(run_dir)
     if history and not np.isfinite(history["loss"][-1]):

@@ -1,7 +1,6 @@
 """kcifar.augment: both engines keep shapes and labels, are seeded, and draw the same transforms;
 the tf engine agrees with Keras' own RandomRotation, RandomZoom, MixUp and CutMix where they overlap."""
 
-import dataclasses
 
 import keras
 import matplotlib.image

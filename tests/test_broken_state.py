@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error, own_stderr_lines, stop_after_epoch, write_cifar10
 from soak import differences
 
-from kcifar import finetune, run, train
+from kcifar import callbacks as kcallbacks, finetune, run, train
 
 ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
 
@@ -24,11 +24,11 @@ def stopped_run(tiny_cifar10, tmp_path, monkeypatch):
     """A run of 4 epochs stopped after its third: backups of epochs 2 (previous) and 3 (latest)."""
     runs = tmp_path / "runs"
     recipe = train.recipe_from_args(train.parse_args(ARGS))
-    make_callbacks = run.make_callbacks
-    monkeypatch.setattr(run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(2)])
+    make_callbacks = kcallbacks.make_callbacks
+    monkeypatch.setattr(kcallbacks, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(2)])
     with pytest.raises(KeyboardInterrupt):
         train.train(recipe, runs, verbose=0)
-    monkeypatch.setattr(run, "make_callbacks", make_callbacks)
+    monkeypatch.setattr(kcallbacks, "make_callbacks", make_callbacks)
     return runs / "r"
 
 
@@ -60,7 +60,7 @@ def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
     metadata still the previous epoch's. The previous copy is the whole pair."""
     backup = stopped_run / "backup"
     (backup / "training_metadata.json").write_bytes((backup / "training_metadata.json.bkp").read_bytes())
-    assert run.backup_pair(backup) == (backup / "latest.weights.h5.bkp", run.read_state(backup / "training_metadata.json.bkp"))
+    assert kcallbacks.backup_pair(backup) == (backup / "latest.weights.h5.bkp", run.read_state(backup / "training_metadata.json.bkp"))
 
 
 @pytest.mark.parametrize("damage, named", [

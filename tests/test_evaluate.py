@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import one_line_error
 
-from kcifar import evaluate, run
+from kcifar import callbacks as kcallbacks, evaluate, run
 from kcifar.data import CIFAR10_CLASSES, CIFAR100_COARSE, CIFAR100_FINE, Split, superclass_groups
 from kcifar.errors import KcifarError
 
@@ -144,10 +144,10 @@ def test_history_keeps_the_last_row_of_a_repeated_epoch_and_finds_the_best(tmp_p
     history = run.read_history(tmp_path)
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     assert history["val_loss"].tolist() == [1.80, 1.52, 1.30, 1.45]
-    assert run.best_index(history["val_loss"], "val_loss") == 2
-    assert run.best_index(history["val_accuracy"], "val_accuracy") == 2
-    assert run.best_index(history["val_top5"], "val_top5") == 3
-    assert run.best_index(history.get("absent"), "val_loss") is None
+    assert kcallbacks.best_index(history["val_loss"], "val_loss") == 2
+    assert kcallbacks.best_index(history["val_accuracy"], "val_accuracy") == 2
+    assert kcallbacks.best_index(history["val_top5"], "val_top5") == 3
+    assert kcallbacks.best_index(history.get("absent"), "val_loss") is None
     assert run.read_history(tmp_path / "missing") == {}
 
 

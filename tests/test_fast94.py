@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kcifar import data as kdata, evaluate, models, optim, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, data as kdata, evaluate, models, optim, recipe as krecipe
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset
 from kcifar.augment.idg import image_data_generator
 from kcifar.augment.tf_ops import warp, warp_transforms
@@ -243,12 +243,12 @@ def test_tiny_fit_with_every_new_option(tiny_cifar10, tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             seen[epoch] = self.model.get_layer("whiten").bias.numpy().copy()
 
-    original = run.make_callbacks
-    run.make_callbacks = lambda *args, **kwargs: original(*args, **kwargs) + [Watch()]
+    original = kcallbacks.make_callbacks
+    kcallbacks.make_callbacks = lambda *args, **kwargs: original(*args, **kwargs) + [Watch()]
     try:
         result = train(recipe, tmp_path, verbose=0)
     finally:
-        run.make_callbacks = original
+        kcallbacks.make_callbacks = original
     model = result.model
     assert not model.get_layer("whiten").trainable
     assert not np.array_equal(seen[0], np.zeros_like(seen[0]))  # trained in the first epoch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import stop_after_epoch, tiny_backbone
 
-from kcifar import finetune, models
+from kcifar import callbacks as kcallbacks, finetune, machine, models
 from kcifar.models import backbones
 from kcifar.errors import KcifarError
 
@@ -179,16 +179,16 @@ def test_killed_finetune_resumes_in_its_stage_under_the_recipes_strategy(tiny_ci
         "early_stopping": {"enabled": False},
         "finetune": {"backbone": str(backbone_dir), "unfreeze_blocks": 1, "stage1_epochs": 3, "stage2_epochs": 2}}])
     strategies = []
-    make_strategy, make_callbacks = finetune.run.make_strategy, finetune.run.make_callbacks
-    monkeypatch.setattr(finetune.run, "make_strategy", lambda name: strategies.append(name) or make_strategy(name))
-    monkeypatch.setattr(finetune.run, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(3)])
+    make_strategy, make_callbacks = machine.make_strategy, kcallbacks.make_callbacks
+    monkeypatch.setattr(machine, "make_strategy", lambda name: strategies.append(name) or make_strategy(name))
+    monkeypatch.setattr(kcallbacks, "make_callbacks", lambda *a, **k: make_callbacks(*a, **k) + [stop_after_epoch(3)])
     with pytest.raises(KeyboardInterrupt):  # killed in stage 2's first epoch (epoch 3 counted from 0)
         finetune.finetune(recipe, tmp_path / "runs", verbose=0)
     run_dir = tmp_path / "runs" / "r"
     stage1_rows = (run_dir / "history.csv").read_text().splitlines()[:4]
     assert finetune.run.finished_stages(run_dir)["1"]["epochs"] == 3 and finetune.run.resume_epoch(run_dir) == 4
 
-    monkeypatch.setattr(finetune.run, "make_callbacks", make_callbacks)
+    monkeypatch.setattr(kcallbacks, "make_callbacks", make_callbacks)
     _, metrics, _ = finetune.finetune(recipe, tmp_path / "runs", verbose=0)
     history = (run_dir / "history.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2", "3", "4"]

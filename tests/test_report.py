@@ -45,7 +45,7 @@ def test_table_compares_the_exact_figure_with_the_documented_one(tmp_path):
     assert "| s3_adam | s3_tutorial | cifar10 | 10 (7) | 61.23 % | 60.00 % | 63.12 % (n=1000) | 1:02:05 | 1534 |" in text
     assert "61.00 % (S3: Adam with amsgrad) | +2.12 pp (pixel-exact test) |" in text
     assert "s3_sgd (unfinished)" in text and "-6.00 pp (all test)" in text
-    assert f"python -m kcifar.report" in text and "- vgg: arch=x86_64, cpus=2; code: not recorded" in text
+    assert "python -m kcifar.report" in text and "- vgg: arch=x86_64, cpus=2; code: not recorded" in text
     assert "(kcifar.report at commit " in text
 
 

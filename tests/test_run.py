@@ -1,4 +1,4 @@
-"""kcifar.run, the library under train and finetune: which epoch is best, the saver,
+"""kcifar.run and the pieces under it (kcifar.callbacks, kcifar.machine): which epoch is best, the saver,
 the Keras home, and an import that changes nothing in the process."""
 
 import os
@@ -10,22 +10,22 @@ import keras
 import numpy as np
 import pytest
 
-from kcifar import data, run
+from kcifar import callbacks as kcallbacks, data, machine, run
 from kcifar.errors import KcifarError
 from kcifar.models import pretrained
 
 
 def test_best_index_is_the_first_best_by_the_monitors_direction():
-    assert run.best_index([0.2, 0.5, 0.5, 0.3], "val_accuracy") == 1
-    assert run.best_index([2.0, 1.0, 1.0, 1.5], "val_loss") == 1
-    assert run.best_index([np.nan, 0.4, np.nan], "val_accuracy") == 1
-    assert run.best_index([], "val_loss") is None and run.best_index(None, "val_loss") is None
+    assert kcallbacks.best_index([0.2, 0.5, 0.5, 0.3], "val_accuracy") == 1
+    assert kcallbacks.best_index([2.0, 1.0, 1.0, 1.5], "val_loss") == 1
+    assert kcallbacks.best_index([np.nan, 0.4, np.nan], "val_accuracy") == 1
+    assert kcallbacks.best_index([], "val_loss") is None and kcallbacks.best_index(None, "val_loss") is None
 
 
 def test_best_so_far_counts_patience_from_history():
-    assert run.best_so_far({"val_accuracy": np.array([0.2, 0.5, 0.4, 0.3])}, "val_accuracy") == (0.5, 2)
-    assert run.best_so_far({"val_loss": np.array([2.0, 1.0])}, "val_loss") == (1.0, 0)
-    assert run.best_so_far({}, "val_loss") == (None, 0)
+    assert kcallbacks.best_so_far({"val_accuracy": np.array([0.2, 0.5, 0.4, 0.3])}, "val_accuracy") == (0.5, 2)
+    assert kcallbacks.best_so_far({"val_loss": np.array([2.0, 1.0])}, "val_loss") == (1.0, 0)
+    assert kcallbacks.best_so_far({}, "val_loss") == (None, 0)
 
 
 @pytest.mark.parametrize("patience", [0, 1, 3])
@@ -48,14 +48,14 @@ def test_stopped_early_agrees_with_keras_early_stopping(patience):
                 break
         for epoch in range(len(values) if stopped is None else stopped + 1):  # the epochs a run logs
             history = {"epoch": np.arange(epoch + 1), "val_accuracy": values[:epoch + 1]}
-            assert run.stopped_early(recipe, history) is (epoch == stopped), (values, epoch, stopped)
-    assert not run.stopped_early({"early_stopping": {**recipe["early_stopping"], "enabled": False}},
+            assert kcallbacks.stopped_early(recipe, history) is (epoch == stopped), (values, epoch, stopped)
+    assert not kcallbacks.stopped_early({"early_stopping": {**recipe["early_stopping"], "enabled": False}},
                                  {"epoch": np.arange(3), "val_accuracy": np.array([0.5, 0.1, 0.1])})
 
 
 def test_best_model_saver_keeps_the_best_epoch_and_leaves_no_temporaries(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    saver = run.BestModelSaver(tmp_path / "best.keras", "val_accuracy", best=0.5)
+    saver = kcallbacks.BestModelSaver(tmp_path / "best.keras", "val_accuracy", best=0.5)
     saver.set_model(model)
     saved = []
     for epoch, accuracy in enumerate([0.4, 0.6, 0.55, 0.7]):
@@ -100,17 +100,17 @@ def test_importing_kcifar_changes_nothing_in_the_process():
     ({"avx2"}, True, "mixed_float16"),
 ])
 def test_auto_precision_is_decided_by_the_device(monkeypatch, flags, gpu, expected):
-    monkeypatch.setattr(run, "cpu_flags", lambda: set(flags))
-    monkeypatch.setattr(run, "_is_gpu_machine", lambda: gpu)
-    assert run.auto_precision() == expected
-    assert run.set_precision("auto") == expected and keras.mixed_precision.global_policy().name == expected
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(machine, "_is_gpu_machine", lambda: gpu)
+    assert machine.auto_precision() == expected
+    assert machine.set_precision("auto") == expected and keras.mixed_precision.global_policy().name == expected
 
 
 def test_cpu_description_names_the_bfloat16_flags(monkeypatch):
-    monkeypatch.setattr(run, "_cpuinfo", lambda: "model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: "model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 "
                                                  "amx_bf16 amx_tile\n")
-    assert run.cpu_flags() >= {"avx512_bf16", "amx_bf16"}
-    assert run.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"
+    assert machine.cpu_flags() >= {"avx512_bf16", "amx_bf16"}
+    assert machine.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"
 
 
 @pytest.mark.parametrize("steps, expected", [(704, 16), (1407, 7), (11250, 15), (13, 13), (17, 1), (1, 1)])
@@ -166,9 +166,9 @@ def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path,
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "c")
-    monkeypatch.setattr(run, "REPOSITORY", tmp_path)
+    monkeypatch.setattr(machine, "REPOSITORY", tmp_path)
     (tmp_path / "experiments" / "results" / "study.md").write_text("new\n")
     (tmp_path / "experiments" / "REPORT.md").write_text("new\n")
-    assert "uncommitted" not in run.code_version()
+    assert "uncommitted" not in machine.code_version()
     (tmp_path / "kcifar" / "x.py").write_text("a = 2\n")
-    assert run.code_version().endswith(" plus uncommitted changes")
+    assert machine.code_version().endswith(" plus uncommitted changes")

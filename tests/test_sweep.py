@@ -99,17 +99,17 @@ def test_unwritable_output_is_refused_before_training(tmp_path, capsys):
 def _interrupt_second_epoch(monkeypatch):
     """Make the next training raise KeyboardInterrupt at the end of its second epoch (after the
     first epoch's backup), as a Ctrl-C there would."""
-    from kcifar import run
+    from kcifar import callbacks as kcallbacks
 
-    original = run.EpochStats.on_epoch_end
+    original = kcallbacks.EpochStats.on_epoch_end
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1:
             raise KeyboardInterrupt
         original(self, epoch, logs)
 
-    monkeypatch.setattr(run.EpochStats, "on_epoch_end", on_epoch_end)
-    return lambda: monkeypatch.setattr(run.EpochStats, "on_epoch_end", original)
+    monkeypatch.setattr(kcallbacks.EpochStats, "on_epoch_end", on_epoch_end)
+    return lambda: monkeypatch.setattr(kcallbacks.EpochStats, "on_epoch_end", original)
 
 
 def test_budget_stop_interrupt_resume_skip_and_summary(tiny_cifar10, tmp_path, monkeypatch):
@@ -226,7 +226,7 @@ def test_a_hand_written_reading_survives_a_new_summary(tmp_path):
 
 
 def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp_path, capsys, monkeypatch):
-    from kcifar.run import auto_precision, cpu_description
+    from kcifar.machine import auto_precision, cpu_description
 
     monkeypatch.chdir(tmp_path)  # no experiments/results/ here: the runs this repository recorded do not count
     study_path = tiny_grid(tmp_path, seeds="[0, 1, 2]")

@@ -11,14 +11,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from conftest import own_stderr_lines
 
-from kcifar import recipe as krecipe, run
+from kcifar import machine, recipe as krecipe
 from kcifar.errors import KcifarError
 from kcifar.train import train
 
@@ -61,7 +60,7 @@ def test_finished_run_is_not_overwritten(tiny_cifar10, tmp_path):
     assert run_cli(args, tmp_path / "runs", extra_env={"TF_ENABLE_ONEDNN_OPTS": "0"}).returncode == 0
     before = (tmp_path / "runs" / "tiny" / "metrics.json").read_text()
     assert json.loads(before)["machine"]["onednn"] is False  # what the process ran, not only the variable
-    assert json.loads(before)["precision"] == run.auto_precision()
+    assert json.loads(before)["precision"] == machine.auto_precision()
     again = run_cli(args, tmp_path / "runs")
     assert again.returncode == 2 and "holds a finished run; pass --overwrite" in again.stderr
     assert (tmp_path / "runs" / "tiny" / "metrics.json").read_text() == before
@@ -124,14 +123,14 @@ MIRRORED = textwrap.dedent("""
     import sys, numpy as np, tensorflow as tf, keras
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from kcifar import models, recipe, run, train
+    from kcifar import machine, models, recipe, run, train
     r = recipe.resolve(None, ["train.batch_size=32"])
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (32, 32, 32, 3)).astype("float32")
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, 32)]
     losses = []
     for name in ("default", "mirrored"):
-        strategy = run.make_strategy(name)
+        strategy = machine.make_strategy(name)
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = models.build("s3_tutorial")

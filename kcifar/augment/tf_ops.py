@@ -123,8 +123,8 @@ def warp(images, transforms, fill, bilinear=True):
         bottom += fx * (corner(1, 1) - bottom)
         warped += fy * (bottom - warped)
     if fill == "constant":
-        inside = (x >= 0) & (x <= x_max) & (y >= 0) & (y <= y_max)
-        warped *= tf.cast(inside, warped.dtype)[..., None]
+        in_frame = (x >= 0) & (x <= x_max) & (y >= 0) & (y <= y_max)
+        warped *= tf.cast(in_frame, warped.dtype)[..., None]
     return warped
 
 

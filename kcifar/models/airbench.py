@@ -45,7 +45,7 @@ class PartialDirac(keras.initializers.VarianceScaling):
 @keras.saving.register_keras_serializable(package="kcifar")
 class PatchWhitening(keras.layers.Layer):
     """A 2x2 'valid' convolution whose kernel is never trained (``init_whitening`` sets it) and
-    whose bias is trainable until ``kcifar.run.FreezeWhiteningBias`` sets ``trainable = False``.
+    whose bias is trainable until ``kcifar.callbacks.FreezeWhiteningBias`` sets ``trainable = False``.
 
     ``filters`` = 2 x the patch dimension (2*2*channels): each whitened direction and its negative.
     """

@@ -119,7 +119,9 @@ def run_cost(recipe: dict) -> float:
 
 def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
-    from kcifar.run import auto_precision, cpu_description, is_finished
+    from kcifar.machine import auto_precision, cpu_description
+
+    from kcifar.run import is_finished
 
     measured = measured_runs([runs_dir, results_dir], cpu_description())
     rows = []

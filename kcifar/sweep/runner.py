@@ -32,7 +32,7 @@ class Progress:
 
 
 def provenance(command: str) -> dict:
-    from kcifar.run import code_version, cpu_description
+    from kcifar.machine import code_version, cpu_description
 
     return {"finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu_description(), "commit": code_version(), "command": command}

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from kcifar import fileio, plots
 from kcifar.errors import KcifarError
-from kcifar.run import code_version, is_finished, read_history
+from kcifar.machine import code_version
+from kcifar.run import is_finished, read_history
 from kcifar.sweep.study import format_value
 
 SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",

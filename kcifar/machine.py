@@ -1,0 +1,155 @@
+"""The machine a run is on: devices and precision, and how a result records where it ran.
+
+Strategy (``tf.distribute``), the precision ``auto`` picks from the CPU's flags, XLA,
+and the provenance every result file carries: the CPU (model name, AVX-512 and AMX
+flags), whether oneDNN really runs, the versions, the commit and the command as typed.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kcifar import __version__
+
+import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
+import tensorflow as tf  # noqa: E402
+
+from kcifar import multiworker  # noqa: E402
+
+# ------------------------------------------------------------ devices and precision
+
+
+def _is_gpu_machine():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def make_strategy(name: str):
+    """auto: MirroredStrategy over all GPUs when there are several, else the default;
+    multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
+    if name == "multiworker":
+        return multiworker.make_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+
+
+# CPU flags of native bfloat16 arithmetic: AMX tiles (Intel Xeon since Sapphire Rapids) or
+# AVX512_BF16 (Intel Cooper Lake, AMD Zen 4). Without them bfloat16 is emulated and slower.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def auto_precision() -> str:
+    """mixed_float16 on a GPU; on a CPU mixed_bfloat16 where it has native bfloat16, else float32.
+
+    Measured in experiments/results/speed_*.md: faster in bfloat16 on AMX and
+    AVX512_BF16 CPUs; slower on AVX2-only CPUs, so those keep float32.
+    """
+    if _is_gpu_machine():
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_flags() & set(BF16_CPU_FLAGS) else "float32"
+
+
+def set_precision(precision: str):
+    """Keras' global dtype policy; 'auto' is ``auto_precision()``."""
+    if precision == "auto":
+        precision = auto_precision()
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def jit_enabled(jit: str) -> bool:
+    """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
+    return _is_gpu_machine() if jit == "auto" else jit == "on"
+
+
+
+# ------------------------------------------------------------ recording
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...) from /proc/cpuinfo; empty elsewhere."""
+    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines()
+                     if line.startswith("flags")), []))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its AVX-512 and AMX flags (speed figures depend on them), from /proc/cpuinfo."""
+    info = _cpuinfo()
+    if not info:
+        return f"{platform.processor() or 'unknown'}; AVX-512: unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = cpu_flags()
+    avx512 = sorted(flag for flag in flags if flag.startswith("avx512"))
+    amx = sorted(flag for flag in flags if flag.startswith("amx"))
+    return f"{model}; AVX-512: {' '.join(avx512) or 'none'}" + (f"; AMX: {' '.join(amx)}" if amx else "")
+
+
+def onednn_enabled() -> bool:
+    """Whether this TensorFlow process really runs oneDNN kernels (not only what the variable asks)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def environment() -> dict:
+    return {
+        "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "numpy": np.__version__},
+        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
+                    "cpu": cpu_description(),
+                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                    "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS"),
+                    "TF_NUM_INTEROP_THREADS": os.environ.get("TF_NUM_INTEROP_THREADS"),
+                    "onednn": onednn_enabled()},
+        "precision": keras.mixed_precision.global_policy().name,
+    }
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def command_line(argv=None) -> str:
+    """This process's command as typed from the repository root, without the interpreter's
+    path: ``python -m kcifar.report ...`` or ``python experiments/x.py ...``; ``argv``
+    (default ``sys.argv[1:]``) as given."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    program = f"-m {spec.name}" if spec else os.path.relpath(Path(sys.argv[0]).resolve(), REPOSITORY)
+    return " ".join(["python", program, *(sys.argv[1:] if argv is None else argv)])
+
+
+# Written by the commands themselves (results, the report): a change there is not a change of code.
+RECORDED_OUTPUT = ("experiments/results", "experiments/REPORT.md", "experiments/REPORT_s1_progression.png")
+
+
+def code_version() -> str:
+    """The commit of the checkout kcifar runs from (``plus uncommitted changes`` when a tracked
+    file other than the recorded results differs from it)."""
+    root = REPOSITORY
+    status = ["status", "--porcelain", "-uno", "--", ".", *(f":(exclude){path}" for path in RECORDED_OUTPUT)]
+    try:
+        commit, dirty = (subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+                         for args in (["rev-parse", "--short", "HEAD"], status))
+    except (OSError, subprocess.CalledProcessError):
+        return "not recorded (not a git checkout)"
+    return commit + (" plus uncommitted changes" if dirty else "")
+
