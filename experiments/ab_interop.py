@@ -50,5 +50,7 @@ def main():
               f"{', '.join(f'{v:,.0f}' for v in speeds['1'])} | {statistics.median(ratios):.2f} |", flush=True)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

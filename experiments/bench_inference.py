@@ -118,6 +118,10 @@ def main():
     parser.add_argument("--note", default="", help="a line on the conditions, written under the settings")
     args = parser.parse_args()
     from kcifar import deploy
+    from kcifar.fileio import check_writable
+
+    if args.out:  # refused before the benchmark's minutes, not after
+        check_writable(Path(args.out).parent, "--out")
     from kcifar.machine import code_version, command_line, cpu_description
 
     load_before, started, commit = sh("uptime"), datetime.datetime.now(datetime.timezone.utc), code_version()
@@ -143,5 +147,7 @@ def main():
         write_text(args.out, report + "\n")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

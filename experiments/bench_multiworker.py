@@ -77,5 +77,7 @@ def main():
     print(Path(args.out).read_text())
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

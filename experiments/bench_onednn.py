@@ -110,5 +110,7 @@ def main():
         write_text(args.out, report + "\n")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

@@ -387,6 +387,10 @@ def main():
     if args.worker:
         kind, *rest = args.worker
         return {"kcifar": kcifar_worker, "torch": torch_worker, "peaks": peaks_worker}[kind](*rest)
+    if args.out:  # refused before the benchmark's minutes, not after
+        from kcifar.fileio import check_writable
+
+        check_writable(Path(args.out).parent, "--out")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     frameworks = ["kcifar"] + ([] if args.no_torch else ["torch"])
     peaks = chip_peaks(["tf"] + ([] if args.no_torch else ["torch"]))
@@ -403,5 +407,7 @@ def main():
     print(text)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

@@ -15,7 +15,7 @@ if __name__ == "__main__":
 
     start_command()
 
-import sys
+import argparse
 
 import keras
 import numpy as np
@@ -27,7 +27,10 @@ def whitened(model, images):
     return np.asarray(keras.Model(model.inputs, model.get_layer("whiten").output)(images), np.float32)
 
 
-def main(run_dir):
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a fast94 run directory (runs/NAME)")
+    run_dir = parser.parse_args().run_dir
     model = run.load_model(f"{run_dir}/best.keras")
     data, _ = run.load_data(run.read_recipe(run_dir))
     images = data.test.x[:256].astype(np.float32)
@@ -40,5 +43,7 @@ def main(run_dir):
     print("rms noise / rms signal per whitening channel, %:", " ".join(f"{v:.1f}" for v in 100 * noise / signal))
 
 
-if __name__ == "__main__":
-    main(sys.argv[1])
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

@@ -107,5 +107,7 @@ def main():
         print(f"| {ratio:.3f} | {op} | `{tensor}` |")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()

@@ -173,5 +173,7 @@ def main():
     return 0 if all(not p for _, _, p in verdicts) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    sys.exit(cli(main)())
