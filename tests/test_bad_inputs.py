@@ -347,3 +347,24 @@ def test_a_real_command_prints_one_line_and_exits_2(workspace, command, args, me
     lines = own_stderr_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert snapshot(workspace) == before
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_speed.py", ["--out", "{file}/speed.md"], "choose another --out"),
+    ("bench_inference.py", ["--out", "{file}/inference.md"], "choose another --out"),
+    ("check_whitening_precision.py", ["{missing}"], "does not exist"),
+])
+def test_an_experiment_script_refuses_bad_input_in_one_line_before_any_work(tmp_path, script, args, message):
+    """The benchmark scripts check --out before their minutes of timing, not after them."""
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [a.format(file=tmp_path / "a_file", missing=tmp_path / "no_run") for a in args]
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, os.path.join(REPOSITORY, "experiments", script), *args],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    lines = own_stderr_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert snapshot(tmp_path) == before
