@@ -32,6 +32,7 @@ import augment_offline.__main__ as augment_offline_cli
 import kcifar.augment.__main__ as augment_cli
 from kcifar import data, evaluate, finetune, predict, recipe as krecipe, report, train
 from kcifar.data import CIFAR10_CLASSES
+from kcifar.machine import REPOSITORY
 
 
 def snapshot(root):
@@ -349,8 +350,6 @@ def test_a_real_command_prints_one_line_and_exits_2(workspace, command, args, me
     assert snapshot(workspace) == before
 
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.mark.parametrize("script, args, message", [
     ("bench_speed.py", ["--out", "{file}/speed.md"], "choose another --out"),
@@ -362,7 +361,7 @@ def test_an_experiment_script_refuses_bad_input_in_one_line_before_any_work(tmp_
     (tmp_path / "a_file").write_text("not a folder")
     args = [a.format(file=tmp_path / "a_file", missing=tmp_path / "no_run") for a in args]
     before = snapshot(tmp_path)
-    result = subprocess.run([sys.executable, os.path.join(REPOSITORY, "experiments", script), *args],
+    result = subprocess.run([sys.executable, str(REPOSITORY / "experiments" / script), *args],
                             capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
     lines = own_stderr_lines(result.stderr)
