@@ -9,15 +9,18 @@ every command reads a run the same way.
 
 A run lives in ``runs/<name>/``: ``recipe.toml``, ``classes.txt``,
 ``history.csv``, ``best.keras``, ``backup/`` (BackupAndRestore),
+``segments.json`` (which process ran which epochs, on which CPU),
 ``metrics.json`` and ``evaluation.json``.
 """
 
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 try:
@@ -373,9 +376,43 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strate
     check_models(run_dir)
     fileio.write_text(saved, krecipe.to_toml(recipe))
     write_class_names(run_dir, class_names)
+    record_segment(run_dir, epochs_done)
     if strategy is not None:
         multiworker.check_same_on_every_worker(strategy, epochs_done)
     return run_dir
+
+
+SEGMENTS_FILE = "segments.json"
+
+
+def record_segment(run_dir: Path, epochs_done: int):
+    """Append this process to ``segments.json``: the epoch it starts at, when, on which CPU, in
+    which precision, from which commit. A run resumed on another machine (or with ``precision =
+    "auto"`` picking another policy there) says which epochs ran where."""
+    path = run_dir / SEGMENTS_FILE
+    segments = read_state(path) if path.exists() else []
+    segments.append({"first_epoch": epochs_done + 1,
+                     "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "cpu": machine.cpu_description(), "cpus": os.cpu_count(),
+                     "precision": keras.mixed_precision.global_policy().name, "code": machine.code_version()})
+    fileio.write_json(path, segments)
+
+
+def segment_summaries(run_dir: Path, history: dict) -> list:
+    """``segments.json`` with each segment's last epoch and its median steady-epoch speed (its
+    first epoch dropped: graph tracing); segments that finished no epoch are left out."""
+    path = Path(run_dir) / SEGMENTS_FILE
+    segments = read_state(path) if path.exists() else []
+    speeds = list(history.get("train_images_per_s", []))
+    summaries = []
+    for segment, following in zip(segments, [*segments[1:], None]):
+        first, last = segment["first_epoch"], following["first_epoch"] - 1 if following else len(speeds)
+        if last < first:
+            continue
+        ran = [s for s in speeds[first - 1:last] if np.isfinite(s)]
+        summaries.append({**segment, "last_epoch": last,
+                          "train_images_per_s": round(float(np.median(ran[1:] or ran)), 1) if ran else None})
+    return summaries
 
 
 def is_finished(run_dir) -> bool:
@@ -430,7 +467,9 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
 def finish(run_dir: Path, recipe: dict, evaluation: dict, wall_time: float, n_train: int, **extra) -> dict:
     """Write ``metrics.json`` (``summarize`` plus ``extra``), drop the backup and the stages'
     files; returns the metrics."""
-    metrics = {**summarize(recipe, read_history(run_dir), evaluation, wall_time, n_train), **extra}
+    history = read_history(run_dir)
+    metrics = {**summarize(recipe, history, evaluation, wall_time, n_train),
+               "segments": segment_summaries(run_dir, history), **extra}
     fileio.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / BACKUP_DIR, ignore_errors=True)
     for path in [run_dir / STAGES_FILE, *run_dir.glob("stage*.keras")]:

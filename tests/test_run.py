@@ -172,3 +172,16 @@ def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path,
     assert "uncommitted" not in machine.code_version()
     (tmp_path / "kcifar" / "x.py").write_text("a = 2\n")
     assert machine.code_version().endswith(" plus uncommitted changes")
+
+
+def test_segments_say_which_epochs_ran_where_and_skip_a_process_that_finished_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "cpu_description", lambda: "CPU A")
+    run.record_segment(tmp_path, 0)
+    run.record_segment(tmp_path, 2)  # killed before its first epoch ended
+    monkeypatch.setattr(machine, "cpu_description", lambda: "CPU B")
+    run.record_segment(tmp_path, 2)
+    history = {"train_images_per_s": np.array([50.0, 100.0, 40.0, 80.0, 90.0])}
+    summaries = run.segment_summaries(tmp_path, history)
+    assert [(s["cpu"], s["first_epoch"], s["last_epoch"], s["train_images_per_s"]) for s in summaries] == [
+        ("CPU A", 1, 2, 100.0), ("CPU B", 3, 5, 85.0)]
+    assert run.segment_summaries(tmp_path / "missing", history) == []

@@ -117,6 +117,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(real_cifar10_dir, tmp_path)
     whole_metrics = json.loads((tmp_path / "whole" / "r" / "metrics.json").read_text())
     resumed_metrics = json.loads((tmp_path / "resumed" / "r" / "metrics.json").read_text())
     assert whole_metrics["test"] == resumed_metrics["test"]
+    assert [(s["first_epoch"], s["last_epoch"]) for s in whole_metrics["segments"]] == [(1, 3)]
+    first, second = resumed_metrics["segments"]  # which process ran which epochs, and where
+    assert first["first_epoch"] == 1 and second["first_epoch"] == first["last_epoch"] + 1 and second["last_epoch"] == 3
+    assert first["cpu"] == whole_metrics["machine"]["cpu"] and first["precision"] == whole_metrics["precision"]
 
 
 MIRRORED = textwrap.dedent("""
