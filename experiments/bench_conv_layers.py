@@ -4,12 +4,16 @@ VGG16 in bfloat16 trains slower in kcifar than in PyTorch on an AMX CPU
 (experiments/results/speed_*.md) while the models around the convolutions
 are the same. This times the convolution alone, at a model's layer shapes on
 CIFAR (`--shapes vgg16`: batch 64, channels/size 64/32 ... 512/2; `airbench94`:
-batch 1024, 24->64 at 31x31 ... 256->256 at 3x3), forward, forward+backward
+batch 1024, 24->64 at 31x31 ... 256->256 at 3x3; `resnet20`: batch 128, 16/32 ...
+64/8), forward, forward+backward
 (gradients for the input and the kernel), and each backward kernel alone (the
 input's gradient, "backward data"; the kernel's, "backward weights"), in each
 framework's fast CPU path: TensorFlow with oneDNN on, NHWC, a `tf.function`;
 PyTorch channels_last. Both call oneDNN; the numbers show which side of the
-gap the kernels are on, and which kernel.
+gap the kernels are on, and which kernel. The TensorFlow side also times the
+kernel gradient as nine matmuls (`kcifar.models.parts.kernel_grad_by_taps`,
+what `train.conv_grad` routes a layer through), so the threshold
+`kcifar.machine.MATMUL_KERNEL_GRAD_POSITIONS` can be read off per shape.
 
     python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--out FILE]
 """
@@ -30,6 +34,7 @@ import time
 SHAPES = {
     "vgg16": (64, [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (512, 512, 2)]),
     "airbench94": (1024, [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]),
+    "resnet20": (128, [(16, 16, 32), (32, 32, 16), (64, 64, 8)]),
 }
 SECONDS = 2.0
 
@@ -56,8 +61,11 @@ def tf_step(batch, cin, cout, size, precision):
     backward_data = tf.function(lambda: tf.nn.conv2d_transpose(dy, kernel, tf.shape(x), 1, "SAME"))
     backward_weights = tf.function(
         lambda: tf.compat.v1.nn.conv2d_backprop_filter(x, tf.shape(kernel), dy, [1, 1, 1, 1], "SAME"))
+    from kcifar.models.parts import kernel_grad_by_taps
+
+    weights_by_taps = tf.function(lambda: kernel_grad_by_taps(x, dy, kernel.shape))
     return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()]), \
-        (lambda: backward_data().numpy()), (lambda: backward_weights().numpy())
+        (lambda: backward_data().numpy()), (lambda: backward_weights().numpy()), (lambda: weights_by_taps().numpy())
 
 
 def torch_step(batch, cin, cout, size, precision):
@@ -82,7 +90,7 @@ def torch_step(batch, cin, cout, size, precision):
         return lambda: torch.ops.aten.convolution_backward(dy, x.detach(), conv.weight.detach(), None, [1, 1], [1, 1],
                                                            [1, 1], False, [0, 0], 1, mask)
 
-    return forward, forward_backward, backward([True, False, False]), backward([False, True, False])
+    return forward, forward_backward, backward([True, False, False]), backward([False, True, False]), None
 
 
 def gflops(fn, flops):
@@ -97,13 +105,14 @@ def gflops(fn, flops):
 
 def worker(framework, precision, shapes):
     """One framework in its own process: GFLOPS per shape of forward, forward+backward, backward
-    data and backward weights."""
+    data, backward weights and (TensorFlow) backward weights as matmuls."""
     make = tf_step if framework == "tf" else torch_step
     batch, sizes = SHAPES[shapes]
     for cin, cout, size in sizes:
         flops = 2 * batch * size * size * cin * cout * 9
-        forward, forward_backward, data, weights = make(batch, cin, cout, size, precision)
+        forward, forward_backward, data, weights, by_taps = make(batch, cin, cout, size, precision)
         rates = [gflops(forward, flops), gflops(forward_backward, 3 * flops), gflops(data, flops), gflops(weights, flops)]
+        rates += [gflops(by_taps, flops)] if by_taps else []
         print(cin, cout, size, *(f"{rate:.0f}" for rate in rates), flush=True)
 
 
@@ -125,12 +134,14 @@ def report(precision, shapes, results) -> str:
              f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias; GFLOPS (forward, "
              "backward data and backward weights = 2 x MACs each; forward+backward = 3x that)", "",
              "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
-             "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
+             "(kcifar) | matmuls / TF's kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in sizes:
-        (tf_f, tf_fb, tf_d, tf_w), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
+        (tf_f, tf_fb, tf_d, tf_w, tf_m), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
         lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
-                     f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} |")
+                     f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} | "
+                     f"{tf_m:,.0f} | {tf_m / tf_w:.2f} |")
     return "\n".join(lines) + "\n"
 
 

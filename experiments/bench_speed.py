@@ -16,7 +16,10 @@ each figure is the median over rounds, and the ratio is taken per round.
 In the same run it measures the chip's peaks (matmul 4096^3, 3x3 convolution
 128->128 on 64x32x32, forward) in both precisions and both frameworks.
 Achieved GFLOPS count a training step as 3x the forward FLOPs
-(`kcifar.models.registry.FLOPS_COUNTED`).
+(`kcifar.models.registry.FLOPS_COUNTED`). `--compare-conv-grad` adds a kcifar
+worker with `train.conv_grad = "native"` (TensorFlow's own kernel gradient in
+every convolution) taking its turns beside the default ("auto"), so what the
+matmul kernel gradients give on this CPU is measured in the same run.
 
     KCIFAR_DATA_DIR=../shared/datasets python experiments/bench_speed.py \
         --out experiments/results/speed_<cpu>.md
@@ -59,19 +62,19 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------ what both workers share
 
 
-def bench_recipe(model: str, precision: str) -> dict:
+def bench_recipe(model: str, precision: str, conv_grad: str = "auto") -> dict:
     """The model's recipe on CIFAR-10 (CIFAR-100 recipes too: only the head's width differs)."""
     from kcifar import recipe as krecipe
 
     path, batch = MODELS[model]
     return krecipe.resolve(REPOSITORY / path if path else None,
                            [f"model={model!r}", "dataset='cifar10'", f"train.batch_size={batch}",
-                            f"train.precision={PRECISIONS[precision]!r}"])
+                            f"train.precision={PRECISIONS[precision]!r}", f"train.conv_grad={conv_grad!r}"])
 
 
-def serve(step_block):
-    """The worker side of the protocol: 'RUN seconds' -> 'RESULT images seconds'; 'QUIT'."""
-    print("READY", flush=True)
+def serve(step_block, note: str = ""):
+    """The worker side of the protocol: 'READY note'; 'RUN seconds' -> 'RESULT images seconds'; 'QUIT'."""
+    print(f"READY {note}", flush=True)
     for line in sys.stdin:
         if line.startswith("QUIT"):
             return
@@ -87,17 +90,17 @@ def steps_for(seconds: float, rate_steps_per_s: float, multiple: int = 1) -> int
 # ------------------------------------------------------------ kcifar: model.fit as kcifar.train runs it
 
 
-def kcifar_worker(model_name: str, precision: str):
+def kcifar_worker(model_name: str, precision: str, conv_grad: str = "auto"):
     from kcifar import machine, run, train
     from kcifar.augment import AugmentConfig, train_dataset
 
-    recipe = bench_recipe(model_name, precision)
+    recipe = bench_recipe(model_name, precision, conv_grad)
     strategy = run.set_up(recipe)
     data, split = run.load_data(recipe)
     batch = recipe["train"]["batch_size"]
     with strategy.scope():
         model = train.build_model(recipe, data, split)
-        run.compile_model(model, recipe, -(-len(split) // batch), machine.jit_enabled(recipe["train"]["jit"]))
+        routed = run.compile_model(model, recipe, -(-len(split) // batch), machine.jit_enabled(recipe["train"]["jit"]))
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)
 
@@ -110,7 +113,7 @@ def kcifar_worker(model_name: str, precision: str):
     chunk = model.steps_per_execution
     fit(chunk)  # tracing
     rate = 4 * chunk / fit(4 * chunk)
-    serve(lambda seconds: _timed(fit, steps_for(seconds, rate, chunk), batch))
+    serve(lambda seconds: _timed(fit, steps_for(seconds, rate, chunk), batch), note=str(routed))
 
 
 def _timed(fit, steps, batch):
@@ -249,7 +252,7 @@ class Worker:
     def __init__(self, *args):
         self.process = subprocess.Popen([sys.executable, __file__, "--worker", *args], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        self._expect("READY")
+        self.note = self._expect("READY").split(maxsplit=1)[1:]  # what the worker says about itself
 
     def run(self, seconds: float) -> float:
         self.process.stdin.write(f"RUN {seconds}\n")
@@ -289,9 +292,15 @@ def take_turns(workers: dict, rounds: int, seconds: float) -> dict:
     return speeds
 
 
-def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> dict:
-    """{(framework, precision): [images/s per round]}, the workers taking turns."""
-    return take_turns({(fw, p): Worker(fw, model, p) for fw in frameworks for p in precisions}, rounds, seconds)
+WORKERS = {"kcifar": ("kcifar",), "kcifar_native": ("kcifar", "native"), "torch": ("torch",)}  # -> worker arguments
+
+
+def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> tuple[dict, dict]:
+    """{(framework, precision): [images/s per round]}, the workers taking turns; and
+    {precision: convolutions with matmul kernel gradients} of kcifar's default worker."""
+    workers = {(fw, p): Worker(WORKERS[fw][0], model, p, *WORKERS[fw][1:]) for fw in frameworks for p in precisions}
+    routed = {p: w.note[0].strip() for (fw, p), w in workers.items() if fw == "kcifar"}
+    return take_turns(workers, rounds, seconds), routed
 
 
 # ------------------------------------------------------------ the report
@@ -306,10 +315,11 @@ def forward_flops(model: str) -> int:
     return flops
 
 
-def table_rows(results: dict, peaks: dict) -> list[str]:
+def table_rows(results: dict, routed: dict, peaks: dict) -> list[str]:
     rows = ["| model | batch | recipe (augmentation) | precision | kcifar img/s | PyTorch img/s | kcifar / PyTorch "
-            "(median of rounds) | kcifar GFLOPS | % of conv peak | kcifar bf16 / fp32 |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "(median of rounds) | kcifar GFLOPS | % of conv peak | kcifar bf16 / fp32 | convs with matmul kernel "
+            "gradients | kcifar / kcifar with TF's kernel gradients |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, speeds in results.items():
         recipe = bench_recipe(model, "float32")
         flops = 3 * forward_flops(model)
@@ -324,10 +334,12 @@ def table_rows(results: dict, peaks: dict) -> list[str]:
             bf16 = speeds.get(("kcifar", "bfloat16"))
             gain = (f"{statistics.median(a / b for a, b in zip(bf16, speeds[('kcifar', 'float32')])):.2f}"
                     if precision == "bfloat16" and bf16 and ("kcifar", "float32") in speeds else "")
+            native = speeds.get(("kcifar_native", precision))
+            matmul_gain = f"{statistics.median(a / b for a, b in zip(ours, native)):.2f}" if native else "-"
             rows.append(f"| {model} | {recipe['train']['batch_size']} | {MODELS[model][0] or 'default'} "
                         f"({recipe['augment']['preset']}) | {precision} | {_spread(ours)} | "
                         f"{_spread(theirs) if theirs else '-'} | {ratio} | {achieved:.0f} | "
-                        f"{100 * achieved / peak:.0f} % | {gain} |")
+                        f"{100 * achieved / peak:.0f} % | {gain} | {routed[model][precision]} | {matmul_gain} |")
     return rows
 
 
@@ -335,7 +347,7 @@ def _spread(values) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def report(results: dict, peaks: dict, args, started: str) -> str:
+def report(results: dict, routed: dict, peaks: dict, args, started: str) -> str:
     from kcifar import machine
 
     versions = _versions()
@@ -352,7 +364,7 @@ def report(results: dict, peaks: dict, args, started: str) -> str:
     lines += ["", "## model.fit (kcifar, augmentation on) against a plain PyTorch loop", "",
               "images/s: median (lowest-highest) of the rounds. GFLOPS = 3 x forward FLOPs x images/s; "
               "% of the best conv3x3 peak above in that precision.", ""]
-    return "\n".join(lines + table_rows(results, peaks)) + "\n"
+    return "\n".join(lines + table_rows(results, routed, peaks)) + "\n"
 
 
 def _versions() -> str:
@@ -379,6 +391,8 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models (default: all)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="float32,bfloat16")
     parser.add_argument("--no-torch", action="store_true", help="kcifar alone")
+    parser.add_argument("--compare-conv-grad", action="store_true",
+                        help="also kcifar with train.conv_grad=native, taking turns with the others")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed block")
     parser.add_argument("--out", help="markdown file to write (default: print)")
@@ -392,14 +406,15 @@ def main():
 
         check_writable(Path(args.out).parent, "--out")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    frameworks = ["kcifar"] + ([] if args.no_torch else ["torch"])
+    frameworks = ["kcifar"] + (["kcifar_native"] if args.compare_conv_grad else []) + ([] if args.no_torch else ["torch"])
     peaks = chip_peaks(["tf"] + ([] if args.no_torch else ["torch"]))
-    results = {}
+    results, routed = {}, {}
     for model in args.models.split(","):
-        results[model] = measure_model(model, frameworks, args.precisions.split(","), args.rounds, args.seconds)
+        results[model], routed[model] = measure_model(model, frameworks, args.precisions.split(","), args.rounds,
+                                                      args.seconds)
         print(f"{model}: " + ", ".join(f"{fw} {p} {statistics.median(v):,.0f} img/s"
                                        for (fw, p), v in results[model].items()), file=sys.stderr, flush=True)
-    text = report(results, peaks, args, started)
+    text = report(results, routed, peaks, args, started)
     if args.out:
         from kcifar.fileio import write_text
 

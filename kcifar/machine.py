@@ -66,6 +66,25 @@ def set_precision(precision: str):
     return precision
 
 
+# The largest input (height x width) of a 3x3 convolution whose kernel gradient is faster as
+# matmuls (kcifar.models.parts.conv3x3_matmul_kernel_grad), by CPU and precision, where measured:
+# experiments/results/conv_grad_*.md. Elsewhere TensorFlow's own kernel, until measured there.
+MATMUL_KERNEL_GRAD_POSITIONS = {("avx512_bf16", "mixed_bfloat16"): 64}
+
+
+def matmul_kernel_grad_positions(conv_grad: str) -> int:
+    """``train.conv_grad``: "native" 0 (TensorFlow's kernel gradient everywhere), "matmul" every
+    eligible 3x3 convolution, "auto" the measured threshold for this CPU and precision policy
+    (0 on a GPU, on AMX CPUs and on CPUs without native bfloat16: not measured there)."""
+    if conv_grad != "auto":
+        return 0 if conv_grad == "native" else sys.maxsize
+    flags, policy = cpu_flags(), keras.mixed_precision.global_policy().name
+    if _is_gpu_machine() or "amx_bf16" in flags:
+        return 0
+    return max([n for (flag, precision), n in MATMUL_KERNEL_GRAD_POSITIONS.items()
+                if flag in flags and precision == policy], default=0)
+
+
 def jit_enabled(jit: str) -> bool:
     """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
     return _is_gpu_machine() if jit == "auto" else jit == "on"

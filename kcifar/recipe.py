@@ -31,6 +31,7 @@ DEFAULTS = {
              "train_subset": 0, "offline_aug": ""},
     "train": {"epochs": 10, "batch_size": 32, "strategy": "auto", "precision": "auto",
               "jit": "auto", "deterministic": False, "tensorboard": False,
+              "conv_grad": "auto",  # 3x3 conv kernel gradients: TF's ("native"), as matmuls, or by CPU
               "tta": "none"},  # test-time augmentation of the one test measurement (kcifar.evaluate)
     "optimizer": {"name": "adam", "learning_rate": 0.001, "momentum": 0.9, "nesterov": False,
                   "amsgrad": True, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
@@ -61,6 +62,7 @@ CHOICES = {
     "train.strategy": ["auto", "default", "mirrored", "multiworker"],
     "train.precision": ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
     "train.jit": ["auto", "on", "off"],
+    "train.conv_grad": ["auto", "native", "matmul"],
     "train.tta": ["none", "flip", "flip_translate"],
     "optimizer.name": ["sgd", "adam", "adamw", "rmsprop"],
     "optimizer.weight_decay_mode": ["l2", "decoupled"],

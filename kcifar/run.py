@@ -110,14 +110,18 @@ def steps_per_execution(steps_per_epoch: int) -> int:
     return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
 
-def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
-    """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss."""
+def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
+    """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss. Returns how
+    many convolutions take their kernel gradient as matmuls (``train.conv_grad``)."""
     epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
     if spec["ema_momentum"] and steps_per_epoch % spec["ema_overwrite_frequency"]:
         raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
                           f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
                           "averaged weights (those are validated, saved and resumed)")
     scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
+    from kcifar.models import parts
+
+    routed = parts.use_matmul_kernel_grads(model, machine.matmul_kernel_grad_positions(recipe["train"]["conv_grad"]))
     lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
         optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch),
@@ -126,6 +130,7 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
         jit_compile=jit,
         steps_per_execution=steps_per_execution(steps_per_epoch),
     )
+    return routed
 
 
 def scale_bn_bias_learning_rate(model, scale: float):

@@ -67,7 +67,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     with strategy.scope():
         model = build_model(recipe, data, train_split)
         run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
-        run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
+        matmul_grads = run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
     first_epoch = run.resume_epoch(run_dir)
     if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
@@ -92,7 +92,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.load_weights(run_dir / "best.keras")
     evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
-    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split))
+    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split),
+                         conv_grad_matmul_layers=matmul_grads)
     return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
 
 

@@ -197,6 +197,46 @@ def test_fused_batch_norm_equals_keras_batch_norm(policy):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
 
 
+def _conv_net(kinds):
+    """A functional net of the given (name, Conv2D kwargs) layers on 6x4 images with 5 channels."""
+    inputs = keras.Input((6, 4, 5))
+    x = inputs
+    for name, kwargs in kinds:
+        x = keras.layers.Conv2D(name=name, **kwargs)(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def test_matmul_kernel_gradients_equal_tensorflows_and_change_nothing_saved(tmp_path):
+    """Only eligible 3x3 convs are routed; outputs, input and weight gradients equal TensorFlow's
+    (non-square input, bias, 'same' padding at the edges); the saved model is plain Keras."""
+    kinds = [("routed1", dict(filters=7, kernel_size=3, padding="same")),
+             ("valid", dict(filters=6, kernel_size=3, padding="valid")),  # 4x2
+             ("routed2", dict(filters=4, kernel_size=3, padding="same", use_bias=False)),
+             ("strided", dict(filters=4, kernel_size=3, strides=2, padding="same")),
+             ("dilated", dict(filters=4, kernel_size=3, padding="same", dilation_rate=2)),
+             ("pointwise", dict(filters=3, kernel_size=1))]
+    native, routed = _conv_net(kinds), _conv_net(kinds)
+    routed.set_weights(native.get_weights())
+    assert parts.use_matmul_kernel_grads(routed, max_positions=24) == 2
+    assert [parts.input_positions(routed.get_layer(n)) for n, _ in kinds] == [24, None, 8, None, None, None]
+    x = tf.constant(np.random.default_rng(3).normal(size=(3, 6, 4, 5)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(4).normal(size=(3, 3)).astype("float32"))
+
+    def forward_and_grads(model):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(model(x) * weights)
+        return (loss, *tape.gradient(loss, [x, *model.trainable_weights]))
+
+    for a, b in zip(forward_and_grads(native), forward_and_grads(routed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert parts.use_matmul_kernel_grads(_conv_net(kinds), max_positions=23) == 1  # 6x4 inputs are 24 pixels
+    routed.save(tmp_path / "routed.keras")
+    reloaded = keras.models.load_model(tmp_path / "routed.keras")
+    assert {type(layer) for layer in reloaded.layers[1:-1]} == {keras.layers.Conv2D}
+    assert all("convolution_op" not in vars(layer) for layer in reloaded.layers)
+
+
 # ------------------------------------------------------------ errors and the registry
 
 

@@ -185,3 +185,26 @@ def test_segments_say_which_epochs_ran_where_and_skip_a_process_that_finished_no
     assert [(s["cpu"], s["first_epoch"], s["last_epoch"], s["train_images_per_s"]) for s in summaries] == [
         ("CPU A", 1, 2, 100.0), ("CPU B", 3, 5, 85.0)]
     assert run.segment_summaries(tmp_path / "missing", history) == []
+
+
+@pytest.mark.parametrize("flags, policy, conv_grad, expected", [
+    ({"avx512f", "avx512_bf16"}, "mixed_bfloat16", "auto", 64),  # measured: conv_grad_epyc_avx512bf16.md
+    ({"avx512f", "avx512_bf16"}, "float32", "auto", 0),
+    ({"avx512_bf16", "amx_bf16"}, "mixed_bfloat16", "auto", 0),  # not measured on AMX: TF's kernel
+    ({"avx2"}, "float32", "auto", 0),
+    ({"avx512f", "avx512_bf16"}, "mixed_bfloat16", "native", 0),
+    ({"avx2"}, "float32", "matmul", sys.maxsize),
+])
+def test_matmul_kernel_gradients_are_decided_by_cpu_and_precision(monkeypatch, flags, policy, conv_grad, expected):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(machine, "_is_gpu_machine", lambda: False)
+    keras.mixed_precision.set_global_policy(policy)
+    assert machine.matmul_kernel_grad_positions(conv_grad) == expected
+
+
+def test_compile_model_routes_the_recipes_convolutions():
+    from kcifar import models, recipe as krecipe
+
+    for conv_grad, expected in (("matmul", 8), ("native", 0)):  # VGG11: eight 3x3 'same' convolutions
+        r = krecipe.resolve(None, ["model=vgg11", f"train.conv_grad={conv_grad}"])
+        assert run.compile_model(models.build("vgg11"), r, steps_per_epoch=10, jit=False) == expected
