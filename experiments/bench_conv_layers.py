@@ -13,7 +13,7 @@ PyTorch channels_last. Both call oneDNN; the numbers show which side of the
 gap the kernels are on, and which kernel. The TensorFlow side also times the
 kernel gradient as nine matmuls (`kcifar.models.parts.kernel_grad_by_taps`,
 what `train.conv_grad` routes a layer through), so the threshold
-`kcifar.machine.MATMUL_KERNEL_GRAD_POSITIONS` can be read off per shape.
+`kcifar.machine.MATMUL_KERNEL_GRAD` can be read off per shape.
 
     python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--out FILE]
 """

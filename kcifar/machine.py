@@ -66,23 +66,26 @@ def set_precision(precision: str):
     return precision
 
 
-# The largest input (height x width) of a 3x3 convolution whose kernel gradient is faster as
-# matmuls (kcifar.models.parts.conv3x3_matmul_kernel_grad), by CPU and precision, where measured:
-# experiments/results/conv_grad_*.md. Elsewhere TensorFlow's own kernel, until measured there.
-MATMUL_KERNEL_GRAD_POSITIONS = {("avx512_bf16", "mixed_bfloat16"): 64}
+# Which 3x3 convolutions take their kernel gradient as matmuls (kcifar.models.parts.
+# conv3x3_matmul_kernel_grad), by CPU flag and precision where measured: (largest input,
+# height x width; fewest input channels). On a 2-core AVX512_BF16 EPYC in bfloat16 the matmuls
+# beat TensorFlow's kernel 1.28-3.67x with 256-512 input channels on 8x8 and smaller inputs, and
+# lose with 64 channels at 8x8 and on 16x16 and larger (experiments/results/conv_grad_*.md).
+# Elsewhere TensorFlow's own kernel, until measured there.
+MATMUL_KERNEL_GRAD = {("avx512_bf16", "mixed_bfloat16"): (64, 256)}
 
 
-def matmul_kernel_grad_positions(conv_grad: str) -> int:
-    """``train.conv_grad``: "native" 0 (TensorFlow's kernel gradient everywhere), "matmul" every
-    eligible 3x3 convolution, "auto" the measured threshold for this CPU and precision policy
-    (0 on a GPU, on AMX CPUs and on CPUs without native bfloat16: not measured there)."""
+def matmul_kernel_grad_rule(conv_grad: str) -> tuple[int, int]:
+    """``train.conv_grad`` as (largest input positions, fewest input channels) of the convolutions
+    to route: "native" none, "matmul" every eligible one, "auto" the rule measured for this CPU
+    and precision policy (none on a GPU, on AMX CPUs and on CPUs without native bfloat16)."""
     if conv_grad != "auto":
-        return 0 if conv_grad == "native" else sys.maxsize
+        return (0, 0) if conv_grad == "native" else (sys.maxsize, 0)
     flags, policy = cpu_flags(), keras.mixed_precision.global_policy().name
     if _is_gpu_machine() or "amx_bf16" in flags:
-        return 0
-    return max([n for (flag, precision), n in MATMUL_KERNEL_GRAD_POSITIONS.items()
-                if flag in flags and precision == policy], default=0)
+        return 0, 0
+    return next((rule for (flag, precision), rule in MATMUL_KERNEL_GRAD.items()
+                 if flag in flags and precision == policy), (0, 0))
 
 
 def jit_enabled(jit: str) -> bool:

@@ -121,7 +121,7 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
     scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
     from kcifar.models import parts
 
-    routed = parts.use_matmul_kernel_grads(model, machine.matmul_kernel_grad_positions(recipe["train"]["conv_grad"]))
+    routed = parts.use_matmul_kernel_grads(model, *machine.matmul_kernel_grad_rule(recipe["train"]["conv_grad"]))
     lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
         optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch),

@@ -231,6 +231,7 @@ def test_matmul_kernel_gradients_equal_tensorflows_and_change_nothing_saved(tmp_
     for a, b in zip(forward_and_grads(native), forward_and_grads(routed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert parts.use_matmul_kernel_grads(_conv_net(kinds), max_positions=23) == 1  # 6x4 inputs are 24 pixels
+    assert parts.use_matmul_kernel_grads(_conv_net(kinds), max_positions=24, min_channels=6) == 1  # 5 and 6 in
     routed.save(tmp_path / "routed.keras")
     reloaded = keras.models.load_model(tmp_path / "routed.keras")
     assert {type(layer) for layer in reloaded.layers[1:-1]} == {keras.layers.Conv2D}

@@ -112,15 +112,16 @@ def input_positions(layer):
     return height * width if height and width else None
 
 
-def use_matmul_kernel_grads(model, max_positions: int) -> int:
+def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) -> int:
     """Route the kernel gradient of each 3x3 convolution of ``model`` whose input has at most
-    ``max_positions`` pixels through ``conv3x3_matmul_kernel_grad``; set before the first trace
+    ``max_positions`` pixels and at least ``min_channels`` channels through
+    ``conv3x3_matmul_kernel_grad``; set before the first trace
     of the training step. The layers, their weights and saved files are unchanged (only this
     model object computes differently). Returns how many layers it routed."""
     routed = 0
     for layer in model._flatten_layers():
         positions = input_positions(layer)
-        if positions is not None and positions <= max_positions:
+        if positions is not None and positions <= max_positions and layer.input.shape[-1] >= min_channels:
             layer.convolution_op = conv3x3_matmul_kernel_grad
             routed += 1
     return routed
