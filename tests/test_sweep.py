@@ -292,3 +292,23 @@ def test_overlaid_curves_show_training_curves_of_runs_without_validation(tmp_pat
     assert list(validation.get_ydata()) == [1.6, 1.2] and list(training.get_ydata()) == [1.5, 1.0]
     assert training.get_linestyle() == "--" and training.get_color() == validation.get_color()
     assert figures[-1].axes[1].get_ylabel().startswith("validation (solid), training (dashed) loss")
+
+
+def test_an_ablation_plots_each_cell_by_name_and_a_grid_by_its_key(tmp_path, monkeypatch):
+    """Cells that each set their own keys (each trick off in turn) have no common axis: the
+    figure lists them by name, one series; a grid keeps its key as the axis."""
+    from kcifar import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "sweep_accuracy", lambda x_labels, series, path, **kw: drawn.append((x_labels, series, kw)) or path)
+    ablation = load_study(write_study(tmp_path, 'seeds = [0]\n[[cells]]\nname = "no_smoothing"\n"loss.label_smoothing" = 0.0\n'
+                                                '[[cells]]\nname = "short"\n"train.epochs" = 2\n', "ablation"))
+    grid = load_study(write_study(tmp_path, 'seeds = [0]\n[grid]\n"train.epochs" = [3, 4]\n', "grid"))
+    for study in (ablation, grid):
+        for cell in study.cells:
+            fake_run(tmp_path / "runs" / study.name, cell.recipes[0], 0.5)
+        summary.write_summary(study, tmp_path / "runs")
+    (ablation_labels, ablation_series, ablation_kw), (grid_labels, _, grid_kw) = drawn
+    assert ablation_labels == ["no_smoothing", "short"] and list(ablation_series) == ["test top-1, all"]
+    assert ablation_kw["xlabel"] == "cell" and not ablation_kw["connect"]
+    assert grid_labels == ["3", "4"] and grid_kw["xlabel"] == "train.epochs" and grid_kw["connect"]

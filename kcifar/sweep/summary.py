@@ -215,8 +215,9 @@ def draw_figures(study, cells, rows, out: Path) -> list:
     """[(file name, title)] of the figures written (none before the first finished run)."""
     if not any(runs for _, runs in cells):
         return []
-    x_key = study.keys[0] if study.keys else None
-    other_keys = study.keys[1:]
+    one_axis = study.keys and all(key in cell.settings for cell, _ in cells for key in study.keys)
+    x_key = study.keys[0] if one_axis else None  # else each cell sets its own keys (an ablation): by cell
+    other_keys = study.keys[1:] if one_axis else []
     x_labels = list(dict.fromkeys(r[x_key] if x_key else r["cell"] for r in rows))
     series = {}
     for (cell, runs), row in zip(cells, rows):
