@@ -64,7 +64,6 @@ def normalize(x, normalization="meanstd", mean=None, std=None):
     return layer(x)
 
 
-@keras.saving.register_keras_serializable(package="kcifar")
 def conv3x3_matmul_kernel_grad(x, kernel):
     """A 3x3, stride-1, 'same' convolution, NHWC, whose kernel gradient is nine matmuls.
 
@@ -127,6 +126,7 @@ def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) ->
     return routed
 
 
+@keras.saving.register_keras_serializable(package="kcifar")
 class FusedBatchNorm(keras.layers.BatchNormalization):
     """Keras' BatchNormalization computed by TensorFlow's fused kernel: same results, 2x the speed.
 
