@@ -171,6 +171,15 @@ def test_saved_and_reloaded_model_gives_identical_logits(tmp_path):
     assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
 
 
+def test_kcifars_own_layers_are_registered_for_loading():
+    """Saved models name these by their registered names (a misplaced decorator once registered a
+    function instead of FusedBatchNorm, and no airbench94 or resnet20 could be loaded)."""
+    from kcifar.models import airbench
+
+    for obj in (parts.FusedBatchNorm, airbench.PatchWhitening, airbench.PartialDirac, airbench.gelu_tanh):
+        assert keras.saving.get_registered_object(f"kcifar>{obj.__name__}") is obj
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_equals_keras_batch_norm(policy):
     """Same outputs, input and weight gradients, and moving statistics as Keras' own layer,
