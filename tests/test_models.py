@@ -227,7 +227,7 @@ def test_matmul_kernel_gradients_equal_tensorflows_and_change_nothing_saved(tmp_
     native, routed = _conv_net(kinds), _conv_net(kinds)
     routed.set_weights(native.get_weights())
     assert parts.use_matmul_kernel_grads(routed, max_positions=24) == 2
-    assert [parts.input_positions(routed.get_layer(n)) for n, _ in kinds] == [24, None, 8, None, None, None]
+    assert [parts.input_size(routed.get_layer(n)) for n, _ in kinds] == [(24, 5), None, (8, 6), None, None, None]
     x = tf.constant(np.random.default_rng(3).normal(size=(3, 6, 4, 5)).astype("float32"))
     weights = tf.constant(np.random.default_rng(4).normal(size=(3, 3)).astype("float32"))
 

@@ -68,9 +68,10 @@ def conv3x3_matmul_kernel_grad(x, kernel):
     """A 3x3, stride-1, 'same' convolution, NHWC, whose kernel gradient is nine matmuls.
 
     TensorFlow's own kernel-gradient kernel (oneDNN's older ``jit`` implementation on CPUs
-    without AMX) is slow where the images are small and the channels many: measured on a 2-core
-    AVX512_BF16 EPYC in bfloat16, 49-80 GFLOPS on 4x4 and 3x3 inputs with 256-512 channels, where
-    a matmul of the same work runs at 130-180. Here tap (i, j) of the kernel gets the input
+    without AMX) is slow where the images are small and the channels many: on a 2-core
+    AVX512_BF16 EPYC in bfloat16, 79 GFLOPS on 2x2 inputs with 512 channels and 146 on 3x3 with
+    256, where these matmuls run at 290 and 332 (experiments/results/conv_grad_layers_*.md,
+    ``bench_conv_layers.py``). Here tap (i, j) of the kernel gets the input
     shifted by (i - 1, j - 1), flattened to (positions, in), times the output gradient
     (positions, out). Forward pass and input gradient stay TensorFlow's.
     """
@@ -96,19 +97,19 @@ def kernel_grad_by_taps(x, dy, kernel_shape):
     return tf.reshape(tf.stack(taps), kernel_shape)
 
 
-def input_positions(layer):
-    """Height x width of the input of a ``keras.layers.Conv2D`` that ``conv3x3_matmul_kernel_grad``
-    can stand in for (3x3, stride 1, 'same', no dilation or groups, channels last, called once
-    on a known size); None for any other layer."""
+def input_size(layer):
+    """(height x width, channels) of the input of a ``keras.layers.Conv2D`` that
+    ``conv3x3_matmul_kernel_grad`` can stand in for (3x3, stride 1, 'same', no dilation or groups,
+    channels last, called once on a known size); None for any other layer."""
     if not (type(layer) is keras.layers.Conv2D and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
             and layer.padding == "same" and layer.dilation_rate == (1, 1) and layer.groups == 1
             and layer.data_format == "channels_last"):
         return None
     try:
-        height, width = layer.input.shape[1:3]
+        height, width, channels = layer.input.shape[1:]
     except (AttributeError, ValueError):  # a layer called on several inputs, or not in a functional model
         return None
-    return height * width if height and width else None
+    return (height * width, channels) if height and width else None
 
 
 def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) -> int:
@@ -119,8 +120,8 @@ def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) ->
     model object computes differently). Returns how many layers it routed."""
     routed = 0
     for layer in model._flatten_layers():
-        positions = input_positions(layer)
-        if positions is not None and positions <= max_positions and layer.input.shape[-1] >= min_channels:
+        size = input_size(layer)
+        if size is not None and size[0] <= max_positions and size[1] >= min_channels:
             layer.convolution_op = conv3x3_matmul_kernel_grad
             routed += 1
     return routed
