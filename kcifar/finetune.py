@@ -300,7 +300,7 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     ``train.strategy``: the run directory, metrics.json and evaluation of ``kcifar.train``.
     Starting it again after a kill resumes it (finished stages are kept, the stage in
     progress continues at its last finished epoch)."""
-    ft = recipe["finetune"]
+    entered, ft = time.perf_counter(), recipe["finetune"]
     if recipe["train"]["strategy"] == "multiworker":
         raise KcifarError("kcifar.finetune trains on one machine ('auto', 'default' or 'mirrored'); "
                           "strategy 'multiworker' is for kcifar.train")
@@ -313,7 +313,7 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
         if run.resume_epoch(run_dir):
             print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
-        started = run.start_clock(run.read_history(run_dir))
+        started = run.start_clock(run.read_history(run_dir), entered)
         train_fn = train_on_features if ft["cache_features"] else train_on_images
         head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")

@@ -279,9 +279,11 @@ def record_stage(run_dir: Path, stage: int, epochs: int, best):
     fileio.write_json(run_dir / STAGES_FILE, {**finished_stages(run_dir), str(stage): {"epochs": epochs, "best": best}})
 
 
-def start_clock(history: dict) -> float:
-    """``time.perf_counter()`` less the training time of the epochs an interrupted run already logged."""
-    return time.perf_counter() - float(np.nansum(history.get("epoch_time_s", [])))
+def start_clock(history: dict, entered: float) -> float:
+    """The wall-time origin of a run: ``entered`` (``time.perf_counter()`` when the training call
+    began, so data loading, model build, data-dependent init and compile count) less the training
+    time of the epochs an interrupted run already logged (a resumed run counts this start's set-up only)."""
+    return entered - float(np.nansum(history.get("epoch_time_s", [])))
 
 
 def _trim_history(run_dir: Path, epochs_done: int):

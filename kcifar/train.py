@@ -54,7 +54,12 @@ class RunResult:
 
 def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
     """Train ``recipe`` into ``runs_dir/<name>``, resuming it when interrupted; evaluate
-    the kept model once on the test set (evaluation.json, figures, metrics.json)."""
+    the kept model once on the test set (evaluation.json, figures, metrics.json).
+
+    metrics.json's ``wall_time_s`` runs from this call's start (data loading, model build,
+    whitening, compile: ``setup_s``) to the test-set evaluation's end (``evaluation_s``: with its
+    TTA views and figures); the interpreter and TensorFlow's import before it are not in it."""
+    entered = time.perf_counter()
     if recipe["model"] not in models.names():
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     augment = AugmentConfig(**recipe["augment"])  # refused here, before the run directory is touched
@@ -77,7 +82,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
               f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
-    started = run.start_clock(history)
+    started, setup_s = run.start_clock(history, entered), time.perf_counter() - entered
     has_val = len(data.val) > 0
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,
@@ -91,9 +96,11 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.load_weights(run_dir / "best.keras")
+    evaluating = time.perf_counter()
     evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
-    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split),
-                         conv_grad_matmul_layers=matmul_grads)
+    ended = time.perf_counter()
+    metrics = run.finish(run_dir, recipe, evaluation, ended - started, len(train_split), setup_s=round(setup_s, 1),
+                         evaluation_s=round(ended - evaluating, 1), conv_grad_matmul_layers=matmul_grads)
     return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
 
 

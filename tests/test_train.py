@@ -3,6 +3,7 @@
 Runs that need process-wide TF settings (op determinism, logical CPU devices)
 run in subprocesses."""
 
+import csv
 import json
 import os
 import platform
@@ -44,6 +45,9 @@ def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path)
     assert metrics["test"]["loss"] > 0  # one scoring: evaluation.json's, loss included
     assert 0.2 < metrics["test"]["top1"] <= metrics["test"]["top5"] <= 1
     assert metrics["epochs_run"] == 3 and metrics["train_images_per_s"] > 0
+    epochs_s = sum(float(row["epoch_time_s"]) for row in csv.DictReader((run / "history.csv").open()))
+    parts = metrics["setup_s"] + epochs_s + metrics["evaluation_s"]  # set-up counts in the wall time
+    assert metrics["setup_s"] > 0 and metrics["evaluation_s"] > 0 and parts <= metrics["wall_time_s"] + 0.2
     assert "AVX-512: " in metrics["machine"]["cpu"]  # speeds differ with the CPU: say which ran
     assert metrics["code"] and "platform" not in metrics["machine"]  # the commit, no host kernel string
     saved = json.loads((run / "metrics.json").read_text())

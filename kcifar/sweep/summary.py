@@ -197,7 +197,9 @@ def to_markdown(study, cells, rows, figures, command) -> str:
              "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
              "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
              "(this machine's CIFAR-10: images 0-999). Epochs: mean epochs run (EarlyStopping) of the recipe's "
-             "maximum. Wall time per run.", ""]
+             "maximum. Wall time per run (metrics.json `wall_time_s`): from loading the data to the end of the "
+             "test-set evaluation (runs before 2026-12-05 started their clock after the model was built and "
+             "initialised); not the interpreter's start or TensorFlow's import.", ""]
     lines += cells_table(study, rows)
     lines += ["", *[f"![{title}]({name})" for name, title in figures]]
     lines += per_class_table(cells)
