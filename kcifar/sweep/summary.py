@@ -198,8 +198,8 @@ def to_markdown(study, cells, rows, figures, command) -> str:
              "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
              "(this machine's CIFAR-10: images 0-999). Epochs: mean epochs run (EarlyStopping) of the recipe's "
              "maximum. Wall time per run (metrics.json `wall_time_s`): from loading the data to the end of the "
-             "test-set evaluation (runs before 2026-12-05 started their clock after the model was built and "
-             "initialised); not the interpreter's start or TensorFlow's import.", ""]
+             "test-set evaluation (runs whose metrics.json has no `setup_s` started their clock after the model was "
+             "built and initialised); not the interpreter's start or TensorFlow's import.", ""]
     lines += cells_table(study, rows)
     lines += ["", *[f"![{title}]({name})" for name, title in figures]]
     lines += per_class_table(cells)
