@@ -313,16 +313,15 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
         if run.resume_epoch(run_dir):
             print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
-        started = run.start_clock(run.read_history(run_dir), entered)
+        clock = run.start_clock(run.read_history(run_dir), entered), time.perf_counter() - entered
         train_fn = train_on_features if ft["cache_features"] else train_on_images
         head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
     with fileio.atomic_path(run_dir / "best.keras") as tmp:
         model.save(tmp)
-    evaluation = evaluate.evaluate_run(run_dir, model, data)
-    metrics = run.finish(run_dir, recipe, evaluation, time.perf_counter() - started, len(train_split),
-                         resolution=ft["resolution"], backbone=ft["backbone"], stage_epochs=list(epochs),
-                         fast_path=ft["cache_features"])
+    evaluation, metrics = run.evaluate_and_finish(run_dir, recipe, model, data, clock, len(train_split),
+                                                  resolution=ft["resolution"], backbone=ft["backbone"],
+                                                  stage_epochs=list(epochs), fast_path=ft["cache_features"])
     return run_dir, metrics, evaluation
 
 

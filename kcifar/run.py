@@ -471,6 +471,21 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
     }
 
 
+def evaluate_and_finish(run_dir: Path, recipe: dict, model, data, clock: tuple, n_train: int, tta="none",
+                        **extra) -> tuple:
+    """Measure the test set once (``kcifar.evaluate.evaluate_run``) and ``finish`` the run, timed:
+    ``clock`` is (``start_clock``'s origin, the set-up's seconds). Returns (evaluation, metrics)."""
+    from kcifar import evaluate  # it reads run directories through this module
+
+    started, setup_s = clock
+    evaluating = time.perf_counter()
+    evaluation = evaluate.evaluate_run(run_dir, model, data, tta=tta)
+    ended = time.perf_counter()
+    metrics = finish(run_dir, recipe, evaluation, ended - started, n_train, setup_s=round(setup_s, 1),
+                     evaluation_s=round(ended - evaluating, 1), **extra)
+    return evaluation, metrics
+
+
 def finish(run_dir: Path, recipe: dict, evaluation: dict, wall_time: float, n_train: int, **extra) -> dict:
     """Write ``metrics.json`` (``summarize`` plus ``extra``), drop the backup and the stages'
     files; returns the metrics."""

@@ -82,7 +82,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
               f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
-    started, setup_s = run.start_clock(history, entered), time.perf_counter() - entered
+    clock = run.start_clock(history, entered), time.perf_counter() - entered
     has_val = len(data.val) > 0
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,
@@ -96,11 +96,8 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
     model.load_weights(run_dir / "best.keras")
-    evaluating = time.perf_counter()
-    evaluation = evaluate.evaluate_run(run_dir, model, data, tta=spec["tta"])
-    ended = time.perf_counter()
-    metrics = run.finish(run_dir, recipe, evaluation, ended - started, len(train_split), setup_s=round(setup_s, 1),
-                         evaluation_s=round(ended - evaluating, 1), conv_grad_matmul_layers=matmul_grads)
+    evaluation, metrics = run.evaluate_and_finish(run_dir, recipe, model, data, clock, len(train_split),
+                                                  tta=spec["tta"], conv_grad_matmul_layers=matmul_grads)
     return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
 
 

@@ -355,6 +355,7 @@ def test_a_real_command_prints_one_line_and_exits_2(workspace, command, args, me
     ("bench_speed.py", ["--out", "{file}/speed.md"], "choose another --out"),
     ("bench_inference.py", ["--out", "{file}/inference.md"], "choose another --out"),
     ("check_whitening_precision.py", ["{missing}"], "does not exist"),
+    ("check_conv_grad_precision.py", ["{missing}"], "does not exist"),
 ])
 def test_an_experiment_script_refuses_bad_input_in_one_line_before_any_work(tmp_path, script, args, message):
     """The benchmark scripts check --out before their minutes of timing, not after them."""

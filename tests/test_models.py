@@ -247,6 +247,27 @@ def test_matmul_kernel_gradients_equal_tensorflows_and_change_nothing_saved(tmp_
     assert all("convolution_op" not in vars(layer) for layer in reloaded.layers)
 
 
+def test_matmul_kernel_gradients_in_bfloat16_stay_within_bfloat16_rounding_of_tensorflows():
+    """Under mixed bfloat16 (where conv_grad = "auto" routes), a 256-channel 8x8 conv's kernel
+    gradient by matmuls equals TensorFlow's to bfloat16's resolution (2^-8 of the largest)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # the autouse fixture restores float32
+    inputs = keras.Input((8, 8, 256))
+    model = keras.Model(inputs, keras.layers.Conv2D(256, 3, padding="same", use_bias=False)(inputs))
+    x = tf.constant(np.random.default_rng(5).normal(size=(32, 8, 8, 256)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(6).normal(size=(32, 8, 8, 256)).astype("float32"))
+
+    def kernel_gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(x), tf.float32) * weights)
+        return np.asarray(tape.gradient(loss, model.trainable_weights[0]), np.float64)
+
+    native = kernel_gradient()
+    assert parts.use_matmul_kernel_grads(model, max_positions=64, min_channels=256) == 1
+    routed = kernel_gradient()
+    assert np.abs(routed - native).max() <= 2 ** -8 * np.abs(native).max()
+    assert np.corrcoef(routed.ravel(), native.ravel())[0, 1] > 0.9999  # the same gradient, not a transposed one
+
+
 # ------------------------------------------------------------ errors and the registry
 
 
