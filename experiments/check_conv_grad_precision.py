@@ -1,0 +1,71 @@
+"""Do the matmul kernel gradients (``train.conv_grad``) train a model as TensorFlow's kernel would?
+
+Loads a run's `best.keras` in its saved dtype policies, takes one training batch
+(the first 1,024 training images, the recipe's label smoothing, training mode),
+and computes the kernel gradient of every 3x3 convolution that
+`kcifar.machine.matmul_kernel_grad_rule` routes on this CPU: with TensorFlow's
+kernel, with `kcifar.models.parts.conv3x3_matmul_kernel_grad`, and with
+TensorFlow's kernel in a float32 copy of the model (`kcifar.deploy.float32_model`).
+Prints, per layer, the largest difference between the first two and each one's
+relative error against float32.
+
+    KCIFAR_DATA_DIR=../shared/datasets python experiments/check_conv_grad_precision.py RUN_DIR
+"""
+
+if __name__ == "__main__":
+    from kcifar.errors import start_command
+
+    start_command()
+
+import argparse
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kcifar import deploy, machine, run
+from kcifar.errors import KcifarError
+from kcifar.models import parts
+
+
+def kernel_gradients(model, layer_names, images, labels, label_smoothing):
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    kernels = [model.get_layer(name).kernel for name in layer_names]
+    with tf.GradientTape() as tape:
+        loss = loss_fn(labels, tf.cast(model(images, training=True), tf.float32))
+    return [np.asarray(g, np.float64) for g in tape.gradient(loss, kernels)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run directory (runs/NAME) of a model with 3x3 convolutions")
+    run_dir = parser.parse_args().run_dir
+    model = run.load_model(f"{run_dir}/best.keras")
+    recipe = run.read_recipe(run_dir)
+    policy = next(layer.dtype_policy.name for layer in model._flatten_layers() if parts.input_size(layer))
+    keras.mixed_precision.set_global_policy(policy)  # the rule is per CPU and precision
+    rule = machine.matmul_kernel_grad_rule("auto")
+    if rule[0] == 0:
+        raise KcifarError(f"train.conv_grad = 'auto' routes no kernel gradient on this CPU in {policy}; "
+                          "nothing to compare")
+    routed = [layer.name for layer in model._flatten_layers()
+              if (size := parts.input_size(layer)) and size[0] <= rule[0] and size[1] >= rule[1]]
+    data, train = run.load_data(recipe)
+    images = train.x[:1024].astype(np.float32)
+    labels = keras.utils.to_categorical(train.y[:1024], data.num_classes)
+    smoothing = recipe["loss"]["label_smoothing"]
+    reference = kernel_gradients(deploy.float32_model(model), routed, images, labels, smoothing)
+    native = kernel_gradients(model, routed, images, labels, smoothing)
+    parts.use_matmul_kernel_grads(model, *rule)
+    taps = kernel_gradients(model, routed, images, labels, smoothing)
+    print(f"{run_dir}: {policy}, rule {rule}, {len(routed)} routed layer(s)")
+    for name, n, t, r in zip(routed, native, taps, reference):
+        error = lambda g: np.linalg.norm(g - r) / np.linalg.norm(r)  # noqa: E731
+        print(f"{name} {r.shape}: largest |matmul - TF| {np.abs(t - n).max():.2e} (largest |TF| "
+              f"{np.abs(n).max():.2e}); relative error against float32: TF {error(n):.4f}, matmuls {error(t):.4f}")
+
+
+if __name__ == "__main__":  # a bad input is one line, not a traceback
+    from kcifar.errors import cli
+
+    cli(main)()
