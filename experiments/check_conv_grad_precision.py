@@ -48,8 +48,7 @@ def main():
     if rule[0] == 0:
         raise KcifarError(f"train.conv_grad = 'auto' routes no kernel gradient on this CPU in {policy}; "
                           "nothing to compare")
-    routed = [layer.name for layer in model._flatten_layers()
-              if (size := parts.input_size(layer)) and size[0] <= rule[0] and size[1] >= rule[1]]
+    routed = [layer.name for layer in parts.routable_convolutions(model, *rule)]
     data, train = run.load_data(recipe)
     images = train.x[:1024].astype(np.float32)
     labels = keras.utils.to_categorical(train.y[:1024], data.num_classes)

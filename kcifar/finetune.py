@@ -313,7 +313,7 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
         if run.resume_epoch(run_dir):
             print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
-        clock = run.start_clock(run.read_history(run_dir), entered), time.perf_counter() - entered
+        clock = run.start_clock(run.read_history(run_dir), entered)
         train_fn = train_on_features if ft["cache_features"] else train_on_images
         head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")

@@ -279,11 +279,12 @@ def record_stage(run_dir: Path, stage: int, epochs: int, best):
     fileio.write_json(run_dir / STAGES_FILE, {**finished_stages(run_dir), str(stage): {"epochs": epochs, "best": best}})
 
 
-def start_clock(history: dict, entered: float) -> float:
-    """The wall-time origin of a run: ``entered`` (``time.perf_counter()`` when the training call
-    began, so data loading, model build, data-dependent init and compile count) less the training
-    time of the epochs an interrupted run already logged (a resumed run counts this start's set-up only)."""
-    return entered - float(np.nansum(history.get("epoch_time_s", [])))
+def start_clock(history: dict, entered: float) -> tuple:
+    """(the run's wall-time origin, the set-up's seconds), called just before training. The origin
+    is ``entered`` (``time.perf_counter()`` when the training call began, so data loading, model
+    build, data-dependent init and compile count) less the training time of the epochs an
+    interrupted run already logged (a resumed run counts this start's set-up only)."""
+    return entered - float(np.nansum(history.get("epoch_time_s", []))), time.perf_counter() - entered
 
 
 def _trim_history(run_dir: Path, epochs_done: int):
@@ -474,7 +475,7 @@ def summarize(recipe: dict, history: dict, evaluation: dict, wall_time: float, n
 def evaluate_and_finish(run_dir: Path, recipe: dict, model, data, clock: tuple, n_train: int, tta="none",
                         **extra) -> tuple:
     """Measure the test set once (``kcifar.evaluate.evaluate_run``) and ``finish`` the run, timed:
-    ``clock`` is (``start_clock``'s origin, the set-up's seconds). Returns (evaluation, metrics)."""
+    ``clock`` is ``start_clock``'s (origin, set-up seconds). Returns (evaluation, metrics)."""
     from kcifar import evaluate  # it reads run directories through this module
 
     started, setup_s = clock

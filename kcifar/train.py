@@ -82,7 +82,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
               f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
-    clock = run.start_clock(history, entered), time.perf_counter() - entered
+    clock = run.start_clock(history, entered)
     has_val = len(data.val) > 0
     model.fit(
         train_dataset(train_split.x, train_split.y, data.num_classes, batch_size, augment,

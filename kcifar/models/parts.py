@@ -112,19 +112,21 @@ def input_size(layer):
     return (height * width, channels) if height and width else None
 
 
+def routable_convolutions(model, max_positions: int, min_channels: int = 0) -> list:
+    """The 3x3 convolutions of ``model`` (``input_size``) whose input has at most ``max_positions``
+    pixels and at least ``min_channels`` channels."""
+    return [layer for layer in model._flatten_layers()
+            if (size := input_size(layer)) is not None and size[0] <= max_positions and size[1] >= min_channels]
+
+
 def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) -> int:
-    """Route the kernel gradient of each 3x3 convolution of ``model`` whose input has at most
-    ``max_positions`` pixels and at least ``min_channels`` channels through
-    ``conv3x3_matmul_kernel_grad``; set before the first trace
-    of the training step. The layers, their weights and saved files are unchanged (only this
+    """Route the kernel gradient of each of ``routable_convolutions(model, ...)`` through
+    ``conv3x3_matmul_kernel_grad``; set before the first trace of the training step. The layers, their weights and saved files are unchanged (only this
     model object computes differently). Returns how many layers it routed."""
-    routed = 0
-    for layer in model._flatten_layers():
-        size = input_size(layer)
-        if size is not None and size[0] <= max_positions and size[1] >= min_channels:
-            layer.convolution_op = conv3x3_matmul_kernel_grad
-            routed += 1
-    return routed
+    layers = routable_convolutions(model, max_positions, min_channels)
+    for layer in layers:
+        layer.convolution_op = conv3x3_matmul_kernel_grad
+    return len(layers)
 
 
 @keras.saving.register_keras_serializable(package="kcifar")
