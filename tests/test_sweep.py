@@ -48,6 +48,8 @@ def test_grid_expands_into_named_cells_with_seeded_recipes(tmp_path):
     assert load_study(write_study(tmp_path, 'training_curves = true\n' + path.read_text(), "t2")).training_curves
     assert [c.name for c in study.cells] == ["blocks-6x16_batch_size-32", "blocks-6x16_batch_size-64",
                                              "blocks-16x32_batch_size-32", "blocks-16x32_batch_size-64"]
+    order = [r["name"] for _, _, r in study.runs()]  # seed by seed: every cell's seed 3 before any seed 4
+    assert order[3:5] == ["blocks-16x32_batch_size-64-s3", "blocks-6x16_batch_size-32-s4"] and len(order) == 8
     cell, seed, recipe = list(study.runs())[-1]
     assert (seed, recipe["seed"], recipe["name"]) == (4, 4, "blocks-16x32_batch_size-64-s4")
     assert recipe["model"] == "s0_base" and recipe["dataset"] == "cifar10"
@@ -171,7 +173,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
     study = load_study(write_study(tmp_path, f'seeds = [0, 1]\n{TINY_BASE}\n[grid]\n"model_args.widthh" = [1, 2]\n'))
     lines = []
     progress = runner.run_study(study, tmp_path / "runs", log=lines.append)
-    assert [name for name, _ in progress.failed] == ["widthh-1-s0", "widthh-1-s1", "widthh-2-s0", "widthh-2-s1"]
+    assert [name for name, _ in progress.failed] == ["widthh-1-s0", "widthh-2-s0", "widthh-1-s1", "widthh-2-s1"]
     assert all("has no option widthh" in message for _, message in progress.failed) and progress.ran == []
     assert lines[-1] == "tiny: 0 run(s) trained now, 0 finished before, 4 failed, 0 left for later"
 

@@ -1,4 +1,4 @@
-"""Studies: a grid of recipes x seeds, run cell by cell, resumable, and summarised.
+"""Studies: a grid of recipes x seeds, run seed by seed, resumable, and summarised.
 
     python -m kcifar.sweep experiments/sweeps/<study>.toml [--budget-min N] [--dry-run] [--summarize]
 

@@ -57,10 +57,11 @@ class Study:
     training_curves: bool = False  # the overlaid curves show training beside validation
 
     def runs(self):
-        """(cell, seed, recipe) for every run, cell by cell."""
-        for cell in self.cells:
-            for seed, recipe in zip(self.seeds, cell.recipes):
-                yield cell, seed, recipe
+        """(cell, seed, recipe) for every run, seed by seed: every cell's first seed comes before
+        any cell's second, so a sweep stopped part-way already compares all its cells."""
+        for index, seed in enumerate(self.seeds):
+            for cell in self.cells:
+                yield cell, seed, cell.recipes[index]
 
 
 def flatten(table: dict, prefix="") -> dict:
