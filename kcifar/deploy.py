@@ -76,10 +76,19 @@ def file_hashes(folder: Path, artifact: str) -> dict:
 # ---------------------------------------------------------------- exporting
 
 
-def float32_model(model):
+def gelu_erf(x):
+    """The exact GELU, 0.5 x (1 + erf(x / sqrt 2)). TensorFlow's own computes it with erfc, an
+    op tf2onnx copies into the ONNX graph unconverted (ONNX has no Erfc: the file does not load)."""
+    import keras
+
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+def float32_model(model, fmt=None):
     """``model`` computing in float32 (a mixed-precision model is cloned with its weights), its
     ``Normalization`` layers holding their mean and variance as numpy arrays (changed in place:
-    the same values, the same results in Keras).
+    the same values, the same results in Keras). For ``fmt="onnx"`` the exact GELU is also
+    written with erf (``gelu_erf``; the same function, in ONNX's ops).
 
     Why the arrays: Keras' Normalization keeps given statistics as eager tensors; a traced
     function captures them as extra inputs, and tf2onnx 1.17 turns those into ONNX graph
@@ -88,9 +97,15 @@ def float32_model(model):
     """
     import keras
 
-    if any(layer.dtype_policy.name != "float32" for layer in model.layers):
-        clone = keras.models.clone_model(
-            model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+    def exportable(layer):
+        config = {**layer.get_config(), "dtype": "float32"}
+        if fmt == "onnx" and config.get("activation") == "gelu":
+            config["activation"] = gelu_erf
+        return layer.__class__.from_config(config)
+
+    exact_gelu = fmt == "onnx" and any(layer.get_config().get("activation") == "gelu" for layer in model.layers)
+    if exact_gelu or any(layer.dtype_policy.name != "float32" for layer in model.layers):
+        clone = keras.models.clone_model(model, clone_function=exportable)
         clone.set_weights(model.get_weights())
         model = clone
     for layer in model.layers:
@@ -126,6 +141,16 @@ def _write_artifact(model, fmt: str, path: Path, representative=None):
     except Exception as error:  # the converters raise many types
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise KcifarError(f"the {fmt} converter failed on this model ({reason.strip()[:200]})") from None
+
+
+def _load_fresh(folder: Path, manifest: dict) -> "Exported":
+    """The export just written, loaded in its runtime; a runtime refusing it is a one-line error."""
+    try:
+        return Exported(folder, manifest)
+    except Exception as error:  # the runtimes raise many types
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise KcifarError(f"the {manifest['format']} export of this model does not load in its runtime "
+                          f"({reason.strip()[:200]}); nothing was written") from None
 
 
 def check_float(model, exported) -> dict:
@@ -191,7 +216,7 @@ def export(model, fmt: str, out, class_names, source: dict, int8_data=None, over
     out = Path(out)
     tmp = _staging(out, overwrite)
     try:
-        model = float32_model(model)
+        model = float32_model(model, fmt)
         artifact = FORMATS[fmt][1]
         representative = None
         if int8_data is not None:
@@ -208,7 +233,7 @@ def export(model, fmt: str, out, class_names, source: dict, int8_data=None, over
             "output": {"shape": [None, outputs], "dtype": "float32", "values": "logits (softmax: probabilities)"},
             "source": source, "versions": versions(),
         }
-        exported = Exported(tmp, manifest)
+        exported = _load_fresh(tmp, manifest)
         if int8_data is None:
             manifest["check"] = check_float(model, exported)
         else:

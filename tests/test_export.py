@@ -127,6 +127,27 @@ def test_mixed_precision_model_exports_in_float32(tmp_path):
     assert manifest["check"]["max_abs_logit_difference"] <= manifest["check"]["tolerance"]
 
 
+def test_exact_gelu_exports_to_onnx(tmp_path):
+    """TensorFlow computes the exact GELU with erfc, which tf2onnx leaves unconverted (the file
+    then does not load in ONNX Runtime); the export writes it with erf instead."""
+    keras.utils.set_random_seed(0)
+    model = models.build("airbench94", num_classes=10, widths=(8, 16, 16))  # exact GELU by default
+    assert any(layer.get_config().get("activation") == "gelu" for layer in model.layers)
+    manifest = deploy.export(model, "onnx", tmp_path / "onnx", CIFAR10_CLASSES, {})
+    assert manifest["check"]["max_abs_logit_difference"] <= manifest["check"]["tolerance"]
+
+
+def test_an_export_its_runtime_refuses_is_one_line_and_not_kept(tmp_path, monkeypatch):
+    def refuses(path):
+        raise RuntimeError("INVALID_GRAPH : No Op registered for Frobnicate\n  at node 7")
+
+    monkeypatch.setattr(deploy, "_savedmodel", refuses)
+    with pytest.raises(KcifarError, match=r"savedmodel export of this model does not load in its runtime "
+                                          r"\(INVALID_GRAPH : No Op registered for Frobnicate\); nothing was written"):
+        deploy.export(models.build("s3_tutorial", num_classes=10), "savedmodel", tmp_path / "sm", CIFAR10_CLASSES, {})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------ int8
 
 
