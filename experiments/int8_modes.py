@@ -110,18 +110,16 @@ def litert_int8_at_percentile(saved, representative, percentile) -> bytes:
                                  input_data_type=tf.float32, output_data_type=tf.float32)
 
 
-def onnx_int8(model, representative, method, folder) -> Path:
-    """ONNX Runtime's static int8 of ``model`` (QDQ, per-channel), calibrated by ``method``."""
+def onnx_int8(float_onnx: Path, representative, method) -> Path:
+    """ONNX Runtime's static int8 of the float ONNX file (QDQ, per-channel), calibrated by
+    ``method``; written beside it."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from kcifar import deploy
-
-    folder = Path(folder)
-    deploy.float32_model(model, "onnx").export(str(folder / "float.onnx"), format="onnx", verbose=False)
-    quant_pre_process(str(folder / "float.onnx"), str(folder / "pre.onnx"))
+    folder = float_onnx.parent
+    quant_pre_process(str(float_onnx), str(folder / "pre.onnx"))
     name = onnx.load(str(folder / "pre.onnx")).graph.input[0].name
 
     class Images(CalibrationDataReader):
@@ -133,11 +131,12 @@ def onnx_int8(model, representative, method, folder) -> Path:
             return None if image is None else {name: image[None]}
 
     percentile = method == "percentile"
-    quantize_static(str(folder / "pre.onnx"), str(folder / "int8.onnx"), Images(), quant_format=QuantFormat.QDQ,
+    out = folder / f"int8_{'percentile' if percentile else 'minmax'}.onnx"
+    quantize_static(str(folder / "pre.onnx"), str(out), Images(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
                     extra_options={"CalibPercentile": 99.999} if percentile else {})
-    return folder / "int8.onnx"
+    return out
 
 
 def run_onnx(path, x):
@@ -194,27 +193,24 @@ def main():
     print(f"Keras test top-1 on the first {len(x):,} test images: {np.mean(expected == y):.2%}\n")
     print("| LiteRT mode | size, MB | top-1 agreement with Keras | test top-1 | batch-256 images/s |")
     print("|---|---:|---:|---:|---:|")
-    for mode in ("float", *MODES):
-        content = converter(saved, representative, mode).convert()
-        logits, speed = run_litert(content, x, tempfile.mkdtemp())
-        got = logits.argmax(1)
-        print(f"| {mode} | {len(content) / 1e6:.2f} | {np.mean(got == expected):.2%} | {np.mean(got == y):.2%} | "
-              f"{speed:,.0f} |", flush=True)
     def row(mode, content_size, logits, speed):
         got = logits.argmax(1)
         print(f"| {mode} | {content_size / 1e6:.2f} | {np.mean(got == expected):.2%} | {np.mean(got == y):.2%} | "
               f"{speed:,.0f} |", flush=True)
 
+    for mode in ("float", *MODES):
+        content = converter(saved, representative, mode).convert()
+        row(mode, len(content), *run_litert(content, x, tempfile.mkdtemp()))
     for percentile in [float(p) for p in args.percentiles.split(",") if p]:
         content = litert_int8_at_percentile(saved, representative, percentile)
         row(f"int8, ranges at the {percentile:g}th percentile", len(content), *run_litert(content, x, tempfile.mkdtemp()))
+    float_onnx = Path(tempfile.mkdtemp()) / "float.onnx"
+    deploy.float32_model(model, "onnx").export(str(float_onnx), format="onnx", verbose=False)
     for method in ("min/max", "percentile"):
-        path = onnx_int8(model, representative, method, tempfile.mkdtemp())
+        path = onnx_int8(float_onnx, representative, method)
         label = "min/max" if method == "min/max" else "99.999th percentile"
         row(f"ONNX Runtime int8 (QDQ), {label}", path.stat().st_size, *run_onnx(path, x))
-    path = Path(tempfile.mkdtemp()) / "float.onnx"
-    deploy.float32_model(model, "onnx").export(str(path), format="onnx", verbose=False)
-    row("ONNX Runtime float", path.stat().st_size, *run_onnx(path, x))
+    row("ONNX Runtime float", float_onnx.stat().st_size, *run_onnx(float_onnx, x))
     worst, count = layer_errors(converter(saved, representative, "int8"), representative)
     print(f"\nint8's {len(worst)} worst of {count} quantised tensors (rms error / quantisation step, 100 images):\n")
     print("| error / step | op | tensor |\n|---:|---|---|")

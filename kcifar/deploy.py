@@ -103,8 +103,8 @@ def float32_model(model, fmt=None):
             config["activation"] = gelu_erf
         return layer.__class__.from_config(config)
 
-    exact_gelu = fmt == "onnx" and any(layer.get_config().get("activation") == "gelu" for layer in model.layers)
-    if exact_gelu or any(layer.dtype_policy.name != "float32" for layer in model.layers):
+    if any(layer.dtype_policy.name != "float32" or (fmt == "onnx" and layer.get_config().get("activation") == "gelu")
+           for layer in model.layers):
         clone = keras.models.clone_model(model, clone_function=exportable)
         clone.set_weights(model.get_weights())
         model = clone
@@ -139,8 +139,13 @@ def _write_artifact(model, fmt: str, path: Path, representative=None):
     try:
         model.export(str(path), format=FORMATS[fmt][0], verbose=False, **_converter_options(fmt, representative))
     except Exception as error:  # the converters raise many types
-        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise KcifarError(f"the {fmt} converter failed on this model ({reason.strip()[:200]})") from None
+        raise KcifarError(f"the {fmt} converter failed on this model ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first non-empty line, at most 200 characters (the converters' and runtimes'
+    messages run to pages)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
 
 
 def _load_fresh(folder: Path, manifest: dict) -> "Exported":
@@ -148,9 +153,8 @@ def _load_fresh(folder: Path, manifest: dict) -> "Exported":
     try:
         return Exported(folder, manifest)
     except Exception as error:  # the runtimes raise many types
-        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise KcifarError(f"the {manifest['format']} export of this model does not load in its runtime "
-                          f"({reason.strip()[:200]}); nothing was written") from None
+                          f"({_first_line(error)}); nothing was written") from None
 
 
 def check_float(model, exported) -> dict:

@@ -121,8 +121,9 @@ def routable_convolutions(model, max_positions: int, min_channels: int = 0) -> l
 
 def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) -> int:
     """Route the kernel gradient of each of ``routable_convolutions(model, ...)`` through
-    ``conv3x3_matmul_kernel_grad``; set before the first trace of the training step. The layers, their weights and saved files are unchanged (only this
-    model object computes differently). Returns how many layers it routed."""
+    ``conv3x3_matmul_kernel_grad``; set before the first trace of the training step. The layers,
+    their weights and saved files are unchanged (only this model object computes differently).
+    Returns how many layers it routed."""
     layers = routable_convolutions(model, max_positions, min_channels)
     for layer in layers:
         layer.convolution_op = conv3x3_matmul_kernel_grad
