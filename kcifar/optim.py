@@ -16,6 +16,10 @@ Weight averaging is Keras' own ``use_ema`` (``ema_momentum``, ``ema_overwrite_fr
 every that many steps the weights are set to their average, a lookahead), with one extra:
 ``ema_ramp_power`` p > 0 ramps the momentum up as ``ema_momentum * (step / total_steps) ** p``,
 so early training, which moves fast, is barely averaged (airbench94's lookahead schedule).
+
+``sgd_muon`` is SGD in which the convolution kernels (the 4-D trainable variables) take Muon's
+step instead (Jordan 2024, airbench94_muon's split): momentum of the raw gradient, orthogonalised
+by a Newton-Schulz iteration, at ``muon_learning_rate``, which follows the schedule's shape.
 """
 
 import math
@@ -37,8 +41,12 @@ class _CoupledWeightDecay:
         if not self.l2_decay:
             return super().apply(grads, trainable_variables)
         variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
-        grads = [g if g is None else g + self.l2_decay * ops.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        grads = [g if g is None or not self._decays(v) else g + self.l2_decay * ops.cast(v, g.dtype)
+                 for g, v in zip(grads, variables)]
         return super().apply(grads, trainable_variables)
+
+    def _decays(self, variable) -> bool:
+        return True
 
     def get_config(self):
         return {**super().get_config(), "l2_decay": self.l2_decay}
@@ -80,6 +88,65 @@ class SGDL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.SGD):
     pass
 
 
+def orthogonalize(matrix, steps=3):
+    """Newton-Schulz's quintic iteration towards the nearest semi-orthogonal matrix (Muon's): its
+    singular values land near 1 (within ~0.5-1.5 after 3 steps, as intended), its singular vectors
+    are the input's. Computed in float32 on the smaller Gram matrix."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = ops.cast(matrix, "float32")
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = ops.transpose(x)
+    x = x / (ops.sqrt(ops.sum(ops.square(x))) + 1e-7)  # every singular value <= 1
+    for _ in range(steps):
+        gram = ops.matmul(x, ops.transpose(x))
+        x = a * x + ops.matmul(b * gram + c * ops.matmul(gram, gram), x)
+    return ops.transpose(x) if tall else x
+
+
+@keras.saving.register_keras_serializable(package="kcifar")
+class SGDMuon(SGDL2):
+    """SGD whose convolution kernels (4-D variables) take Muon's step: ``m = muon_momentum * m + g``
+    (Nesterov: ``g + muon_momentum * m``), the kernel rescaled to norm sqrt(filters) (BatchNorm
+    follows each convolution, so only its direction matters), then moved by
+    ``learning_rate * muon_lr_ratio`` times the orthogonalised step, the kernel flattened to
+    (kh * kw * in, filters). Everything else, and the L2 decay (kernels excepted), is SGD."""
+
+    def __init__(self, *args, muon_lr_ratio=1.0, muon_momentum=0.6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.muon_lr_ratio, self.muon_momentum = float(muon_lr_ratio), float(muon_momentum)
+
+    def _decays(self, variable) -> bool:
+        return not self._is_kernel(variable)
+
+    @staticmethod
+    def _is_kernel(variable) -> bool:
+        return len(variable.shape) == 4
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.muon_momentums = [self.add_variable_from_reference(v, "muon_momentum") if self._is_kernel(v) else None
+                               for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._is_kernel(variable):
+            return super().update_step(gradient, variable, learning_rate)
+        gradient = ops.cast(gradient, variable.dtype)
+        m = self.muon_momentums[self._get_variable_index(variable)]
+        self.assign(m, self.muon_momentum * m + gradient)
+        step = gradient + self.muon_momentum * m if self.nesterov else m
+        filters = variable.shape[-1]
+        update = ops.reshape(orthogonalize(ops.reshape(step, (-1, filters))), variable.shape)
+        norm = ops.sqrt(ops.sum(ops.square(variable)))
+        rate = ops.cast(learning_rate, variable.dtype) * self.muon_lr_ratio
+        self.assign(variable, variable * (filters**0.5 / norm) - rate * ops.cast(update, variable.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "muon_lr_ratio": self.muon_lr_ratio, "muon_momentum": self.muon_momentum}
+
+
 @keras.saving.register_keras_serializable(package="kcifar")
 class AdamL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.Adam):
     pass
@@ -102,7 +169,7 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0):
         kwargs["l2_decay"] = decay
     if spec["ema_momentum"] > 0:  # the kcifar classes carry the EMA's ramp
         if name == "adamw":
-            raise KcifarError("optimizer.ema_momentum needs sgd, adam or rmsprop (adam with "
+            raise KcifarError("optimizer.ema_momentum needs sgd, sgd_muon, adam or rmsprop (adam with "
                               "weight_decay_mode='decoupled' is AdamW's update)")
         kwargs.update(use_ema=True, ema_momentum=spec["ema_momentum"],
                       ema_overwrite_frequency=spec["ema_overwrite_frequency"] or None, ema_ramp_steps=total_steps,
@@ -111,6 +178,10 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0):
     adam_args = {"beta_1": spec["beta_1"], "beta_2": spec["beta_2"], "epsilon": spec["epsilon"], "amsgrad": spec["amsgrad"]}
     if name == "sgd":
         return (SGDL2 if coupled else keras.optimizers.SGD)(momentum=spec["momentum"], nesterov=spec["nesterov"], **kwargs)
+    if name == "sgd_muon":
+        kwargs.setdefault("l2_decay", decay if coupled else 0.0)
+        return SGDMuon(momentum=spec["momentum"], nesterov=spec["nesterov"], muon_momentum=spec["muon_momentum"],
+                       muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], **kwargs)
     if name == "adam":
         return (AdamL2 if coupled else keras.optimizers.Adam)(**adam_args, **kwargs)
     if name == "adamw":
@@ -118,7 +189,7 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0):
         return keras.optimizers.AdamW(**adam_args, **kwargs)
     if name == "rmsprop":
         return (RMSpropL2 if coupled else keras.optimizers.RMSprop)(**kwargs)
-    raise KcifarError(f"unknown optimizer '{name}'; choose one of: sgd, adam, adamw, rmsprop")
+    raise KcifarError(f"unknown optimizer '{name}'; choose one of: sgd, sgd_muon, adam, adamw, rmsprop")
 
 
 @keras.saving.register_keras_serializable(package="kcifar")

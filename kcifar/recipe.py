@@ -39,7 +39,9 @@ DEFAULTS = {
                   "bn_bias_lr_scale": 1.0,  # BN biases learn this many times faster (sgd; a gradient scale)
                   # Keras' weight EMA (0 = off): every ema_overwrite_frequency steps the weights become
                   # their average (must divide the steps per epoch); ema_ramp_power > 0 ramps the momentum up
-                  "ema_momentum": 0.0, "ema_overwrite_frequency": 0, "ema_ramp_power": 0.0},
+                  "ema_momentum": 0.0, "ema_overwrite_frequency": 0, "ema_ramp_power": 0.0,
+                  # sgd_muon: the convolution kernels' peak rate (it follows the schedule) and momentum
+                  "muon_learning_rate": 0.24, "muon_momentum": 0.6},
     "schedule": {"name": "constant", "step_size": 30, "gamma": 0.1, "milestones": [],
                  "t_max": 0, "eta_min": 0.0, "warmup_epochs": 0, "factor": 0.1,
                  "patience": 5, "min_lr": 0.0, "pct_start": 0.3, "div_factor": 25.0,
@@ -64,7 +66,7 @@ CHOICES = {
     "train.jit": ["auto", "on", "off"],
     "train.conv_grad": ["auto", "native", "matmul"],
     "train.tta": ["none", "flip", "flip_translate"],
-    "optimizer.name": ["sgd", "adam", "adamw", "rmsprop"],
+    "optimizer.name": ["sgd", "sgd_muon", "adam", "adamw", "rmsprop"],
     "optimizer.weight_decay_mode": ["l2", "decoupled"],
     "schedule.name": ["constant", "step", "multistep", "exponential", "cosine", "plateau",
                       "warmup_cosine", "onecycle", "triangular"],
@@ -190,9 +192,12 @@ def _check_extras(recipe):
         raise KcifarError("optimizer.ema_ramp_power and optimizer.ema_overwrite_frequency must be >= 0")
     if opt["bn_bias_lr_scale"] <= 0:
         raise KcifarError(f"optimizer.bn_bias_lr_scale must be positive, got {opt['bn_bias_lr_scale']}")
-    if opt["bn_bias_lr_scale"] != 1 and opt["name"] != "sgd":
+    if opt["bn_bias_lr_scale"] != 1 and opt["name"] not in ("sgd", "sgd_muon"):
         raise KcifarError(f"optimizer.bn_bias_lr_scale scales gradients, which {opt['name']} normalises away; "
                           "use optimizer.name='sgd' or leave the scale at 1")
+    if opt["muon_learning_rate"] <= 0 or not 0 <= opt["muon_momentum"] < 1:
+        raise KcifarError("optimizer.muon_learning_rate must be > 0 and optimizer.muon_momentum in [0, 1), got "
+                          f"{opt['muon_learning_rate']} and {opt['muon_momentum']}")
     if whitening["images"] < 0 or whitening["bias_epochs"] < 0 or whitening["epsilon"] <= 0:
         raise KcifarError("whitening.images and whitening.bias_epochs must be >= 0 and whitening.epsilon > 0")
 

@@ -18,6 +18,7 @@ from kcifar.models import airbench, parts, registry
 from kcifar.recipe import DEFAULTS
 
 RECIPE = Path(__file__).resolve().parent.parent / "experiments" / "recipes" / "fast94.toml"
+MUON_RECIPE = RECIPE.with_name("fast94_muon.toml")
 pytestmark = pytest.mark.filterwarnings("ignore:Please import `affine_transform`:DeprecationWarning")
 
 
@@ -229,6 +230,35 @@ def test_fast94_recipe_validates_and_bad_values_are_refused():
                               ("whitening.epsilon=0.0", "whitening")]:
         with pytest.raises(KcifarError, match=message):
             krecipe.resolve(RECIPE, [override])
+    assert krecipe.resolve(MUON_RECIPE)["optimizer"]["name"] == "sgd_muon"
+    for override in ["optimizer.muon_momentum=1.0", "optimizer.muon_learning_rate=0.0"]:
+        with pytest.raises(KcifarError, match="muon"):
+            krecipe.resolve(MUON_RECIPE, [override])
+
+
+def test_bn_running_statistics_keep_0_6_of_themselves_per_step_as_airbench():
+    """airbench's BatchNorm(momentum=0.6) hands PyTorch 1 - 0.6: one training batch moves the
+    running mean 0.4 of the way to the batch mean."""
+    model = models.build("airbench94", input_shape=(32, 32, 3), num_classes=10, widths=[8, 8, 8])
+    bn = model.get_layer("block1_bn1")
+    x = np.random.default_rng(0).uniform(0, 255, size=(4, 32, 32, 3)).astype(np.float32)
+    upstream = keras.Model(model.input, bn.input)(x)
+    bn(upstream, training=True)
+    batch_mean = np.mean(keras.ops.convert_to_numpy(upstream), axis=(0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.4 * batch_mean, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_fit_of_the_muon_recipe(tiny_cifar10, tmp_path):
+    """fast94_muon, narrower, on 100 synthetic images: the kernels keep the norm Muon sets."""
+    from kcifar.train import train
+
+    recipe = krecipe.resolve(MUON_RECIPE, ["train.batch_size=20", "train.epochs=2", "whitening.images=50",
+                                           "train.precision=float32", "model_args.widths=[8, 16, 16]"])
+    result = train(recipe, tmp_path, verbose=0)
+    kernel = result.model.get_layer("block2_conv2").kernel.numpy()
+    assert isinstance(result.model.optimizer, optim.SGDMuon)
+    assert 0.5 < np.linalg.norm(kernel) / np.sqrt(16) < 1.5  # rescaled to sqrt(filters) before each step
+    assert result.metrics["epochs_run"] == 2 and np.all(np.isfinite(kernel))
 
 
 def test_tiny_fit_with_every_new_option(tiny_cifar10, tmp_path):

@@ -88,3 +88,53 @@ def test_plateau_is_a_callback():
     assert optim.make_schedule(schedule_spec(name="plateau"), 0.1, 10, 10) == 0.1
     assert isinstance(optim.plateau_callback(schedule_spec(name="plateau"), "val_loss"), keras.callbacks.ReduceLROnPlateau)
     assert optim.plateau_callback(schedule_spec(name="cosine"), "val_loss") is None
+
+
+# ------------------------------------------------------------ sgd_muon
+
+
+def test_orthogonalize_sets_singular_values_near_one_and_keeps_singular_vectors():
+    matrix = np.random.default_rng(0).normal(size=(64, 576)).astype(np.float32)
+    u, _, vt = np.linalg.svd(matrix, full_matrices=False)
+    out = keras.ops.convert_to_numpy(optim.orthogonalize(matrix))
+    core = u.T @ out @ vt.T  # diagonal if the singular vectors are kept
+    assert np.all((np.diag(core) > 0.5) & (np.diag(core) < 1.5))
+    np.testing.assert_allclose(core - np.diag(np.diag(core)), 0, atol=1e-3)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(optim.orthogonalize(matrix.T)), out.T, atol=1e-5)
+
+
+def muon_step(spec_changes, gradients, kernel, bias, lr=0.5):
+    optimizer = optim.make_optimizer(spec(name="sgd_muon", learning_rate=lr, **spec_changes), lr)
+    variables = [keras.Variable(kernel.copy()), keras.Variable(bias.copy())]
+    for kernel_grad, bias_grad in gradients:
+        optimizer.apply([keras.ops.convert_to_tensor(kernel_grad), keras.ops.convert_to_tensor(bias_grad)], variables)
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def test_sgd_muon_steps_kernels_by_muon_and_everything_else_by_sgd():
+    rng = np.random.default_rng(1)
+    kernel, bias = rng.normal(size=(3, 3, 4, 8)).astype(np.float32), W.copy()
+    g1, g2 = (rng.normal(size=kernel.shape).astype(np.float32) for _ in range(2))
+    changes = dict(momentum=0.0, weight_decay=0.1, muon_learning_rate=0.2, muon_momentum=0.6, nesterov=True)
+    new_kernel, new_bias = muon_step(changes, [(g1, G), (g2, G)], kernel, bias)
+
+    def muon(w, step):  # kernel rescaled to norm sqrt(8), then the orthogonalised step at 0.2
+        flat = keras.ops.convert_to_numpy(optim.orthogonalize(step.reshape(-1, 8))).reshape(w.shape)
+        return w * np.sqrt(8) / np.linalg.norm(w) - 0.2 * flat
+
+    m1 = g1
+    m2 = 0.6 * m1 + g2
+    expected = muon(muon(kernel, g1 + 0.6 * m1), g2 + 0.6 * m2)  # Nesterov; no L2 on kernels
+    np.testing.assert_allclose(new_kernel, expected, atol=1e-5)
+    b1 = W - 0.5 * (G + 0.1 * W)
+    np.testing.assert_allclose(new_bias, b1 - 0.5 * (G + 0.1 * b1), rtol=1e-6)  # plain SGD with L2
+    # Muon's step does not depend on the gradient's scale; SGD's would
+    scaled, _ = muon_step(changes, [(100 * g1, G), (100 * g2, G)], kernel, bias)
+    np.testing.assert_allclose(scaled, new_kernel, atol=1e-5)
+
+
+def test_sgd_muon_survives_serialization():
+    optimizer = optim.make_optimizer(spec(name="sgd_muon", learning_rate=1.5, muon_learning_rate=0.3, muon_momentum=0.5), 1.5)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(again) is optim.SGDMuon
+    assert again.muon_lr_ratio == pytest.approx(0.2) and again.muon_momentum == 0.5

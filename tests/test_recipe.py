@@ -29,7 +29,7 @@ def test_round_trip_through_toml(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lr=0.1", "unknown recipe key 'optimizer.lr'; valid keys here: name, learning_rate"),
-    ("optimizer.name=adagrad", "choose one of: sgd, adam, adamw, rmsprop"),
+    ("optimizer.name=adagrad", "choose one of: sgd, sgd_muon, adam, adamw, rmsprop"),
     ("train.epochs=ten", "'train.epochs' must be int"),
     ("train.epochs=0", "train.epochs must be at least 1"),
     ("train.deterministic=1", "'train.deterministic' must be bool"),

@@ -166,7 +166,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_cifar10, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg17"], "unknown model 'vgg17'; choose one of:"),
     (["--set", "optimizer.lr=0.1"], "unknown recipe key 'optimizer.lr'"),
-    (["--optimizer", "adagrad"], "choose one of: sgd, adam, adamw, rmsprop"),
+    (["--optimizer", "adagrad"], "choose one of: sgd, sgd_muon, adam, adamw, rmsprop"),
     (["--set", "train.epochs=many"], "'train.epochs' must be int"),
     (["missing.toml"], "recipe file missing.toml not found"),
     (["--set", "model_args.widthh=3"], "has no option widthh"),
