@@ -179,7 +179,6 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0):
     if name == "sgd":
         return (SGDL2 if coupled else keras.optimizers.SGD)(momentum=spec["momentum"], nesterov=spec["nesterov"], **kwargs)
     if name == "sgd_muon":
-        kwargs.setdefault("l2_decay", decay if coupled else 0.0)
         return SGDMuon(momentum=spec["momentum"], nesterov=spec["nesterov"], muon_momentum=spec["muon_momentum"],
                        muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], **kwargs)
     if name == "adam":
