@@ -138,3 +138,22 @@ def test_sgd_muon_survives_serialization():
     again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(again) is optim.SGDMuon
     assert again.muon_lr_ratio == pytest.approx(0.2) and again.muon_momentum == 0.5
+
+
+def test_sgd_muon_state_is_in_its_variables_so_a_resumed_run_continues_the_same():
+    """What BackupAndRestore saves and restores is ``optimizer.variables``: Muon's momentum must be there."""
+    rng = np.random.default_rng(2)
+    kernel, g1, g2 = (rng.normal(size=(3, 3, 2, 4)).astype(np.float32) for _ in range(3))
+
+    def fresh():
+        return optim.make_optimizer(spec(name="sgd_muon", learning_rate=0.5, muon_momentum=0.6), 0.5)
+
+    running, variable = fresh(), keras.Variable(kernel.copy())
+    running.apply([keras.ops.convert_to_tensor(g1)], [variable])
+    resumed, copy = fresh(), keras.Variable(keras.ops.convert_to_numpy(variable))
+    resumed.build([copy])
+    for saved, restored in zip(running.variables, resumed.variables):
+        restored.assign(saved)
+    running.apply([keras.ops.convert_to_tensor(g2)], [variable])
+    resumed.apply([keras.ops.convert_to_tensor(g2)], [copy])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(copy), keras.ops.convert_to_numpy(variable), atol=1e-6)
