@@ -118,8 +118,8 @@ def onnx_int8(float_onnx: Path, representative, method) -> Path:
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    folder = float_onnx.parent
-    quant_pre_process(str(float_onnx), str(folder / "pre.onnx"))
+    folder = float_onnx.parent  # ONNX's own shape inference: the symbolic one needs sympy, not in the extra
+    quant_pre_process(str(float_onnx), str(folder / "pre.onnx"), skip_symbolic_shape=True)
     name = onnx.load(str(folder / "pre.onnx")).graph.input[0].name
 
     class Images(CalibrationDataReader):
