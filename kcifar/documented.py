@@ -99,7 +99,7 @@ def _study_rows(results_dir: Path, study: str) -> list:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if row.get("seeds_done") not in (None, "", "0")]
+        return list(csv.DictReader(f))
 
 
 def _num(text):
@@ -153,11 +153,13 @@ def measured(figure: Documented, results_dir: Path):
     """What experiments/results holds for ``figure``, or None."""
     if figure.study == "finetune_lite0":
         return _finetune(results_dir)
-    rows = _study_rows(results_dir, figure.study) if figure.study else []
+    cells = _study_rows(results_dir, figure.study) if figure.study else []
+    rows = [row for row in cells if row.get("seeds_done") not in (None, "", "0")]
     if figure.cell is None and rows:
         best = max(rows, key=lambda r: _num(r["test_all_top1_mean"]) or -1)
         found = _from_study(best, figure.study)
-        return {**found, "text": f"best cell on all test images, {best['cell']}: {found['text']}"}
+        which = "best cell" if len(rows) == len(cells) else f"best of the {len(rows)} of {len(cells)} cells run so far"
+        return {**found, "text": f"{which} on all test images, {best['cell']}: {found['text']}"}
     row = next((r for r in rows if r["cell"] == figure.cell), None)
     if row is not None:
         return _from_study(row, figure.study)
