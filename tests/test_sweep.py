@@ -213,6 +213,26 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
+def test_a_run_trained_outside_the_sweep_counts_as_it_was_written(tmp_path):
+    """A kcifar.train run copied into the runs folder (seed 0 first, the sweep for the rest):
+    skipped untouched (its TTA evaluation too, no provenance made up), its own commit shown."""
+    study = load_study(write_study(tmp_path, 'seeds = [0]\n[grid]\n"train.tta" = ["flip"]\n'))
+    run = fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.60)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "code": "abc1234", "tta": "flip"}))
+    per_class = [{"class": "cat", "n": 5000, "accuracy": 0.6}, {"class": "dog", "n": 5000, "accuracy": 0.6}]
+    evaluation = json.dumps({"tta": "flip", "all": {"top1": 0.60, "n": 10000}, "per_class": per_class})
+    (run / "evaluation.json").write_text(evaluation)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    progress = runner.run_study(study, tmp_path / "runs", command="python -m kcifar.sweep tiny.toml",
+                                log=lambda line: None)
+    assert progress.skipped == [run.name] and progress.ran == []
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    summary.write_summary(study, tmp_path / "runs")
+    assert list(csv.DictReader((tmp_path / "runs" / "tiny" / "tiny.csv").open()))[0]["commit"] == "abc1234"
+
+
 def test_a_hand_written_reading_survives_a_new_summary(tmp_path):
     study = load_study(write_study(tmp_path, 'seeds = [0, 1]\n[grid]\n"train.epochs" = [3]\n'))
     fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.50)

@@ -1,13 +1,16 @@
 """Run a study's cells one after another, so that the same command continues it after any stop.
 
-A finished run (``metrics.json`` says ``finished``) is skipped, an interrupted
-one resumes where kcifar.train's backup left it, and with a budget no new run
+A finished run (``metrics.json`` says ``finished``) is skipped and left as
+kcifar.train wrote it (a run trained by ``kcifar.train`` and copied into the
+runs folder counts, with its own evaluation), an interrupted one resumes where
+kcifar.train's backup left it, and with a budget no new run
 starts once the budget is spent (the one running is finished, not cut). A run
 that fails with a KcifarError (a diverged loss, a run folder of another
 recipe) is reported and the others go on; the next call tries it again.
-After training, each run is evaluated (``evaluation.json``, per-class
-accuracy, learning-curve PNG) and gets ``provenance.json``: when it finished,
-on which CPU, at which git commit, by which command.
+kcifar.train evaluates each run (``evaluation.json``, per-class accuracy,
+learning-curve PNG, with the recipe's TTA); a run this sweep trained then gets
+``provenance.json``: when it finished, on which CPU, at which git commit, by
+which command.
 """
 
 import datetime
@@ -48,8 +51,6 @@ def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command=""
     for index, (cell, seed, recipe) in enumerate(study.runs(), 1):
         run_dir = folder / recipe["name"]
         if is_finished(run_dir):
-            if not (run_dir / PROVENANCE).is_file():  # stopped after training, before its evaluation
-                evaluate_saved(run_dir, recipe, data_dir, command)
             progress.skipped.append(recipe["name"])
             continue
         if budget_min is not None and monotonic() - started >= 60 * budget_min:
@@ -78,12 +79,3 @@ def run_one(recipe: dict, folder: Path, data_dir, command: str, verbose: int):
     fileio.write_json(result.run_dir / PROVENANCE, provenance(command))
     keras.backend.clear_session()  # one process trains many models: free the last one's graph
 
-
-def evaluate_saved(run_dir: Path, recipe: dict, data_dir, command: str):
-    """Evaluate a finished run from its best.keras, then write its provenance."""
-    from kcifar import evaluate, run
-    from kcifar.data import load_cifar
-
-    data = load_cifar(data_dir=data_dir, **run.data_settings(recipe))
-    evaluate.evaluate_run(run_dir, run.load_model(run_dir / "best.keras"), data)
-    fileio.write_json(run_dir / PROVENANCE, provenance(command))

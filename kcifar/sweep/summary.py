@@ -128,7 +128,7 @@ def cell_row(study, cell, runs) -> dict:
         "train_images_per_s_mean": _mean([m.get("train_images_per_s") for m in metrics]),
         "cpu": _joined(m.get("machine", {}).get("cpu") for m in metrics),
         "date": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else None,
-        "commit": _joined(run["provenance"].get("commit") for run in runs),
+        "commit": _joined(m.get("code") for m in metrics),  # the code each run trained at
         "command": _joined(run["provenance"].get("command") for run in runs),
     })
     return row
