@@ -127,6 +127,27 @@ def test_mixed_precision_model_exports_in_float32(tmp_path):
     assert manifest["check"]["max_abs_logit_difference"] <= manifest["check"]["tolerance"]
 
 
+def test_input_normalization_folds_into_the_valid_convolution_after_it(tmp_path):
+    """s3_tutorial's first convolution pads nothing: the export folds the Normalization into it
+    (the same logits, no normalisation left in the LiteRT file, the model itself untouched);
+    ResNet-20's first convolution pads ('same'): nothing is folded."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    keras.utils.set_random_seed(0)
+    model = models.build("s3_tutorial", num_classes=10)
+    weights = model.get_weights()
+    folded = deploy.fold_input_normalization(model)
+    assert [type(layer) for layer in folded.layers if isinstance(layer, keras.layers.Normalization)] == []
+    images = np.random.default_rng(2).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=0, atol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+    deploy.export(model, "litert", tmp_path / "litert", CIFAR10_CLASSES, {})
+    names = [t["name"] for t in Interpreter(model_path=str(tmp_path / "litert" / "model.tflite")).get_tensor_details()]
+    assert any("block1_conv1" in name for name in names) and not any("normalize" in name for name in names)
+    same_padded = resnet20()
+    assert deploy.fold_input_normalization(same_padded) is same_padded
+
+
 def test_exact_gelu_exports_to_onnx(tmp_path):
     """TensorFlow computes the exact GELU with erfc, which tf2onnx leaves unconverted (the file
     then does not load in ONNX Runtime); the export writes it with erf instead."""
