@@ -7,6 +7,7 @@ flags), whether oneDNN really runs, the versions, the commit and the command as 
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -150,12 +151,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 def command_line(argv=None) -> str:
     """This process's command as typed from the repository root, without the interpreter's
     path: ``python -m kcifar.report ...`` or ``python experiments/x.py ...``; ``argv``
-    (default ``sys.argv[1:]``) as given."""
+    (default ``sys.argv[1:]``) quoted for a POSIX shell, so the line runs again as written."""
     import __main__
 
     spec = getattr(__main__, "__spec__", None)
     program = f"-m {spec.name}" if spec else os.path.relpath(Path(sys.argv[0]).resolve(), REPOSITORY)
-    return " ".join(["python", program, *(sys.argv[1:] if argv is None else argv)])
+    return " ".join(["python", program, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 # Written by the commands themselves (results, the report): a change there is not a change of code.

@@ -150,6 +150,12 @@ def test_an_interrupted_run_of_older_code_resumes_when_newer_code_added_recipe_k
         run.open_run_dir(tmp_path, recipe, overwrite=False)
 
 
+def test_the_recorded_command_line_runs_again_as_written():
+    line = machine.command_line(["--note", "nothing else running", "--out", "a b/x.md", "--repeats", "20"])
+    assert line.startswith("python ") and line.endswith(
+        "--note 'nothing else running' --out 'a b/x.md' --repeats 20")
+
+
 def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path, monkeypatch):
     """A sweep rewrites experiments/results/ while later runs record the commit: that is output,
     not a change of the code the runs use; an edit under kcifar/ is."""
