@@ -135,7 +135,8 @@ def fold_input_normalization(model):
     if len(norms) != 1:
         return model
     norm = norms[0]
-    users = [layer for layer in model.layers[1:] if any(t is norm.output for t in keras.tree.flatten(layer.input))]
+    users = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
+             and any(t is norm.output for t in keras.tree.flatten(layer.input))]
     conv = users[0] if len(users) == 1 else None
     if not (isinstance(conv, keras.layers.Conv2D) and conv.padding == "valid" and conv.groups == 1):
         return model
@@ -151,7 +152,7 @@ def fold_input_normalization(model):
         return layer.__class__.from_config({**layer.get_config(), **({"use_bias": True} if layer is conv else {})})
 
     folded = keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers[1:]:
+    for layer in model.layers:
         if layer is conv:
             folded.get_layer(layer.name).set_weights([kernel, bias.astype(np.float32)])
         elif layer is not norm:

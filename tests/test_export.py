@@ -146,6 +146,12 @@ def test_input_normalization_folds_into_the_valid_convolution_after_it(tmp_path)
     assert any("block1_conv1" in name for name in names) and not any("normalize" in name for name in names)
     same_padded = resnet20()
     assert deploy.fold_input_normalization(same_padded) is same_padded
+    sequential = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Normalization(mean=[120, 110, 100],
+                                   variance=[3000, 2500, 2800]), keras.layers.Conv2D(4, 3, use_bias=False),
+                                   keras.layers.Flatten(), keras.layers.Dense(10)])  # a user's model, no bias to fold into
+    folded = deploy.fold_input_normalization(sequential)
+    assert [type(layer) for layer in folded.layers if isinstance(layer, keras.layers.Normalization)] == []
+    np.testing.assert_allclose(folded.predict(images, verbose=0), sequential.predict(images, verbose=0), rtol=0, atol=1e-5)
 
 
 def test_exact_gelu_exports_to_onnx(tmp_path):
@@ -192,7 +198,7 @@ def test_int8_litert_agrees_with_keras_on_real_test_images(real_cifar10_dir, tmp
     assert manifest["int8"] and "500 of the training split" in manifest["quantization"]["representative_images"]
     assert check["images"] == "test split, 10000" and check["test_top1_keras"] > 0.35  # it learnt something
     assert abs(check["test_top1_change"]) <= 0.01
-    assert check["top1_agreement"] >= 0.97  # measured 0.980: the disagreements are near-ties, see below
+    assert check["top1_agreement"] >= 0.97  # measured 0.978: the disagreements are near-ties, see below
 
     exported = deploy.load(tmp_path / "int8")
     model = run.load_model(run_dir / "best.keras")
