@@ -125,9 +125,10 @@ def fold_input_normalization(model):
     consumer and pads nothing ('valid'): 'same' pads the normalised image with zeros, which are the
     mean in pixel space, not zero. Of the zoo, s3_tutorial's first convolution qualifies.
 
-    Why: LiteRT int8 runs the normalisation's SUB and MUL on the full-size image more slowly than
-    s3_tutorial's two convolutions (5.5 of its 9.5 ms a batch of 256, AVX512_BF16 EPYC), and
-    folded, the int8 model takes the raw pixels, which its input quantises exactly.
+    Only a per-channel (or single) mean and variance fold. Why fold: LiteRT int8 runs the
+    normalisation (its SUB and MUL on the full-size image) more slowly than s3_tutorial's two
+    convolutions (3.0 of its 4.8 ms a batch of 256, AVX512_BF16 EPYC), and folded, the int8 model
+    takes the raw pixels, which its input quantises exactly.
     """
     import keras
 
@@ -140,11 +141,14 @@ def fold_input_normalization(model):
     conv = users[0] if len(users) == 1 else None
     if not (isinstance(conv, keras.layers.Conv2D) and conv.padding == "valid" and conv.groups == 1):
         return model
-    mean = np.broadcast_to(np.reshape(keras.ops.convert_to_numpy(norm.mean), -1), conv.kernel.shape[2])
-    std = np.maximum(np.sqrt(np.reshape(keras.ops.convert_to_numpy(norm.variance), -1)), keras.backend.epsilon())
+    channels = conv.kernel.shape[2]
+    mean, variance = (np.reshape(keras.ops.convert_to_numpy(v), -1) for v in (norm.mean, norm.variance))
+    if not {mean.size, variance.size} <= {1, channels}:
+        return model
+    std = np.maximum(np.sqrt(np.broadcast_to(variance, channels)), keras.backend.epsilon())
     kernel, *bias = conv.get_weights()
-    kernel = kernel / np.broadcast_to(std, mean.shape)[:, None]
-    bias = (bias[0] if bias else 0.0) - np.einsum("hwio,i->o", kernel, mean)
+    kernel = kernel / std[:, None]
+    bias = (bias[0] if bias else 0.0) - np.einsum("hwio,i->o", kernel, np.broadcast_to(mean, channels))
 
     def clone(layer):
         if layer is norm:

@@ -152,6 +152,9 @@ def test_input_normalization_folds_into_the_valid_convolution_after_it(tmp_path)
     folded = deploy.fold_input_normalization(sequential)
     assert [type(layer) for layer in folded.layers if isinstance(layer, keras.layers.Normalization)] == []
     np.testing.assert_allclose(folded.predict(images, verbose=0), sequential.predict(images, verbose=0), rtol=0, atol=1e-5)
+    per_pixel = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Normalization(
+        axis=(1, 2, 3), mean=np.full((32, 32, 3), 120.0), variance=np.full((32, 32, 3), 3000.0)), keras.layers.Conv2D(4, 3)])
+    assert deploy.fold_input_normalization(per_pixel) is per_pixel  # a mean per pixel does not fold into a kernel
 
 
 def test_exact_gelu_exports_to_onnx(tmp_path):
