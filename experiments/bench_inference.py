@@ -114,7 +114,8 @@ def main():
     parser.add_argument("--out", help="markdown file to write (default: print only)")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--calls", type=int, default=200, help="timed batch-1 calls per path")
-    parser.add_argument("--repeats", type=int, default=5, help="timed batch-256 calls per path")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed batch-256 calls per path (with 5, one slow call moved the median: 2026-12-05)")
     parser.add_argument("--note", default="", help="a line on the conditions, written under the settings")
     args = parser.parse_args()
     from kcifar import deploy
