@@ -127,8 +127,8 @@ def fold_input_normalization(model):
 
     Only a per-channel (or single) mean and variance fold. Why fold: LiteRT int8 runs the
     normalisation (its SUB and MUL on the full-size image) more slowly than s3_tutorial's two
-    convolutions (3.0 of its 4.8 ms a batch of 256, AVX512_BF16 EPYC), and folded, the int8 model
-    takes the raw pixels, which its input quantises exactly.
+    convolutions (``experiments/results/inference_epyc_avx512bf16.md``: folding halves its int8
+    time), and folded, the int8 model takes the raw pixels, which its input quantises exactly.
     """
     import keras
 
