@@ -17,11 +17,19 @@ the output is float32 logits (N, classes). Every export computes in float32,
 whatever precision the model was trained in (Keras' ONNX export requires it;
 the moving statistics of batch norm fold into the convolutions).
 
-int8 (LiteRT only): full-integer post-training quantisation by TensorFlow's
-converter, calibrated on training-split images; only int8 builtin ops
-(``TFLITE_BUILTINS_INT8``), with float32 input and output kept (the converter
-quantises the input and dequantises the logits), so the contract above holds.
-Integer pixels 0..255 quantise exactly (the input's scale is 1).
+int8 (LiteRT only), two post-training quantisations by TensorFlow's converter,
+float32 input and output kept either way, so the contract above holds:
+
+- ``full``: full-integer, calibrated on training-split images; only int8 builtin
+  ops (``TFLITE_BUILTINS_INT8``), the converter quantises the input and
+  dequantises the logits; integer pixels 0..255 quantise exactly (scale 1). The
+  fastest, and what integer-only accelerators need; its rounding adds up over the
+  layers and flips near-ties (1-3 % of CIFAR-10 test images on most of the zoo).
+- ``dynamic``: int8 weights (those of 1,024 values or more: the converter's rule);
+  each layer quantises its input per image at run time
+  (TensorFlow's dynamic-range quantisation, no calibration) and hands on float32.
+  Closer to Keras (>= 99 % top-1 agreement on every model measured), slower than
+  ``full`` (``experiments/results/int8_airbench94.md``, ``inference_*.md``).
 """
 
 import importlib.util
@@ -50,6 +58,7 @@ FORMATS = {
 FLOAT_TOLERANCE = 1e-4
 CHECK_IMAGES = 256  # random images every float export is checked on before it is kept
 REPRESENTATIVE_IMAGES = 500  # training-split images that calibrate int8 (TensorFlow suggests 100-500)
+INT8_MODES = ("full", "dynamic")
 INPUT_SHAPE = (32, 32, 3)
 BATCH = 256
 
@@ -165,14 +174,17 @@ def fold_input_normalization(model):
     return folded
 
 
-def _converter_options(fmt: str, representative=None) -> dict:
+def _converter_options(fmt: str, int8_mode=None, representative=None) -> dict:
     """``model.export`` keyword arguments: LiteRT's converter settings (TFLiteConverter attributes)."""
     if fmt != "litert":
         return {}
     import tensorflow as tf
 
-    if representative is None:  # builtin ops only: the file runs in the plain LiteRT interpreter, no TF ops
-        return {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    builtins = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}  # runs in plain LiteRT
+    if int8_mode is None:
+        return builtins
+    if int8_mode == "dynamic":  # no representative data set: weights int8, activations at run time
+        return {**builtins, "optimizations": [tf.lite.Optimize.DEFAULT]}
 
     def images():
         for image in representative:
@@ -183,10 +195,11 @@ def _converter_options(fmt: str, representative=None) -> dict:
             "inference_input_type": tf.float32, "inference_output_type": tf.float32}
 
 
-def _write_artifact(model, fmt: str, path: Path, representative=None):
+def _write_artifact(model, fmt: str, path: Path, int8_mode=None, representative=None):
     """``model.export`` into ``path``; a converter's failure is a one-line error."""
+    options = _converter_options(fmt, int8_mode, representative)
     try:
-        model.export(str(path), format=FORMATS[fmt][0], verbose=False, **_converter_options(fmt, representative))
+        model.export(str(path), format=FORMATS[fmt][0], verbose=False, **options)
     except Exception as error:  # the converters raise many types
         raise KcifarError(f"the {fmt} converter failed on this model ({_first_line(error)})") from None
 
@@ -252,16 +265,20 @@ def _move_into_place(tmp: Path, out: Path):
         shutil.rmtree(old)
 
 
-def export(model, fmt: str, out, class_names, source: dict, int8_data=None, overwrite=False) -> dict:
+def export(model, fmt: str, out, class_names, source: dict, int8_data=None, int8_mode="full",
+           overwrite=False) -> dict:
     """Write ``model`` as ``fmt`` into the folder ``out`` with its manifest; returns the manifest.
 
-    ``int8_data`` (a ``kcifar.data.CifarData``; LiteRT only) quantises to int8, calibrated on
-    REPRESENTATIVE_IMAGES of its training split, and measures top-1 on its test split.
-    Nothing is left at ``out`` unless the export was checked against the Keras logits.
+    ``int8_data`` (a ``kcifar.data.CifarData``; LiteRT only) quantises to int8 as ``int8_mode``
+    says (one of INT8_MODES; ``full`` is calibrated on REPRESENTATIVE_IMAGES of its training
+    split) and measures top-1 on its test split. Nothing is left at ``out`` unless the export
+    was checked against the Keras logits.
     """
     require(fmt, "export")
     if int8_data is not None and fmt != "litert":
         raise KcifarError(f"int8 applies to the litert format only, not {fmt}")
+    if int8_mode not in INT8_MODES:
+        raise KcifarError(f"unknown int8 mode {int8_mode!r}; choose one of: {', '.join(INT8_MODES)}")
     outputs = model.output_shape[-1]
     if outputs != len(class_names):
         raise KcifarError(f"the model has {outputs} outputs but {len(class_names)} class names were given; "
@@ -271,13 +288,9 @@ def export(model, fmt: str, out, class_names, source: dict, int8_data=None, over
     try:
         model = float32_model(model, fmt)  # the reference every export is checked against
         artifact = FORMATS[fmt][1]
-        representative = None
-        if int8_data is not None:
-            from kcifar.data import stratified_subset
-
-            count = min(REPRESENTATIVE_IMAGES, len(int8_data.train))
-            representative = stratified_subset(int8_data.train, count, seed=0).x
-        _write_artifact(fold_input_normalization(model), fmt, tmp / artifact, representative)
+        mode = int8_mode if int8_data is not None else None
+        representative = _representative(int8_data) if mode == "full" else None
+        _write_artifact(fold_input_normalization(model), fmt, tmp / artifact, mode, representative)
         manifest = {
             "kcifar_export": MANIFEST_VERSION, "format": fmt, "int8": int8_data is not None, "artifact": artifact,
             "files": file_hashes(tmp, artifact), "class_names": list(class_names),
@@ -287,12 +300,10 @@ def export(model, fmt: str, out, class_names, source: dict, int8_data=None, over
             "source": source, "versions": versions(),
         }
         exported = _load_fresh(tmp, manifest)
-        if int8_data is None:
+        if mode is None:
             manifest["check"] = check_float(model, exported)
         else:
-            manifest["quantization"] = {"representative_images": f"{len(representative)} of the training split "
-                                        "(stratified, seed 0)", "internals": "int8",
-                                        "input_output": "float32 (quantised and dequantised inside)"}
+            manifest["quantization"] = _quantization_record(mode, representative)
             manifest["check"] = check_int8(model, exported, int8_data.test)
         fileio.write_json(tmp / MANIFEST, manifest)
         _move_into_place(tmp, out)
@@ -300,6 +311,24 @@ def export(model, fmt: str, out, class_names, source: dict, int8_data=None, over
         if tmp.exists():
             shutil.rmtree(tmp)
     return manifest
+
+
+def _representative(data):
+    """REPRESENTATIVE_IMAGES of ``data``'s training split (stratified, seed 0): int8's calibration."""
+    from kcifar.data import stratified_subset
+
+    return stratified_subset(data.train, min(REPRESENTATIVE_IMAGES, len(data.train)), seed=0).x
+
+
+def _quantization_record(mode: str, representative) -> dict:
+    """The manifest's account of an int8 export."""
+    if mode == "full":
+        return {"mode": "full", "representative_images": f"{len(representative)} of the training split "
+                "(stratified, seed 0)", "internals": "int8",
+                "input_output": "float32 (quantised and dequantised inside)"}
+    return {"mode": "dynamic", "representative_images": None, "input_output": "float32",
+            "internals": "int8 weights (of 1,024 values or more); each layer quantises its input per image "
+                         "at run time, float32 between layers"}
 
 
 def versions() -> dict:

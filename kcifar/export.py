@@ -1,6 +1,6 @@
 """Export a trained model for inference outside TensorFlow's training set-up.
 
-    python -m kcifar.export runs/NAME --format savedmodel|onnx|litert [--int8] --out DIR
+    python -m kcifar.export runs/NAME --format savedmodel|onnx|litert [--int8 [full|dynamic]] --out DIR
     python -m kcifar.export model.keras --format onnx --out DIR --classes cifar10
 
 Writes the folder DIR: the model (``saved_model/``, ``model.onnx`` or ``model.tflite``)
@@ -8,10 +8,11 @@ and ``manifest.json`` (class names, input contract, source run and its test
 accuracy, versions, sha256 of each file); ``python -m kcifar.predict DIR photo.jpg``
 runs it. The model takes raw 0..255 RGB images like ``best.keras``, any batch size.
 Each export is run back in its runtime before it is kept: a float export's
-logits must match Keras' (``kcifar.deploy.FLOAT_TOLERANCE``); ``--int8`` (LiteRT)
-is calibrated on training images of the run's data set and its top-1 agreement
-with Keras and test-accuracy change are measured on the whole test split and
-recorded in the manifest. The converters and runtimes are the export extra:
+logits must match Keras' (``kcifar.deploy.FLOAT_TOLERANCE``); ``--int8`` (LiteRT:
+``full`` integer, calibrated on training images of the run's data set, the
+default; or ``dynamic``, int8 weights, closer to Keras, slower) has its top-1
+agreement with Keras and test-accuracy change measured on the whole test split
+and recorded in the manifest. The converters and runtimes are the export extra:
 ``pip install -e ".[export]"``.
 """
 
@@ -55,8 +56,8 @@ def int8_data(run_dir, dataset, data_dir, class_names):
 def describe(out, manifest) -> str:
     check = manifest["check"]
     if manifest["int8"]:
-        return (f"wrote {out} (litert int8): top-1 agreement with Keras {check['top1_agreement']:.2%} on the "
-                f"{check['images']}; test top-1 {check['test_top1_keras']:.2%} -> {check['test_top1_int8']:.2%}")
+        return (f"wrote {out} (litert int8 {manifest['quantization']['mode']}): top-1 agreement with Keras "
+                f"{check['top1_agreement']:.2%} on the {check['images']}; test top-1 {check['test_top1_keras']:.2%} -> {check['test_top1_int8']:.2%}")
     return (f"wrote {out} ({manifest['format']}): logits within {check['max_abs_logit_difference']:.2g} of Keras' "
             f"on {check['images']} images")
 
@@ -66,7 +67,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcifar.export", description=__doc__.split("\n")[0])
     parser.add_argument("target", help="run directory (runs/NAME, its best.keras) or a .keras model file")
     parser.add_argument("--format", required=True, help=f"one of: {', '.join(deploy.FORMATS)}")
-    parser.add_argument("--int8", action="store_true", help="litert only: full-integer post-training quantisation")
+    parser.add_argument("--int8", nargs="?", const="full", choices=deploy.INT8_MODES,
+                        help="litert only: post-training int8; full (the default): integer throughout, calibrated "
+                             "on training images, the fastest; dynamic: int8 weights, closer to Keras")
     parser.add_argument("--out", required=True, help="the folder to write (model and manifest.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     parser.add_argument("--classes", help="for a bare .keras file: cifar10, cifar100, cifar100-coarse or a file of names")
@@ -81,7 +84,7 @@ def main(argv=None):
     data = int8_data(run_dir, args.dataset, args.data_dir, class_names) if args.int8 else None
     model = run.load_model(model_path)
     manifest = deploy.export(model, args.format, args.out, class_names, source_record(run_dir, model_path),
-                             int8_data=data, overwrite=args.overwrite)
+                             int8_data=data, int8_mode=args.int8 or "full", overwrite=args.overwrite)
     print(describe(args.out, manifest))
 
 

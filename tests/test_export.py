@@ -191,33 +191,72 @@ def briefly_trained_s3(data, steps=400, batch=64):
     return model
 
 
-def test_int8_litert_agrees_with_keras_on_real_test_images(real_cifar10_dir, tmp_path):
+@pytest.fixture(scope="module")
+def s3_run(real_cifar10_dir, tmp_path_factory):
     data = load_cifar("cifar10", data_dir=real_cifar10_dir)
-    run_dir = fake_run(tmp_path / "s3_run", briefly_trained_s3(data))
+    return data, fake_run(tmp_path_factory.mktemp("runs") / "s3_run", briefly_trained_s3(data))
+
+
+def clear_and_agreeing(model, exported, images):
+    """Per image: does Keras' top-1 lead by 10 points of probability or more; does the export agree."""
+    expected, got = model.predict(images, verbose=0), exported.logits(images)
+    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(expected))
+    second, first = np.sort(probabilities, axis=1)[:, -2:].T
+    return first - second >= 0.1, expected.argmax(1) == got.argmax(1)
+
+
+def int8_tensors(tflite_file) -> dict:
+    from ai_edge_litert.interpreter import Interpreter
+
+    tensors = Interpreter(model_path=str(tflite_file)).get_tensor_details()
+    return {kind: sum(t["dtype"] == kind for t in tensors) for kind in (np.int8, np.float32)}
+
+
+def test_int8_litert_agrees_with_keras_on_real_test_images(real_cifar10_dir, s3_run, tmp_path):
+    data, run_dir = s3_run
     export.main([str(run_dir), "--format", "litert", "--int8", "--out", str(tmp_path / "int8"),
                  "--data-dir", str(real_cifar10_dir)])
     manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
     check = manifest["check"]
-    assert manifest["int8"] and "500 of the training split" in manifest["quantization"]["representative_images"]
+    assert manifest["int8"] and manifest["quantization"]["mode"] == "full"
+    assert "500 of the training split" in manifest["quantization"]["representative_images"]
     assert check["images"] == "test split, 10000" and check["test_top1_keras"] > 0.35  # it learnt something
     assert abs(check["test_top1_change"]) <= 0.01
     assert check["top1_agreement"] >= 0.97  # measured 0.978: the disagreements are near-ties, see below
 
-    exported = deploy.load(tmp_path / "int8")
     model = run.load_model(run_dir / "best.keras")
-    images = data.test.x[:256]
-    expected, got = model.predict(images, verbose=0), exported.logits(images)
-    agree = expected.argmax(1) == got.argmax(1)
-    probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(expected))
-    second, first = np.sort(probabilities, axis=1)[:, -2:].T
-    clear = first - second >= 0.1  # Keras' top-1 leads by 10 points of probability or more
+    clear, agree = clear_and_agreeing(model, deploy.load(tmp_path / "int8"), data.test.x[:256])
     assert agree.mean() >= 0.97 and agree[clear].mean() >= 0.99 and clear.sum() >= 150
 
-    from ai_edge_litert.interpreter import Interpreter
-
-    tensors = Interpreter(model_path=str(tmp_path / "int8" / "model.tflite")).get_tensor_details()
-    assert sum(t["dtype"] == np.int8 for t in tensors) > 10  # int8 inside, float32 at the ends
+    tensors = int8_tensors(tmp_path / "int8" / "model.tflite")
+    assert tensors[np.int8] > 10 and tensors[np.float32] <= 2  # int8 inside, float32 at the two ends
     assert (tmp_path / "int8" / "model.tflite").stat().st_size < model.count_params() * 4 / 3  # float32: 4 bytes
+
+
+def test_dynamic_int8_agrees_with_keras_on_99_percent(real_cifar10_dir, s3_run, tmp_path, capsys):
+    """The issue's parity goal (>= 99 % of 256 real test images) on the weakly trained model whose
+    full-integer export misses it: int8 weights, activations quantised per image at run time."""
+    data, run_dir = s3_run
+    export.main([str(run_dir), "--format", "litert", "--int8", "dynamic", "--out", str(tmp_path / "dyn"),
+                 "--data-dir", str(real_cifar10_dir)])
+    assert "(litert int8 dynamic): top-1 agreement with Keras" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "dyn" / "manifest.json").read_text())
+    assert manifest["int8"] and manifest["quantization"]["mode"] == "dynamic"
+    assert manifest["quantization"]["representative_images"] is None
+    assert manifest["check"]["top1_agreement"] >= 0.985  # measured 0.9932 (full integer: 0.978)
+    assert abs(manifest["check"]["test_top1_change"]) <= 0.005
+
+    model = run.load_model(run_dir / "best.keras")
+    exported = deploy.load(tmp_path / "dyn")
+    _, agree = clear_and_agreeing(model, exported, data.test.x[:256])
+    assert agree.mean() >= 0.99  # measured 255 of 256
+    one_by_one = np.concatenate([exported.logits(image[None]) for image in data.test.x[:8]])
+    np.testing.assert_array_equal(one_by_one, exported.logits(data.test.x[:8]))  # per image, not per batch
+
+    tensors = int8_tensors(tmp_path / "dyn" / "model.tflite")
+    # int8 weights but those under 1,024 values (the converter's rule: s3_tutorial's first conv and last layer)
+    assert tensors[np.int8] == 3 and tensors[np.float32] > 10  # float32 activations
+    assert (tmp_path / "dyn" / "model.tflite").stat().st_size < model.count_params() * 4 / 3
 
 
 # ------------------------------------------------------------ bad input
@@ -236,6 +275,8 @@ def test_bad_input_is_one_line_and_writes_nothing(bn_run, exports, tmp_path, cap
     assert "unknown format 'tflite'" in _error([str(bn_run), "--format", "tflite", "--out", str(out)], capsys)
     assert "--int8 applies to --format litert" in _error([str(bn_run), "--format", "onnx", "--int8", "--out",
                                                           str(out)], capsys)
+    with pytest.raises(KcifarError, match="unknown int8 mode 'half'; choose one of: full, dynamic"):
+        deploy.export(resnet20(), "litert", out, CIFAR10_CLASSES, {}, int8_data=object(), int8_mode="half")
     (tmp_path / "no_model").mkdir()
     assert "has no best.keras" in _error([str(tmp_path / "no_model"), "--format", "onnx", "--out", str(out)], capsys)
     (tmp_path / "a_file").write_text("")
