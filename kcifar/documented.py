@@ -74,9 +74,11 @@ BASELINES = [
     _s1(14, "0.65, 0.67", 0.65),
     Documented("S1", "step 16: transfer learning (target)", "0.78", C100, 0.78, "finetune_lite0",
                note="ours: EfficientNet-Lite0 (ImageNet) fine-tuned, results/finetune_lite0.md"),
-    Documented("S2", "FC vs GAP head", "GAP slightly above FC", C10, study="s2_models"),
+    Documented("S2", "FC vs GAP head", "GAP slightly above FC", C10, study="s2_models", cell="s2_gap",
+               note="ours: the GAP cell; FC's beside it and each finding's verdict in the study's table"),
     Documented("S2", "FC and GAP overfit; dropout model lowest test loss after ~20 epochs", "curves", C10,
-               study="s2_models"),
+               study="s2_models", note="ours: the study's best cell; the curves and each finding's verdict "
+                                       "in the study's table"),
     Documented("S3", "tutorial classifier, SGD", "no figure", C10, study="s3_per_class", cell="sgd",
                earlier="s3_tutorial_sgd"),
     Documented("S3", "Adam with amsgrad", "61 %", C10, 0.61, "s3_per_class", "adam_amsgrad", earlier="s3_tutorial_adam"),
