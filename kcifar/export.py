@@ -57,7 +57,8 @@ def describe(out, manifest) -> str:
     check = manifest["check"]
     if manifest["int8"]:
         return (f"wrote {out} (litert int8 {manifest['quantization']['mode']}): top-1 agreement with Keras "
-                f"{check['top1_agreement']:.2%} on the {check['images']}; test top-1 {check['test_top1_keras']:.2%} -> {check['test_top1_int8']:.2%}")
+                f"{check['top1_agreement']:.2%} on the {check['images']}; "
+                f"test top-1 {check['test_top1_keras']:.2%} -> {check['test_top1_int8']:.2%}")
     return (f"wrote {out} ({manifest['format']}): logits within {check['max_abs_logit_difference']:.2g} of Keras' "
             f"on {check['images']} images")
 

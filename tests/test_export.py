@@ -276,7 +276,7 @@ def test_bad_input_is_one_line_and_writes_nothing(bn_run, exports, tmp_path, cap
     assert "--int8 applies to --format litert" in _error([str(bn_run), "--format", "onnx", "--int8", "--out",
                                                           str(out)], capsys)
     with pytest.raises(KcifarError, match="unknown int8 mode 'half'; choose one of: full, dynamic"):
-        deploy.export(resnet20(), "litert", out, CIFAR10_CLASSES, {}, int8_data=object(), int8_mode="half")
+        deploy.export(None, "litert", out, CIFAR10_CLASSES, {}, int8_data=object(), int8_mode="half")  # before the model
     (tmp_path / "no_model").mkdir()
     assert "has no best.keras" in _error([str(tmp_path / "no_model"), "--format", "onnx", "--out", str(out)], capsys)
     (tmp_path / "a_file").write_text("")
