@@ -20,6 +20,11 @@ so early training, which moves fast, is barely averaged (airbench94's lookahead 
 ``sgd_muon`` is SGD in which the convolution kernels (the 4-D trainable variables) take Muon's
 step instead (Jordan 2024, airbench94_muon's split): momentum of the raw gradient, orthogonalised
 by a Newton-Schulz iteration, at ``muon_learning_rate``, which follows the schedule's shape.
+
+Without XLA (kcifar's default on a CPU), Adam, AdamW and SGD with momentum update each variable
+with TensorFlow's fused training kernel (one op, Keras' formulas) instead of Keras' element-wise
+ops, each a pass over the variable of its own (measured:
+experiments/results/speed_epyc_avx512bf16_fused.md).
 """
 
 import math
@@ -82,9 +87,70 @@ class _RampedEma:
         return {**super().get_config(), "ema_ramp_steps": self.ema_ramp_steps, "ema_ramp_power": self.ema_ramp_power}
 
 
-# Keras' optimizers with kcifar's extras: PyTorch-style L2 and the EMA ramp.
+class _FusedUpdate:
+    """Mixin: ``fused=True`` runs each dense update as TensorFlow's one fused training kernel
+    (``_fused_step``, by subclass), the formulas of Keras' update in one pass over the variable
+    instead of Keras' eight to ten element-wise ops, each a pass of its own. Those kernels have no
+    XLA version: ``make_optimizer`` turns this on only where training runs without XLA."""
+
+    def __init__(self, *args, fused=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = bool(fused)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not (self.fused and self._fusable(gradient, variable) and self._fused_step(gradient, variable, learning_rate)):
+            super().update_step(gradient, variable, learning_rate)
+
+    @staticmethod
+    def _fusable(gradient, variable) -> bool:
+        if keras.backend.backend() != "tensorflow" or not hasattr(variable, "handle"):
+            return False
+        import tensorflow as tf
+
+        return not isinstance(gradient, tf.IndexedSlices)
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
+
+
+class _FusedAdam(_FusedUpdate):
+    """Adam (and AMSGrad) as ``ResourceApplyAdam`` (``ResourceApplyAdamWithAmsgrad``)."""
+
+    def _fused_step(self, gradient, variable, learning_rate) -> bool:
+        import tensorflow as tf
+
+        dtype, i = variable.dtype, self._get_variable_index(variable)
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        args = {"var": variable.handle, "m": self._momentums[i].value.handle, "v": self._velocities[i].value.handle,
+                "beta1_power": tf.pow(beta_1, step), "beta2_power": tf.pow(beta_2, step),
+                "lr": tf.cast(learning_rate, dtype), "beta1": beta_1, "beta2": beta_2,
+                "epsilon": tf.cast(self.epsilon, dtype), "grad": tf.cast(gradient, dtype)}
+        if self.amsgrad:
+            tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=self._velocity_hats[i].value.handle, **args)
+        else:
+            tf.raw_ops.ResourceApplyAdam(**args)
+        return True
+
+
+class _FusedMomentum(_FusedUpdate):
+    """SGD with momentum (Nesterov's too) as ``ResourceApplyKerasMomentum``; without momentum, Keras'."""
+
+    def _fused_step(self, gradient, variable, learning_rate) -> bool:
+        if not self.momentum:
+            return False
+        import tensorflow as tf
+
+        dtype, m = variable.dtype, self.momentums[self._get_variable_index(variable)]
+        tf.raw_ops.ResourceApplyKerasMomentum(var=variable.handle, accum=m.value.handle,
+                                              lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+                                              momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)
+        return True
+
+
+# Keras' optimizers with kcifar's extras: PyTorch-style L2, the EMA ramp and TensorFlow's fused update.
 @keras.saving.register_keras_serializable(package="kcifar")
-class SGDL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.SGD):
+class SGDL2(_CoupledWeightDecay, _RampedEma, _FusedMomentum, keras.optimizers.SGD):
     pass
 
 
@@ -148,7 +214,12 @@ class SGDMuon(SGDL2):
 
 
 @keras.saving.register_keras_serializable(package="kcifar")
-class AdamL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.Adam):
+class AdamL2(_CoupledWeightDecay, _RampedEma, _FusedAdam, keras.optimizers.Adam):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="kcifar")
+class AdamW(_FusedAdam, keras.optimizers.AdamW):
     pass
 
 
@@ -157,37 +228,36 @@ class RMSpropL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.RMSprop):
     pass
 
 
-def make_optimizer(spec: dict, learning_rate, total_steps=0):
+def make_optimizer(spec: dict, learning_rate, total_steps=0, fused=False):
     """A Keras optimizer from the recipe's ``[optimizer]`` table (``total_steps``: the run's, for
-    the EMA ramp)."""
+    the EMA ramp; ``fused``: TensorFlow's fused update kernels for Adam, AdamW and SGD with
+    momentum, for training without XLA)."""
     name, decay = spec["name"], spec["weight_decay"]
     coupled = decay > 0 and spec["weight_decay_mode"] == "l2" and name != "adamw"
     kwargs = {"learning_rate": learning_rate}
+    if name != "adamw":  # the kcifar classes below carry PyTorch's L2 and the EMA's ramp
+        kwargs["l2_decay"] = decay if coupled else 0.0
     if decay > 0 and not coupled:
         kwargs["weight_decay"] = decay
-    if coupled:
-        kwargs["l2_decay"] = decay
-    if spec["ema_momentum"] > 0:  # the kcifar classes carry the EMA's ramp
+    if spec["ema_momentum"] > 0:
         if name == "adamw":
             raise KcifarError("optimizer.ema_momentum needs sgd, sgd_muon, adam or rmsprop (adam with "
                               "weight_decay_mode='decoupled' is AdamW's update)")
         kwargs.update(use_ema=True, ema_momentum=spec["ema_momentum"],
                       ema_overwrite_frequency=spec["ema_overwrite_frequency"] or None, ema_ramp_steps=total_steps,
-                      ema_ramp_power=spec["ema_ramp_power"], l2_decay=decay if coupled else 0.0)
-        coupled = True
+                      ema_ramp_power=spec["ema_ramp_power"])
     adam_args = {"beta_1": spec["beta_1"], "beta_2": spec["beta_2"], "epsilon": spec["epsilon"], "amsgrad": spec["amsgrad"]}
     if name == "sgd":
-        return (SGDL2 if coupled else keras.optimizers.SGD)(momentum=spec["momentum"], nesterov=spec["nesterov"], **kwargs)
+        return SGDL2(momentum=spec["momentum"], nesterov=spec["nesterov"], fused=fused, **kwargs)
     if name == "sgd_muon":
         return SGDMuon(momentum=spec["momentum"], nesterov=spec["nesterov"], muon_momentum=spec["muon_momentum"],
-                       muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], **kwargs)
+                       muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], fused=fused, **kwargs)
     if name == "adam":
-        return (AdamL2 if coupled else keras.optimizers.Adam)(**adam_args, **kwargs)
+        return AdamL2(**adam_args, fused=fused, **kwargs)
     if name == "adamw":
-        kwargs.setdefault("weight_decay", 0.0)
-        return keras.optimizers.AdamW(**adam_args, **kwargs)
+        return AdamW(**adam_args, fused=fused, **{"weight_decay": 0.0, **kwargs})
     if name == "rmsprop":
-        return (RMSpropL2 if coupled else keras.optimizers.RMSprop)(**kwargs)
+        return RMSpropL2(**kwargs)
     raise KcifarError(f"unknown optimizer '{name}'; choose one of: sgd, sgd_muon, adam, adamw, rmsprop")
 
 

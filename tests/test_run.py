@@ -214,3 +214,12 @@ def test_compile_model_routes_the_recipes_convolutions():
     for conv_grad, expected in (("matmul", 8), ("native", 0)):  # VGG11: eight 3x3 'same' convolutions
         r = krecipe.resolve(None, ["model=vgg11", f"train.conv_grad={conv_grad}"])
         assert run.compile_model(models.build("vgg11"), r, steps_per_epoch=10, jit=False) == expected
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fused_optimizer_updates_only_without_xla(jit):
+    from kcifar import models, recipe as krecipe
+
+    model = models.build("s3_tutorial")
+    run.compile_model(model, krecipe.resolve(None, []), steps_per_epoch=10, jit=jit)
+    assert model.optimizer.fused is not jit  # TensorFlow's fused training kernels have no XLA version
