@@ -16,10 +16,12 @@ each figure is the median over rounds, and the ratio is taken per round.
 In the same run it measures the chip's peaks (matmul 4096^3, 3x3 convolution
 128->128 on 64x32x32, forward) in both precisions and both frameworks.
 Achieved GFLOPS count a training step as 3x the forward FLOPs
-(`kcifar.models.registry.FLOPS_COUNTED`). `--compare-conv-grad` adds a kcifar
-worker with `train.conv_grad = "native"` (TensorFlow's own kernel gradient in
-every convolution) taking its turns beside the default ("auto"), so what the
-matmul kernel gradients give on this CPU is measured in the same run.
+(`kcifar.models.registry.FLOPS_COUNTED`). `--compare KEY=VALUE` adds a kcifar
+worker with that recipe override taking its turns beside the default one, so
+what a setting gives on this CPU is measured in the same run: e.g.
+`--compare train.conv_grad=native` (`--compare-conv-grad`: TensorFlow's own
+kernel gradient in every convolution), `--compare optimizer.fused=false` (Keras'
+element-wise optimizer update).
 
     KCIFAR_DATA_DIR=../shared/datasets python experiments/bench_speed.py \
         --out experiments/results/speed_<cpu>.md
@@ -62,14 +64,14 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------ what both workers share
 
 
-def bench_recipe(model: str, precision: str, conv_grad: str = "auto") -> dict:
+def bench_recipe(model: str, precision: str, *overrides: str) -> dict:
     """The model's recipe on CIFAR-10 (CIFAR-100 recipes too: only the head's width differs)."""
     from kcifar import recipe as krecipe
 
     path, batch = MODELS[model]
     return krecipe.resolve(REPOSITORY / path if path else None,
                            [f"model={model!r}", "dataset='cifar10'", f"train.batch_size={batch}",
-                            f"train.precision={PRECISIONS[precision]!r}", f"train.conv_grad={conv_grad!r}"])
+                            f"train.precision={PRECISIONS[precision]!r}", *overrides])
 
 
 def serve(step_block, note: str = ""):
@@ -90,11 +92,11 @@ def steps_for(seconds: float, rate_steps_per_s: float, multiple: int = 1) -> int
 # ------------------------------------------------------------ kcifar: model.fit as kcifar.train runs it
 
 
-def kcifar_worker(model_name: str, precision: str, conv_grad: str = "auto"):
+def kcifar_worker(model_name: str, precision: str, *overrides: str):
     from kcifar import machine, run, train
     from kcifar.augment import AugmentConfig, train_dataset
 
-    recipe = bench_recipe(model_name, precision, conv_grad)
+    recipe = bench_recipe(model_name, precision, *overrides)
     strategy = run.set_up(recipe)
     data, split = run.load_data(recipe)
     batch = recipe["train"]["batch_size"]
@@ -292,13 +294,11 @@ def take_turns(workers: dict, rounds: int, seconds: float) -> dict:
     return speeds
 
 
-WORKERS = {"kcifar": ("kcifar",), "kcifar_native": ("kcifar", "native"), "torch": ("torch",)}  # -> worker arguments
-
-
-def measure_model(model: str, frameworks, precisions, rounds: int, seconds: float) -> tuple[dict, dict]:
+def measure_model(model: str, frameworks: dict, precisions, rounds: int, seconds: float) -> tuple[dict, dict]:
     """{(framework, precision): [images/s per round]}, the workers taking turns; and
-    {precision: convolutions with matmul kernel gradients} of kcifar's default worker."""
-    workers = {(fw, p): Worker(WORKERS[fw][0], model, p, *WORKERS[fw][1:]) for fw in frameworks for p in precisions}
+    {precision: convolutions with matmul kernel gradients} of kcifar's default worker.
+    ``frameworks``: {name: (worker kind, recipe overrides...)}."""
+    workers = {(fw, p): Worker(kind, model, p, *extra) for fw, (kind, *extra) in frameworks.items() for p in precisions}
     routed = {p: w.note[0].strip() for (fw, p), w in workers.items() if fw == "kcifar"}
     return take_turns(workers, rounds, seconds), routed
 
@@ -315,10 +315,10 @@ def forward_flops(model: str) -> int:
     return flops
 
 
-def table_rows(results: dict, routed: dict, peaks: dict) -> list[str]:
+def table_rows(results: dict, routed: dict, peaks: dict, compare: str | None) -> list[str]:
     rows = ["| model | batch | recipe (augmentation) | precision | kcifar img/s | PyTorch img/s | kcifar / PyTorch "
             "(median of rounds) | kcifar GFLOPS | % of conv peak | kcifar bf16 / fp32 | convs with matmul kernel "
-            "gradients | kcifar / kcifar with TF's kernel gradients |",
+            f"gradients | kcifar / kcifar with `{compare or '-'}` |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, speeds in results.items():
         recipe = bench_recipe(model, "float32")
@@ -334,12 +334,12 @@ def table_rows(results: dict, routed: dict, peaks: dict) -> list[str]:
             bf16 = speeds.get(("kcifar", "bfloat16"))
             gain = (f"{statistics.median(a / b for a, b in zip(bf16, speeds[('kcifar', 'float32')])):.2f}"
                     if precision == "bfloat16" and bf16 and ("kcifar", "float32") in speeds else "")
-            native = speeds.get(("kcifar_native", precision))
-            matmul_gain = f"{statistics.median(a / b for a, b in zip(ours, native)):.2f}" if native else "-"
+            other = speeds.get(("kcifar_compare", precision))
+            gain_over_other = f"{statistics.median(a / b for a, b in zip(ours, other)):.2f}" if other else "-"
             rows.append(f"| {model} | {recipe['train']['batch_size']} | {MODELS[model][0] or 'default'} "
                         f"({recipe['augment']['preset']}) | {precision} | {_spread(ours)} | "
                         f"{_spread(theirs) if theirs else '-'} | {ratio} | {achieved:.0f} | "
-                        f"{100 * achieved / peak:.0f} % | {gain} | {routed[model][precision]} | {matmul_gain} |")
+                        f"{100 * achieved / peak:.0f} % | {gain} | {routed[model][precision]} | {gain_over_other} |")
     return rows
 
 
@@ -364,7 +364,7 @@ def report(results: dict, routed: dict, peaks: dict, args, started: str) -> str:
     lines += ["", "## model.fit (kcifar, augmentation on) against a plain PyTorch loop", "",
               "images/s: median (lowest-highest) of the rounds. GFLOPS = 3 x forward FLOPs x images/s; "
               "% of the best conv3x3 peak above in that precision.", ""]
-    return "\n".join(lines + table_rows(results, routed, peaks)) + "\n"
+    return "\n".join(lines + table_rows(results, routed, peaks, args.compare)) + "\n"
 
 
 def _versions() -> str:
@@ -391,8 +391,10 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo models (default: all)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="float32,bfloat16")
     parser.add_argument("--no-torch", action="store_true", help="kcifar alone")
-    parser.add_argument("--compare-conv-grad", action="store_true",
-                        help="also kcifar with train.conv_grad=native, taking turns with the others")
+    parser.add_argument("--compare", metavar="KEY=VALUE",
+                        help="also kcifar with this recipe override, taking turns with the others")
+    parser.add_argument("--compare-conv-grad", dest="compare", action="store_const", const="train.conv_grad='native'",
+                        help="--compare train.conv_grad='native'")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one timed block")
     parser.add_argument("--out", help="markdown file to write (default: print)")
@@ -405,8 +407,14 @@ def main():
         from kcifar.fileio import check_writable
 
         check_writable(Path(args.out).parent, "--out")
+    if args.compare:  # a bad override is refused now, not in a worker minutes later
+        bench_recipe(args.models.split(",")[0], "float32", args.compare)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    frameworks = ["kcifar"] + (["kcifar_native"] if args.compare_conv_grad else []) + ([] if args.no_torch else ["torch"])
+    frameworks = {"kcifar": ("kcifar",)}  # name: (worker kind, recipe overrides...)
+    if args.compare:
+        frameworks["kcifar_compare"] = ("kcifar", args.compare)
+    if not args.no_torch:
+        frameworks["torch"] = ("torch",)
     peaks = chip_peaks(["tf"] + ([] if args.no_torch else ["torch"]))
     results, routed = {}, {}
     for model in args.models.split(","):

@@ -124,7 +124,7 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
     routed = parts.use_matmul_kernel_grads(model, *machine.matmul_kernel_grad_rule(recipe["train"]["conv_grad"]))
     lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
-        optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch, fused=not jit),
+        optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch, fused=spec["fused"] and not jit),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe["loss"]["label_smoothing"]),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
         jit_compile=jit,

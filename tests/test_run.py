@@ -216,10 +216,10 @@ def test_compile_model_routes_the_recipes_convolutions():
         assert run.compile_model(models.build("vgg11"), r, steps_per_epoch=10, jit=False) == expected
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_fused_optimizer_updates_only_without_xla(jit):
+@pytest.mark.parametrize("jit, asked, expected", [(False, True, True), (True, True, False), (False, False, False)])
+def test_fused_optimizer_updates_only_without_xla_and_when_asked(jit, asked, expected):
     from kcifar import models, recipe as krecipe
 
     model = models.build("s3_tutorial")
-    run.compile_model(model, krecipe.resolve(None, []), steps_per_epoch=10, jit=jit)
-    assert model.optimizer.fused is not jit  # TensorFlow's fused training kernels have no XLA version
+    run.compile_model(model, krecipe.resolve(None, [f"optimizer.fused={str(asked).lower()}"]), steps_per_epoch=10, jit=jit)
+    assert model.optimizer.fused is expected  # TensorFlow's fused training kernels have no XLA version
