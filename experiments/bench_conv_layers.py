@@ -5,7 +5,8 @@ VGG16 in bfloat16 trains slower in kcifar than in PyTorch on an AMX CPU
 are the same. This times the convolution alone, at a model's layer shapes on
 CIFAR (`--shapes vgg16`: batch 64, channels/size 64/32 ... 512/2; `airbench94`:
 batch 1024, 24->64 at 31x31 ... 256->256 at 3x3; `resnet20`: batch 128, 16/32 ...
-64/8), forward, forward+backward
+64/8; `s2_gap`, `s1_step10`, `s0_model3`: each of their six convolutions at the recipe's
+batch), forward, forward+backward
 (gradients for the input and the kernel), and each backward kernel alone (the
 input's gradient, "backward data"; the kernel's, "backward weights"), in each
 framework's fast CPU path: TensorFlow with oneDNN on, NHWC, a `tf.function`;
@@ -35,6 +36,9 @@ SHAPES = {
     "vgg16": (64, [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (512, 512, 2)]),
     "airbench94": (1024, [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]),
     "resnet20": (128, [(16, 16, 32), (32, 32, 16), (64, 64, 8)]),
+    "s2_gap": (64, [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8)]),
+    "s1_step10": (32, [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8)]),
+    "s0_model3": (128, [(3, 32, 32), (32, 32, 32), (32, 64, 16), (64, 64, 16), (64, 128, 8), (128, 128, 8)]),
 }
 SECONDS = 2.0
 
