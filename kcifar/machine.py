@@ -70,10 +70,11 @@ def set_precision(precision: str):
 # Which 3x3 convolutions take their kernel gradient as matmuls (kcifar.models.parts.
 # conv3x3_matmul_kernel_grad), by CPU flag and precision where measured: (largest input,
 # height x width; fewest input channels). On a 2-core AVX512_BF16 EPYC in bfloat16 the matmuls
-# beat TensorFlow's kernel 1.28-3.67x with 256-512 input channels on 8x8 and smaller inputs, and
-# lose with 64 channels at 8x8 and on 16x16 and larger (experiments/results/conv_grad_*.md).
-# Elsewhere TensorFlow's own kernel, until measured there.
-MATMUL_KERNEL_GRAD = {("avx512_bf16", "mixed_bfloat16"): (64, 256)}
+# beat TensorFlow's kernel 1.14-1.40x with 128-256 input channels at 8x8 and 1.28-3.67x with
+# 256-512 on smaller inputs; with 64 channels at 8x8 it is mixed (0.93x, 1.13x), on 16x16 and
+# larger they mostly lose (experiments/results/conv_grad_layers_*.md). Elsewhere TensorFlow's own
+# kernel, until measured there.
+MATMUL_KERNEL_GRAD = {("avx512_bf16", "mixed_bfloat16"): (64, 128)}
 
 
 def matmul_kernel_grad_rule(conv_grad: str) -> tuple[int, int]:
