@@ -16,7 +16,11 @@ kernel gradient as nine matmuls (`kcifar.models.parts.kernel_grad_by_taps`,
 what `train.conv_grad` routes a layer through), so the threshold
 `kcifar.machine.MATMUL_KERNEL_GRAD` can be read off per shape.
 
-    python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--out FILE]
+`--onednn` looks one level down instead: each framework's oneDNN (its version, the
+implementation it picks for each kernel, and that primitive's own execution time from
+`ONEDNN_VERBOSE`, without the framework around it); `--threads N` runs both on N threads.
+
+    python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--onednn] [--threads N] [--out FILE]
 """
 
 if __name__ == "__main__":
@@ -25,11 +29,17 @@ if __name__ == "__main__":
     start_command()  # oneDNN on, before TensorFlow loads
 
 import argparse
+import collections
 import datetime
 import os
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from kcifar.errors import KcifarError
+from kcifar.fileio import check_writable, write_text
 
 # name: (batch, [(input channels, output channels, height = width)]): each model's 3x3 conv sizes on CIFAR
 SHAPES = {
@@ -75,7 +85,6 @@ def tf_step(batch, cin, cout, size, precision):
 def torch_step(batch, cin, cout, size, precision):
     import torch
 
-    torch.set_num_threads(os.cpu_count())
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     x = torch.randn(batch, cin, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -107,12 +116,35 @@ def gflops(fn, flops):
     return flops * reps / (time.perf_counter() - start) / 1e9
 
 
-def worker(framework, precision, shapes):
+def use_threads(framework, threads):
+    """The framework on ``threads`` threads (None: every core), before its first operation."""
+    if framework == "torch":
+        import torch
+
+        torch.set_num_threads(threads or os.cpu_count())
+    elif threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
+def worker(framework, precision, shapes, onednn=False, threads=None):
     """One framework in its own process: GFLOPS per shape of forward, forward+backward, backward
-    data, backward weights and (TensorFlow) backward weights as matmuls."""
+    data, backward weights and (TensorFlow) backward weights as matmuls; with ``onednn`` (the
+    process runs with ONEDNN_VERBOSE=1), each native kernel called ONEDNN_CALLS times after a
+    marker line naming the shape instead."""
     make = tf_step if framework == "tf" else torch_step
+    use_threads(framework, threads)
     batch, sizes = SHAPES[shapes]
     for cin, cout, size in sizes:
+        if onednn:
+            forward, _, data, weights, _ = make(batch, cin, cout, size, precision)
+            for kernel in (forward, data, weights):
+                kernel()  # the primitive is created and cached
+                print(f"{MARKER} {cin} {cout} {size}", flush=True)
+                for _ in range(ONEDNN_CALLS):
+                    kernel()
+            continue
         flops = 2 * batch * size * size * cin * cout * 9
         forward, forward_backward, data, weights, by_taps = make(batch, cin, cout, size, precision)
         rates = [gflops(forward, flops), gflops(forward_backward, 3 * flops), gflops(data, flops), gflops(weights, flops)]
@@ -120,22 +152,50 @@ def worker(framework, precision, shapes):
         print(cin, cout, size, *(f"{rate:.0f}" for rate in rates), flush=True)
 
 
-def measure(framework, precision, shapes) -> dict:
+def measure(framework, precision, shapes, threads=None, onednn=False):
+    """The worker's GFLOPS by shape, or with ``onednn`` ``onednn_calls``' answer."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **({"ONEDNN_VERBOSE": "1"} if onednn else {})}
     output = subprocess.run([sys.executable, __file__, "--worker", framework, "--precision", precision,
-                             "--shapes", shapes], capture_output=True, text=True, check=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
+                             "--shapes", shapes] + (["--onednn"] if onednn else [])
+                            + (["--threads", str(threads)] if threads else []),
+                            capture_output=True, text=True, check=True, env=env).stdout
+    if onednn:
+        return onednn_calls(output)
     rows = (line.split() for line in output.splitlines())
     return {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
 
 
-def report(precision, shapes, results) -> str:
+MARKER = "SHAPE"
+ONEDNN_CALLS = 20
+
+
+def onednn_calls(log: str):
+    """(oneDNN's version, {(shape, propagation): (implementation, median ms of its execute calls)})
+    from a worker's verbose log: the convolution calls after each marker line."""
+    version, shape, times = "?", None, collections.defaultdict(list)
+    for line in log.splitlines():
+        fields = line.split(",")
+        if line.startswith(MARKER):
+            shape = tuple(map(int, line.split()[1:]))
+        elif line.startswith("onednn_verbose") and ",info,oneDNN v" in line:
+            version = line.split("oneDNN v")[1].split()[0]
+        elif line.startswith("onednn_verbose") and ",exec,cpu,convolution," in line and shape:
+            at = fields.index("exec")
+            propagation = "forward" if fields[at + 4].startswith("forward") else fields[at + 4]
+            times[(shape, propagation, fields[at + 3])].append(float(fields[-1]))
+    return version, {(shape, propagation): (implementation, statistics.median(ms))
+                     for (shape, propagation, implementation), ms in times.items()}
+
+
+def report(precision, shapes, threads, results) -> str:
     from kcifar import machine
 
     batch, sizes = SHAPES[shapes]
     lines = ["# One 3x3 convolution's training step: TensorFlow against PyTorch", "",
              f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
-             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias; GFLOPS (forward, "
+             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias, "
+             f"{threads or os.cpu_count()} thread(s); GFLOPS (forward, "
              "backward data and backward weights = 2 x MACs each; forward+backward = 3x that)", "",
              "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
              "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
@@ -149,19 +209,49 @@ def report(precision, shapes, results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def onednn_report(precision, shapes, threads, results) -> str:
+    from kcifar import machine
+
+    batch, sizes = SHAPES[shapes]
+    (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
+    lines = ["# One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", "",
+             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
+             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias, "
+             f"{threads or os.cpu_count()} thread(s); oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch",
+             f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
+             "(oneDNN's execution alone, not the framework around it)", "",
+             "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for shape in sizes:
+        for propagation in ("forward", "backward_data", "backward_weights"):
+            if (shape, propagation) not in tf_calls or (shape, propagation) not in pt_calls:
+                continue
+            (tf_impl, tf_ms), (pt_impl, pt_ms) = tf_calls[shape, propagation], pt_calls[shape, propagation]
+            lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {propagation} | `{tf_impl}` | "
+                         f"{tf_ms:.2f} | `{pt_impl}` | {pt_ms:.2f} | {tf_ms / pt_ms:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--shapes", default="vgg16", choices=list(SHAPES), help="whose conv shapes and batch")
+    parser.add_argument("--onednn", action="store_true",
+                        help="each framework's oneDNN version, implementations and primitive times instead")
+    parser.add_argument("--threads", type=int, help="threads for both frameworks (default: every core)")
     parser.add_argument("--out", help="markdown file to write (default: print)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None and args.threads < 1:
+        raise KcifarError(f"--threads {args.threads}: give 1 or more")
+    if args.out:  # refused before the benchmark's minutes, not after
+        check_writable(Path(args.out).parent, "--out")
     if args.worker:
-        return worker(args.worker, args.precision, args.shapes)
-    text = report(args.precision, args.shapes, {fw: measure(fw, args.precision, args.shapes) for fw in ("tf", "torch")})
+        return worker(args.worker, args.precision, args.shapes, args.onednn, args.threads)
+    results = {fw: measure(fw, args.precision, args.shapes, args.threads, args.onednn) for fw in ("tf", "torch")}
+    text = (onednn_report if args.onednn else report)(args.precision, args.shapes, args.threads, results)
     if args.out:
-        from kcifar.fileio import write_text
-
         write_text(args.out, text)
     print(text)
 
