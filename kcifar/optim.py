@@ -21,10 +21,12 @@ so early training, which moves fast, is barely averaged (airbench94's lookahead 
 step instead (Jordan 2024, airbench94_muon's split): momentum of the raw gradient, orthogonalised
 by a Newton-Schulz iteration, at ``muon_learning_rate``, which follows the schedule's shape.
 
-Without XLA (kcifar's default on a CPU), Adam, AdamW and SGD with momentum update each variable
-with TensorFlow's fused training kernel (one op, Keras' formulas) instead of Keras' element-wise
-ops, each a pass over the variable of its own (measured:
-experiments/results/speed_epyc_avx512bf16_fused_ab.md: VGG16 1.03-1.05x, VGG11 1.03x).
+Without XLA (kcifar's default on a CPU), Adam and AdamW update each variable with TensorFlow's
+fused training kernel (one op, Keras' formulas) instead of Keras' element-wise ops, each a pass
+over the variable of its own (measured: experiments/results/speed_epyc_avx512bf16_fused_ab.md:
+VGG16 1.03-1.05x, VGG11 1.03x). SGD keeps Keras' update: its fused kernel
+(``ResourceApplyKerasMomentum``) was never faster for the zoo's SGD recipes (ResNet-20 0.96-0.98x,
+airbench94 0.97-1.00x: ..._fused_ab.md and ..._fused_ab_resnet20_airbench94.md).
 """
 
 import math
@@ -87,18 +89,21 @@ class _RampedEma:
         return {**super().get_config(), "ema_ramp_steps": self.ema_ramp_steps, "ema_ramp_power": self.ema_ramp_power}
 
 
-class _FusedUpdate:
-    """Mixin: ``fused=True`` runs each dense update as TensorFlow's one fused training kernel
-    (``_fused_step``, by subclass), the formulas of Keras' update in one pass over the variable
-    instead of Keras' eight to ten element-wise ops, each a pass of its own. Those kernels have no
-    XLA version: ``make_optimizer`` turns this on only where training runs without XLA."""
+class _FusedAdam:
+    """Mixin: ``fused=True`` runs each dense update of Adam (AMSGrad) as TensorFlow's fused
+    training kernel ``ResourceApplyAdam`` (``ResourceApplyAdamWithAmsgrad``): Keras' formulas in one
+    pass over the variable instead of Keras' eight to ten element-wise ops, each a pass of its own.
+    The kernels have no XLA version (``jit_compile`` refuses them): ``run.compile_model`` asks for
+    them only where training runs without XLA."""
 
     def __init__(self, *args, fused=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused = bool(fused)
 
     def update_step(self, gradient, variable, learning_rate):
-        if not (self.fused and self._fusable(gradient, variable) and self._fused_step(gradient, variable, learning_rate)):
+        if self.fused and self._fusable(gradient, variable):
+            self._fused_step(gradient, variable, learning_rate)
+        else:
             super().update_step(gradient, variable, learning_rate)
 
     @staticmethod
@@ -109,14 +114,7 @@ class _FusedUpdate:
 
         return not isinstance(gradient, tf.IndexedSlices)
 
-    def get_config(self):
-        return {**super().get_config(), "fused": self.fused}
-
-
-class _FusedAdam(_FusedUpdate):
-    """Adam (and AMSGrad) as ``ResourceApplyAdam`` (``ResourceApplyAdamWithAmsgrad``)."""
-
-    def _fused_step(self, gradient, variable, learning_rate) -> bool:
+    def _fused_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
 
         dtype, i = variable.dtype, self._get_variable_index(variable)
@@ -130,27 +128,14 @@ class _FusedAdam(_FusedUpdate):
             tf.raw_ops.ResourceApplyAdamWithAmsgrad(vhat=self._velocity_hats[i].value.handle, **args)
         else:
             tf.raw_ops.ResourceApplyAdam(**args)
-        return True
+
+    def get_config(self):
+        return {**super().get_config(), "fused": self.fused}
 
 
-class _FusedMomentum(_FusedUpdate):
-    """SGD with momentum (Nesterov's too) as ``ResourceApplyKerasMomentum``; without momentum, Keras'."""
-
-    def _fused_step(self, gradient, variable, learning_rate) -> bool:
-        if not self.momentum:
-            return False
-        import tensorflow as tf
-
-        dtype, m = variable.dtype, self.momentums[self._get_variable_index(variable)]
-        tf.raw_ops.ResourceApplyKerasMomentum(var=variable.handle, accum=m.value.handle,
-                                              lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
-                                              momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)
-        return True
-
-
-# Keras' optimizers with kcifar's extras: PyTorch-style L2, the EMA ramp and TensorFlow's fused update.
+# Keras' optimizers with kcifar's extras: PyTorch-style L2, the EMA ramp and (Adam) TensorFlow's fused update.
 @keras.saving.register_keras_serializable(package="kcifar")
-class SGDL2(_CoupledWeightDecay, _RampedEma, _FusedMomentum, keras.optimizers.SGD):
+class SGDL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.SGD):
     pass
 
 
@@ -230,8 +215,8 @@ class RMSpropL2(_CoupledWeightDecay, _RampedEma, keras.optimizers.RMSprop):
 
 def make_optimizer(spec: dict, learning_rate, total_steps=0, fused=False):
     """A Keras optimizer from the recipe's ``[optimizer]`` table (``total_steps``: the run's, for
-    the EMA ramp; ``fused``: TensorFlow's fused update kernels for Adam, AdamW and SGD with
-    momentum, for training without XLA)."""
+    the EMA ramp; ``fused``: TensorFlow's fused update kernels for Adam and AdamW, for training
+    without XLA)."""
     name, decay = spec["name"], spec["weight_decay"]
     coupled = decay > 0 and spec["weight_decay_mode"] == "l2" and name != "adamw"
     kwargs = {"learning_rate": learning_rate}
@@ -248,10 +233,10 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0, fused=False):
                       ema_ramp_power=spec["ema_ramp_power"])
     adam_args = {"beta_1": spec["beta_1"], "beta_2": spec["beta_2"], "epsilon": spec["epsilon"], "amsgrad": spec["amsgrad"]}
     if name == "sgd":
-        return SGDL2(momentum=spec["momentum"], nesterov=spec["nesterov"], fused=fused, **kwargs)
+        return SGDL2(momentum=spec["momentum"], nesterov=spec["nesterov"], **kwargs)
     if name == "sgd_muon":
         return SGDMuon(momentum=spec["momentum"], nesterov=spec["nesterov"], muon_momentum=spec["muon_momentum"],
-                       muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], fused=fused, **kwargs)
+                       muon_lr_ratio=spec["muon_learning_rate"] / spec["learning_rate"], **kwargs)
     if name == "adam":
         return AdamL2(**adam_args, fused=fused, **kwargs)
     if name == "adamw":

@@ -37,7 +37,7 @@ DEFAULTS = {
                   "amsgrad": True, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
                   "weight_decay": 0.0, "weight_decay_mode": "l2",
                   "bn_bias_lr_scale": 1.0,  # BN biases learn this many times faster (sgd; a gradient scale)
-                  "fused": True,  # adam, adamw, sgd with momentum: TensorFlow's fused update kernels (not under XLA)
+                  "fused": True,  # adam, adamw: TensorFlow's fused update kernels (not under XLA)
                   # Keras' weight EMA (0 = off): every ema_overwrite_frequency steps the weights become
                   # their average (must divide the steps per epoch); ema_ramp_power > 0 ramps the momentum up
                   "ema_momentum": 0.0, "ema_overwrite_frequency": 0, "ema_ramp_power": 0.0,

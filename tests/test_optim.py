@@ -49,9 +49,7 @@ FUSED_CASES = {  # optimizer spec -> TensorFlow's fused kernel it must run
     "adam": ({"name": "adam", "amsgrad": False}, "ResourceApplyAdam"),
     "amsgrad, l2": ({"name": "adam", "amsgrad": True, "weight_decay": 0.1}, "ResourceApplyAdamWithAmsgrad"),
     "adamw": ({"name": "adamw", "amsgrad": False, "weight_decay": 0.1}, "ResourceApplyAdam"),
-    "sgd": ({"name": "sgd", "momentum": 0.9, "nesterov": False}, "ResourceApplyKerasMomentum"),
-    "nesterov, ema": ({"name": "sgd", "momentum": 0.9, "nesterov": True, "ema_momentum": 0.5},
-                      "ResourceApplyKerasMomentum"),
+    "adam, ema": ({"name": "adam", "amsgrad": False, "ema_momentum": 0.5}, "ResourceApplyAdam"),
 }
 
 
