@@ -187,21 +187,25 @@ def onednn_calls(log: str):
                      for (shape, propagation, implementation), ms in times.items()}
 
 
-def report(precision, shapes, threads, results) -> str:
+def header(title, precision, shapes, threads, setting) -> list[str]:
+    """The lines both reports open with: what ran (command, CPU, date, commit) and on what."""
     from kcifar import machine
 
-    batch, sizes = SHAPES[shapes]
-    lines = ["# One 3x3 convolution's training step: TensorFlow against PyTorch", "",
-             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
-             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias, "
-             f"{threads or os.cpu_count()} thread(s); GFLOPS (forward, "
-             "backward data and backward weights = 2 x MACs each; forward+backward = 3x that)", "",
-             "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
-             "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
-             "(kcifar) | matmuls / TF's kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for shape in sizes:
+    return [f"# {title}", "",
+            f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
+            f"- {shapes}'s conv shapes, {precision}, batch {SHAPES[shapes][0]}, 'same' padding, no bias, "
+            f"{threads or os.cpu_count()} thread(s); {setting}"]
+
+
+def report(precision, shapes, threads, results) -> str:
+    lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", precision, shapes, threads,
+                   "GFLOPS (forward, backward data and backward weights = 2 x MACs each; forward+backward = 3x that)")
+    lines += ["", "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
+              "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
+              "(kcifar) | matmuls / TF's kernel |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in SHAPES[shapes][1]:
         (tf_f, tf_fb, tf_d, tf_w, tf_m), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
         lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
                      f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} | "
@@ -210,20 +214,14 @@ def report(precision, shapes, threads, results) -> str:
 
 
 def onednn_report(precision, shapes, threads, results) -> str:
-    from kcifar import machine
-
-    batch, sizes = SHAPES[shapes]
     (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
-    lines = ["# One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", "",
-             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
-             f"- {shapes}'s conv shapes, {precision}, batch {batch}, 'same' padding, no bias, "
-             f"{threads or os.cpu_count()} thread(s); oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch",
-             f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
-             "(oneDNN's execution alone, not the framework around it)", "",
-             "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
-             "|---|---|---|---|---|---|---|---|"]
-    for shape in sizes:
+    lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", precision, shapes,
+                   threads, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
+    lines += [f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
+              "(oneDNN's execution alone, not the framework around it)", "",
+              "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
+              "|---|---|---|---|---|---|---|---|"]
+    for shape in SHAPES[shapes][1]:
         for propagation in ("forward", "backward_data", "backward_weights"):
             if (shape, propagation) not in tf_calls or (shape, propagation) not in pt_calls:
                 continue
