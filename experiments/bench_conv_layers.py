@@ -16,7 +16,7 @@ kernel gradient as nine matmuls (`kcifar.models.parts.kernel_grad_by_taps`,
 what `train.conv_grad` routes a layer through), so the threshold
 `kcifar.machine.MATMUL_KERNEL_GRAD` can be read off per shape.
 
-`--onednn` looks one level down instead: each framework's oneDNN (its version, the
+`--onednn` looks one level down instead: each framework's oneDNN (its version and threading runtime, the
 implementation it picks for each kernel, and that primitive's own execution time from
 `ONEDNN_VERBOSE`, without the framework around it); `--threads N` runs both on N threads.
 
@@ -135,6 +135,7 @@ def worker(framework, precision, shapes, onednn=False, threads=None):
     marker line naming the shape instead."""
     make = tf_step if framework == "tf" else torch_step
     use_threads(framework, threads)
+    print(VERSION, framework_version(framework), flush=True)
     batch, sizes = SHAPES[shapes]
     for cin, cout, size in sizes:
         if onednn:
@@ -159,48 +160,62 @@ def measure(framework, precision, shapes, threads=None, onednn=False):
                              "--shapes", shapes] + (["--onednn"] if onednn else [])
                             + (["--threads", str(threads)] if threads else []),
                             capture_output=True, text=True, check=True, env=env).stdout
+    version = next(line.split(maxsplit=1)[1] for line in output.splitlines() if line.startswith(VERSION))
     if onednn:
-        return onednn_calls(output)
-    rows = (line.split() for line in output.splitlines())
-    return {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
+        return version, onednn_calls(output)
+    rows = (line.split() for line in output.splitlines() if not line.startswith(VERSION))
+    return version, {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
 
 
-MARKER = "SHAPE"
+MARKER, VERSION = "SHAPE", "VERSION"
 ONEDNN_CALLS = 20
 
 
+def framework_version(framework) -> str:
+    if framework == "torch":
+        import torch
+
+        return f"PyTorch {torch.__version__}"
+    import tensorflow as tf
+
+    return f"TensorFlow {tf.__version__}"
+
+
 def onednn_calls(log: str):
-    """(oneDNN's version, {(shape, propagation): (implementation, median ms of its execute calls)})
-    from a worker's verbose log: the convolution calls after each marker line."""
-    version, shape, times = "?", None, collections.defaultdict(list)
+    """(oneDNN's version and threading runtime, {(shape, propagation): (implementation, median ms of its
+    execute calls)}) from a worker's verbose log: the convolution calls after each marker line."""
+    version, runtime, shape, times = "?", "?", None, collections.defaultdict(list)
     for line in log.splitlines():
         fields = line.split(",")
         if line.startswith(MARKER):
             shape = tuple(map(int, line.split()[1:]))
         elif line.startswith("onednn_verbose") and ",info,oneDNN v" in line:
             version = line.split("oneDNN v")[1].split()[0]
+        elif line.startswith("onednn_verbose") and ",info,cpu,runtime:" in line:
+            runtime = line.split("runtime:")[1].split(",")[0]
         elif line.startswith("onednn_verbose") and ",exec,cpu,convolution," in line and shape:
             at = fields.index("exec")
             propagation = "forward" if fields[at + 4].startswith("forward") else fields[at + 4]
             times[(shape, propagation, fields[at + 3])].append(float(fields[-1]))
-    return version, {(shape, propagation): (implementation, statistics.median(ms))
-                     for (shape, propagation, implementation), ms in times.items()}
+    return f"{version} ({runtime} runtime)", {(shape, propagation): (implementation, statistics.median(ms))
+                                              for (shape, propagation, implementation), ms in times.items()}
 
 
-def header(title, precision, shapes, threads, setting) -> list[str]:
-    """The lines both reports open with: what ran (command, CPU, date, commit) and on what."""
+def header(title, precision, shapes, threads, versions, setting) -> list[str]:
+    """The lines both reports open with: what ran (command, CPU, date, commit, framework versions) and on what."""
     from kcifar import machine
 
     return [f"# {title}", "",
             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
+            f"- versions: {versions['tf']}, {versions['torch']}",
             f"- {shapes}'s conv shapes, {precision}, batch {SHAPES[shapes][0]}, 'same' padding, no bias, "
             f"{threads or os.cpu_count()} thread(s); {setting}"]
 
 
-def report(precision, shapes, threads, results) -> str:
+def report(precision, shapes, threads, versions, results) -> str:
     lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", precision, shapes, threads,
-                   "GFLOPS (forward, backward data and backward weights = 2 x MACs each; forward+backward = 3x that)")
+                   versions, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; forward+backward = 3x that)")
     lines += ["", "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
               "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
               "(kcifar) | matmuls / TF's kernel |",
@@ -213,10 +228,10 @@ def report(precision, shapes, threads, results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def onednn_report(precision, shapes, threads, results) -> str:
+def onednn_report(precision, shapes, threads, versions, results) -> str:
     (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
     lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", precision, shapes,
-                   threads, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
+                   threads, versions, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
     lines += [f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
               "(oneDNN's execution alone, not the framework around it)", "",
               "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
@@ -247,8 +262,9 @@ def main():
         check_writable(Path(args.out).parent, "--out")
     if args.worker:
         return worker(args.worker, args.precision, args.shapes, args.onednn, args.threads)
-    results = {fw: measure(fw, args.precision, args.shapes, args.threads, args.onednn) for fw in ("tf", "torch")}
-    text = (onednn_report if args.onednn else report)(args.precision, args.shapes, args.threads, results)
+    measured = {fw: measure(fw, args.precision, args.shapes, args.threads, args.onednn) for fw in ("tf", "torch")}
+    versions, results = ({fw: answer[i] for fw, answer in measured.items()} for i in (0, 1))
+    text = (onednn_report if args.onednn else report)(args.precision, args.shapes, args.threads, versions, results)
     if args.out:
         write_text(args.out, text)
     print(text)
