@@ -19,8 +19,12 @@ what `train.conv_grad` routes a layer through), so the threshold
 `--onednn` looks one level down instead: each framework's oneDNN (its version and threading runtime, the
 implementation it picks for each kernel, and that primitive's own execution time from
 `ONEDNN_VERBOSE`, without the framework around it); `--threads N` runs both on N threads.
+`--processes N` measures each framework in N fresh processes, taking turns, and reports the median
+of the processes (with `--onednn` also their range): a kernel's speed can differ from one process
+to the next.
 
-    python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--onednn] [--threads N] [--out FILE]
+    python experiments/bench_conv_layers.py [--precision bfloat16] [--shapes vgg16] [--onednn] [--threads N]
+        [--processes N] [--out FILE]
 """
 
 if __name__ == "__main__":
@@ -167,6 +171,28 @@ def measure(framework, precision, shapes, threads=None, onednn=False):
     return version, {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
 
 
+def measure_in_turns(precision, shapes, threads, onednn, processes):
+    """{framework: (version, results)} over ``processes`` processes per framework, taking turns: GFLOPS
+    the median of the processes; with ``onednn`` (oneDNN's version, each kernel's (implementation,
+    [ms of each process]))."""
+    answers = collections.defaultdict(list)
+    for _ in range(processes):
+        for framework in ("tf", "torch"):
+            answers[framework].append(measure(framework, precision, shapes, threads, onednn))
+    combined = {}
+    for framework, runs in answers.items():
+        version, results = runs[0][0], [result for _, result in runs]
+        if onednn:
+            calls = [result[1] for result in results]
+            combined[framework] = version, (results[0][0], {
+                key: (implementation, [call[key][1] for call in calls if key in call])
+                for key, (implementation, _) in calls[0].items()})
+        else:
+            combined[framework] = version, {
+                shape: tuple(map(statistics.median, zip(*(result[shape] for result in results)))) for shape in results[0]}
+    return combined
+
+
 MARKER, VERSION = "SHAPE", "VERSION"
 ONEDNN_CALLS = 20
 
@@ -232,8 +258,11 @@ def onednn_report(precision, shapes, threads, versions, results) -> str:
     (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
     lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", precision, shapes,
                    threads, versions, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
+    processes = len(next(iter(tf_calls.values()))[1])
     lines += [f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
-              "(oneDNN's execution alone, not the framework around it)", "",
+              "(oneDNN's execution alone, not the framework around it)"
+              + (f"; the median of {processes} processes per framework, taking turns (lowest-highest process)"
+                 if processes > 1 else ""), "",
               "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
               "|---|---|---|---|---|---|---|---|"]
     for shape in SHAPES[shapes][1]:
@@ -242,8 +271,15 @@ def onednn_report(precision, shapes, threads, versions, results) -> str:
                 continue
             (tf_impl, tf_ms), (pt_impl, pt_ms) = tf_calls[shape, propagation], pt_calls[shape, propagation]
             lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {propagation} | `{tf_impl}` | "
-                         f"{tf_ms:.2f} | `{pt_impl}` | {pt_ms:.2f} | {tf_ms / pt_ms:.2f} |")
+                         f"{spread(tf_ms)} | `{pt_impl}` | {spread(pt_ms)} | "
+                         f"{statistics.median(tf_ms) / statistics.median(pt_ms):.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def spread(ms: list) -> str:
+    """The median of the processes' times, with their range when there are several."""
+    median = f"{statistics.median(ms):.2f}"
+    return median if len(ms) == 1 else f"{median} ({min(ms):.2f}-{max(ms):.2f})"
 
 
 def main():
@@ -253,16 +289,20 @@ def main():
     parser.add_argument("--onednn", action="store_true",
                         help="each framework's oneDNN version, implementations and primitive times instead")
     parser.add_argument("--threads", type=int, help="threads for both frameworks (default: every core)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="measure each framework in this many processes, taking turns (default 1)")
     parser.add_argument("--out", help="markdown file to write (default: print)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None and args.threads < 1:
         raise KcifarError(f"--threads {args.threads}: give 1 or more")
+    if args.processes < 1:
+        raise KcifarError(f"--processes {args.processes}: give 1 or more")
     if args.out:  # refused before the benchmark's minutes, not after
         check_writable(Path(args.out).parent, "--out")
     if args.worker:
         return worker(args.worker, args.precision, args.shapes, args.onednn, args.threads)
-    measured = {fw: measure(fw, args.precision, args.shapes, args.threads, args.onednn) for fw in ("tf", "torch")}
+    measured = measure_in_turns(args.precision, args.shapes, args.threads, args.onednn, args.processes)
     versions, results = ({fw: answer[i] for fw, answer in measured.items()} for i in (0, 1))
     text = (onednn_report if args.onednn else report)(args.precision, args.shapes, args.threads, versions, results)
     if args.out:

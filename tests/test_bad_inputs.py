@@ -356,6 +356,7 @@ def test_a_real_command_prints_one_line_and_exits_2(workspace, command, args, me
     ("bench_inference.py", ["--out", "{file}/inference.md"], "choose another --out"),
     ("bench_conv_layers.py", ["--out", "{file}/layers.md"], "choose another --out"),
     ("bench_conv_layers.py", ["--threads", "0"], "give 1 or more"),
+    ("bench_conv_layers.py", ["--processes", "0"], "give 1 or more"),
     ("check_whitening_precision.py", ["{missing}"], "does not exist"),
     ("check_conv_grad_precision.py", ["{missing}"], "does not exist"),
 ])
