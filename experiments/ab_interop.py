@@ -15,7 +15,6 @@ if __name__ == "__main__":
     start_command()
 
 import argparse
-import datetime
 import os
 import statistics
 
@@ -39,8 +38,7 @@ def main():
     args = parser.parse_args()
     from kcifar import machine
 
-    print(f"command: `{machine.command_line()}`; CPU: {machine.cpu_description()}; {os.cpu_count()} cores; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {machine.code_version()}")
+    print("\n".join(machine.provenance()), end="\n\n")
     print("| model | precision | images/s, inter-op default (0) | images/s, inter-op 1 | 1 / default, per round (median) |")
     print("|---|---|---|---|---|")
     for model in args.models.split(","):

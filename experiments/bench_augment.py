@@ -26,7 +26,6 @@ Targets (issue 5): tf engine >= 10x idg per preset; fit with tf augmentation
 
 import argparse
 import dataclasses
-import datetime
 import os
 import platform
 import subprocess
@@ -46,7 +45,7 @@ from kcifar import models  # noqa: E402
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset  # noqa: E402
 from kcifar.data import load_cifar  # noqa: E402
 from kcifar.fileio import write_text  # noqa: E402
-from kcifar.machine import code_version, command_line, cpu_description  # noqa: E402
+from kcifar.machine import provenance  # noqa: E402
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
@@ -168,7 +167,7 @@ def main():
     parser.add_argument("--skip-fit", action="store_true")
     args = parser.parse_args()
 
-    load_before, started = sh("uptime"), datetime.datetime.now().astimezone()
+    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
     data = load_cifar("cifar10", val_size=5000)
     x, y = data.train.x, data.train.y
     print("pipeline", flush=True)
@@ -181,13 +180,8 @@ def main():
     report = "\n".join([
         "# Online augmentation speed: tf engine vs ImageDataGenerator engine",
         "",
-        "Command (from the repository root, with KCIFAR_DATA_DIR pointing at the CIFAR-10 folder):",
-        "",
-        f"    {command_line()}",
-        "",
-        f"- Code: commit {code_version()}",
-        f"- Date: {started:%Y-%m-%d %H:%M %Z} (`date`: {sh('date')} at the end)",
-        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; CPU {cpu_description()}",
+        *head,
+        "- run from the repository root, with KCIFAR_DATA_DIR pointing at the CIFAR-10 folder",
         f"- Load (`uptime`) before: `{load_before}`",
         f"- Load (`uptime`) after: `{load_after}`",
         f"- oneDNN: TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')} (kcifar's default: 1)",

@@ -34,15 +34,13 @@ if __name__ == "__main__":
 
 import argparse
 import collections
-import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kcifar.errors import KcifarError
+from kcifar.errors import KcifarError, run_worker
 from kcifar.fileio import check_writable, write_text
 
 # name: (batch, [(input channels, output channels, height = width)]): each model's 3x3 conv sizes on CIFAR
@@ -160,10 +158,9 @@ def worker(framework, precision, shapes, onednn=False, threads=None):
 def measure(framework, precision, shapes, threads=None, onednn=False):
     """The worker's GFLOPS by shape, or with ``onednn`` ``onednn_calls``' answer."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **({"ONEDNN_VERBOSE": "1"} if onednn else {})}
-    output = subprocess.run([sys.executable, __file__, "--worker", framework, "--precision", precision,
-                             "--shapes", shapes] + (["--onednn"] if onednn else [])
-                            + (["--threads", str(threads)] if threads else []),
-                            capture_output=True, text=True, check=True, env=env).stdout
+    output = run_worker([sys.executable, __file__, "--worker", framework, "--precision", precision,
+                         "--shapes", shapes] + (["--onednn"] if onednn else [])
+                        + (["--threads", str(threads)] if threads else []), env, f"the {framework} worker")
     version = next(line.split(maxsplit=1)[1] for line in output.splitlines() if line.startswith(VERSION))
     if onednn:
         return version, onednn_calls(output)
@@ -227,26 +224,23 @@ def onednn_calls(log: str):
                                               for (shape, propagation, implementation), ms in times.items()}
 
 
-def header(title, precision, shapes, threads, versions, setting) -> list[str]:
-    """The lines both reports open with: what ran (command, CPU, date, commit, framework versions) and on what."""
-    from kcifar import machine
-
-    return [f"# {title}", "",
-            f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {machine.code_version()}",
+def header(title, args, provenance, versions, setting) -> list[str]:
+    """The lines both reports open with: what ran (``provenance``: command, CPU, date, commit; the
+    framework versions) and on what."""
+    return [f"# {title}", "", *provenance,
             f"- versions: {versions['tf']}, {versions['torch']}",
-            f"- {shapes}'s conv shapes, {precision}, batch {SHAPES[shapes][0]}, 'same' padding, no bias, "
-            f"{threads or os.cpu_count()} thread(s); {setting}"]
+            f"- {args.shapes}'s conv shapes, {args.precision}, batch {SHAPES[args.shapes][0]}, 'same' padding, no bias, "
+            f"{args.threads or os.cpu_count()} thread(s); {setting}"]
 
 
-def report(precision, shapes, threads, versions, results) -> str:
-    lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", precision, shapes, threads,
+def report(args, provenance, versions, results) -> str:
+    lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", args, provenance,
                    versions, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; forward+backward = 3x that)")
     lines += ["", "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
               "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
               "(kcifar) | matmuls / TF's kernel |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for shape in SHAPES[shapes][1]:
+    for shape in SHAPES[args.shapes][1]:
         (tf_f, tf_fb, tf_d, tf_w, tf_m), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
         lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
                      f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} | "
@@ -254,10 +248,10 @@ def report(precision, shapes, threads, versions, results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def onednn_report(precision, shapes, threads, versions, results) -> str:
+def onednn_report(args, provenance, versions, results) -> str:
     (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
-    lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", precision, shapes,
-                   threads, versions, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
+    lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", args, provenance,
+                   versions, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
     processes = len(next(iter(tf_calls.values()))[1])
     lines += [f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
               "(oneDNN's execution alone, not the framework around it)"
@@ -265,7 +259,7 @@ def onednn_report(precision, shapes, threads, versions, results) -> str:
                  if processes > 1 else ""), "",
               "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
               "|---|---|---|---|---|---|---|---|"]
-    for shape in SHAPES[shapes][1]:
+    for shape in SHAPES[args.shapes][1]:
         for propagation in ("forward", "backward_data", "backward_weights"):
             if (shape, propagation) not in tf_calls or (shape, propagation) not in pt_calls:
                 continue
@@ -302,9 +296,12 @@ def main():
         check_writable(Path(args.out).parent, "--out")
     if args.worker:
         return worker(args.worker, args.precision, args.shapes, args.onednn, args.threads)
+    from kcifar import machine
+
+    provenance = machine.provenance()  # the code that runs
     measured = measure_in_turns(args.precision, args.shapes, args.threads, args.onednn, args.processes)
     versions, results = ({fw: answer[i] for fw, answer in measured.items()} for i in (0, 1))
-    text = (onednn_report if args.onednn else report)(args.precision, args.shapes, args.threads, versions, results)
+    text = (onednn_report if args.onednn else report)(args, provenance, versions, results)
     if args.out:
         write_text(args.out, text)
     print(text)

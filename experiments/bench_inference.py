@@ -23,7 +23,6 @@ if __name__ == "__main__":  # TensorFlow's oneDNN switch as kcifar's commands se
     start_command()
 
 import argparse
-import datetime
 import os
 import platform
 import subprocess
@@ -127,17 +126,15 @@ def main():
 
     if args.out:  # refused before the benchmark's minutes, not after
         check_writable(Path(args.out).parent, "--out")
-    from kcifar.machine import code_version, command_line, cpu_description
+    from kcifar.machine import provenance
 
-    load_before, started, commit = sh("uptime"), datetime.datetime.now(datetime.timezone.utc), code_version()
+    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}")  # the code that runs
     results = {name: measure(name, args.calls, args.repeats) for name in args.models}
 
     versions = ", ".join(f"{k} {v}" for k, v in deploy.versions().items())
     report = "\n".join([
         "# Inference speed on this CPU: Keras against the kcifar.export formats", "",
-        f"- command: `{command_line()}`",
-        f"- CPU: {cpu_description()}; {os.cpu_count()} cores; `uname -m` {platform.machine()}",
-        f"- date: {started:%Y-%m-%d %H:%M} (UTC); commit: {commit}",
+        *head,
         f"- versions: {versions}; TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}",
         f"- settings: batch 1 p50/p99 of {args.calls} calls after 10 untimed; batch 256 median of "
         f"{args.repeats} calls after 1 untimed; random weights and images; default threads",

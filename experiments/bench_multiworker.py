@@ -9,7 +9,6 @@ two workers show the overhead of the all-reduce, not a speed-up.
 """
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -56,7 +55,7 @@ def main():
     parser.add_argument("--train-subset", type=int, default=5000)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    head = machine.provenance(cpu_note="shared with other training jobs during the run")  # the code that runs
     with tempfile.TemporaryDirectory() as folder:
         results = {workers: train(workers, args, Path(folder)) for workers in (0, 1, 2)}
     base = results[0]["train_images_per_s"]
@@ -65,9 +64,7 @@ def main():
             for w, m in results.items()]
     fileio.write_text(args.out, "\n".join([
         "# `--strategy multiworker` on one machine: 1 and 2 workers against one process", "",
-        f"- command: `{machine.command_line()}`",
-        f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores, shared with other training jobs during the run",
-        f"- date: {started} (UTC); commit: {machine.code_version()}",
+        *head,
         f"- versions: TensorFlow {results[0]['versions']['tensorflow']}, Keras {results[0]['versions']['keras']}",
         f"- run: {args.model}, {args.train_subset:,} CIFAR-10 training images, global batch {args.batch_size}, "
         f"{args.epochs} epochs, float32; workers on localhost ports", "",

@@ -13,7 +13,6 @@ best of `--repeats` counts, since other jobs may share the CPU:
 """
 
 import argparse
-import datetime
 import os
 import platform
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import time
 
 import numpy as np
+
+from kcifar.errors import run_worker
 
 WORKLOADS = {"s0_model3": 60, "resnet20": 40, "vgg16": 12, "lite0_224_inference": 8}  # timed batches
 WARMUP, BATCH = 3, 64
@@ -53,10 +54,9 @@ def measure(workload: str) -> float:
 
 def run_child(workload: str, onednn: str) -> float:
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn)
-    out = subprocess.run([sys.executable, __file__, "--child", workload], env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"error: {workload} with TF_ENABLE_ONEDNN_OPTS={onednn} failed: {out.stderr.strip()[-300:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    out = run_worker([sys.executable, __file__, "--child", workload], env,
+                     f"{workload} with TF_ENABLE_ONEDNN_OPTS={onednn}")
+    return float(out.strip().splitlines()[-1])
 
 
 def sh(command):
@@ -72,7 +72,9 @@ def main():
     if args.child:
         print(measure(args.child))
         return
-    load_before, started = sh("uptime"), datetime.datetime.now().astimezone()
+    from kcifar.machine import provenance
+
+    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
     rows = ["| workload | timed batches of 64 | oneDNN off (=0) | oneDNN on (=1) | on / off |", "|---|---:|---:|---:|---:|"]
     for workload, steps in WORKLOADS.items():
         best = {"0": 0.0, "1": 0.0}
@@ -83,19 +85,10 @@ def main():
         print(rows[-1], flush=True)
     import tensorflow as tf
 
-    from kcifar.machine import code_version, command_line, cpu_description
-
     report = "\n".join([
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",
         "",
-        "Command (from the repository root):",
-        "",
-        f"    {command_line()}",
-        "",
-        f"- Code: commit {code_version()}",
-        f"- Date: {started:%Y-%m-%d %H:%M %Z}",
-        f"- Machine: `uname -m` {platform.machine()}, `nproc` {os.cpu_count()}, no GPU; "
-        f"CPU {cpu_description()}",
+        *head,
         f"- Load (`uptime`) before: `{load_before}`; after: `{sh('uptime')}`",
         f"- TensorFlow {tf.__version__}, Python {platform.python_version()}; float32, no XLA; "
         f"best of {args.repeats} fresh processes per cell",

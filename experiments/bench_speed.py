@@ -36,7 +36,6 @@ if __name__ == "__main__":
     start_command()  # kcifar's TensorFlow defaults (oneDNN on), before TensorFlow loads
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -46,6 +45,8 @@ import time
 from pathlib import Path
 
 import keras
+
+from kcifar.errors import run_worker
 
 MODELS = {  # model: (recipe, batch size); the recipe's augmentation, optimizer and schedule
     "s3_tutorial": (None, 64),  # the default recipe (Adam-amsgrad), batch as in issue 13's table
@@ -277,8 +278,8 @@ class Worker:
 def chip_peaks(frameworks) -> dict:
     peaks = {}
     for framework in frameworks:
-        output = subprocess.run([sys.executable, __file__, "--worker", "peaks", framework], capture_output=True,
-                                text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
+        output = run_worker([sys.executable, __file__, "--worker", "peaks", framework],
+                            {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, f"{framework}'s chip peaks")
         peaks[framework] = json.loads(output.split("PEAKS ", 1)[1])
     return peaks
 
@@ -347,14 +348,10 @@ def _spread(values) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def report(results: dict, routed: dict, peaks: dict, args, started: str) -> str:
-    from kcifar import machine
-
+def report(results: dict, routed: dict, peaks: dict, args, head: list) -> str:
     versions = _versions()
     lines = ["# Training speed on this CPU: kcifar beside PyTorch, float32 and bfloat16", "",
-             f"- command: `{machine.command_line()}`",
-             f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {started} (UTC); commit: {machine.code_version()}",
+             *head,
              f"- versions: {versions}",
              f"- settings: {args.rounds} rounds of {args.seconds:g} s per worker, workers taking turns", "",
              "## The chip's peaks (GFLOPS, forward)", "",
@@ -409,7 +406,9 @@ def main():
         check_writable(Path(args.out).parent, "--out")
     if args.compare:  # a bad override is refused now, not in a worker minutes later
         bench_recipe(args.models.split(",")[0], "float32", args.compare)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    from kcifar import machine
+
+    head = machine.provenance()  # the code that runs
     frameworks = {"kcifar": ("kcifar",)}  # name: (worker kind, recipe overrides...)
     if args.compare:
         frameworks["kcifar_compare"] = ("kcifar", args.compare)
@@ -422,7 +421,7 @@ def main():
                                                       args.seconds)
         print(f"{model}: " + ", ".join(f"{fw} {p} {statistics.median(v):,.0f} img/s"
                                        for (fw, p), v in results[model].items()), file=sys.stderr, flush=True)
-    text = report(results, routed, peaks, args, started)
+    text = report(results, routed, peaks, args, head)
     if args.out:
         from kcifar.fileio import write_text
 

@@ -186,10 +186,7 @@ def main():
     expected = model.predict(x, batch_size=256, verbose=0).argmax(1)
     saved = tempfile.mkdtemp()
     model.export(saved, format="tf_saved_model", verbose=False)
-    from kcifar.sweep.summary import scrub_paths
-
-    print(f"command: `{scrub_paths(machine.command_line())}`; CPU: {machine.cpu_description()}; "
-          f"commit {machine.code_version()}\n")
+    print("\n".join(machine.provenance()), end="\n\n")
     print(f"Keras test top-1 on the first {len(x):,} test images: {np.mean(expected == y):.2%}\n")
     print("| LiteRT mode | size, MB | top-1 agreement with Keras | test top-1 | batch-256 images/s |")
     print("|---|---:|---:|---:|---:|")

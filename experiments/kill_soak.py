@@ -14,7 +14,6 @@ delays after the process opened its run directory put among them at seeded place
 """
 
 import argparse
-import datetime
 import os
 import random
 import sys
@@ -106,11 +105,10 @@ def main():
                                                                "commands, besides each command's named moments")
     parser.add_argument("--out", help="markdown file for the results (default: print only)")
     args = parser.parse_args()
-    from kcifar.machine import code_version, cpu_description
+    from kcifar.machine import provenance
 
     rng, began = random.Random(args.seed), time.monotonic()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    commit = code_version()
+    head = provenance()  # the code that runs
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_cifar10(work / "data", per_batch=200, n_test=200)
@@ -150,12 +148,10 @@ def main():
             table += [f"| {name} | {i} | {k['label']} | {k['phase']} |" for i, k in enumerate(kills, 1)]
             print(f"{name}: {len(kills)} moments, {'equal' if not problems else problems}", flush=True)
     minutes = (time.monotonic() - began) / 60
-    command = "python experiments/kill_soak.py " + " ".join(sys.argv[1:])
     lines = [
         "# Kill soak: train, finetune and sweep killed (SIGKILL) at seeded random moments",
-        "", "Command (from the repository root):", "", f"    {command}", "",
-        f"- Code: commit {commit}", f"- Date: {date}", f"- CPU: {cpu_description()}; {os.cpu_count()} cores",
-        f"- Wall time: {minutes:.1f} min (one TensorFlow start-up per process, on a machine shared with other training)",
+        "", *head,
+        f"- Wall time: {minutes:.1f} min (one TensorFlow start-up per process)",
         "- The commands, the data (a synthetic CIFAR-10 of 1,000 training and 200 test images) and the comparison "
         "are those of `tests/test_kill_soak.py` (`tests/soak.py`): after the last kill the same command runs to its "
         "end; it is compared with the same command never stopped, run beside it: best.keras weights exactly, "

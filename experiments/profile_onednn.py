@@ -20,11 +20,11 @@ if __name__ == "__main__":
 
 import argparse
 import collections
-import datetime
 import os
-import subprocess
 import sys
 import time
+
+from kcifar.errors import run_worker
 
 
 def worker(recipe_path, sets, warmup, steps):
@@ -71,13 +71,10 @@ def summarize(log: str, top: int):
     return by_kind, [(key, ms, calls[key]) for key, ms in by_shape.most_common(top)]
 
 
-def report(args, by_kind, by_shape, wall, steps, started) -> str:
-    from kcifar import machine
-
+def report(args, by_kind, by_shape, wall, steps, head) -> str:
     total = sum(by_kind.values())
     lines = [f"# Where the training step spends its time in oneDNN: {args.recipe}", "",
-             f"- command: `{machine.command_line()}`", f"- CPU: {machine.cpu_description()}; {os.cpu_count()} cores",
-             f"- date: {started} (UTC); commit: {machine.code_version()}",
+             *head,
              f"- TF_NUM_INTEROP_THREADS={os.environ.get('TF_NUM_INTEROP_THREADS')} (unset or 0: TensorFlow's "
              "default, independent operations side by side)",
              f"- {steps} steps profiled after {args.warmup} unprofiled; their wall time {wall:.1f} s "
@@ -105,17 +102,19 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.recipe, args.set, args.warmup, args.steps)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    from kcifar import machine
+
+    head = machine.provenance()  # the code that runs
     command = [sys.executable, __file__, args.recipe, "--worker", "--warmup", str(args.warmup),
                "--steps", str(args.steps)] + [f"--set={value}" for value in args.set]
-    log = subprocess.run(command, capture_output=True, text=True, check=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "ONEDNN_VERBOSE": "1"}).stdout
+    log = run_worker(command, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "ONEDNN_VERBOSE": "1"},
+                     f"the profiled training of {args.recipe}")
     wall_line = next(line for line in log.splitlines() if line.startswith("WALL "))
     wall, steps = float(wall_line.split()[1]), int(wall_line.split()[2])
     by_kind, by_shape = summarize(log, args.top)
     if not by_kind:
         raise SystemExit("oneDNN logged no primitive: is TensorFlow's oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)?")
-    text = report(args, by_kind, by_shape, wall, steps, started)
+    text = report(args, by_kind, by_shape, wall, steps, head)
     if args.out:
         from kcifar.fileio import write_text
 

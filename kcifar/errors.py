@@ -48,3 +48,15 @@ def start_command():
     """
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     warnings.filterwarnings("ignore", message="Please import `affine_transform`", category=DeprecationWarning)
+
+
+def run_worker(command: list, env: dict, what: str) -> str:
+    """A benchmark's worker process run to its end; its stdout. A worker that fails becomes one
+    line naming ``what`` it was and the worker's own last line of stderr (its error), not a traceback."""
+    import subprocess
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
+        raise KcifarError(f"{what} failed (exit {result.returncode}): {last.removeprefix('error: ')}")
+    return result.stdout

@@ -5,8 +5,10 @@ and the provenance every result file carries: the CPU (model name, AVX-512 and A
 flags), whether oneDNN really runs, the versions, the commit and the command as typed.
 """
 
+import datetime
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -158,6 +160,23 @@ def command_line(argv=None) -> str:
     spec = getattr(__main__, "__spec__", None)
     program = f"-m {spec.name}" if spec else os.path.relpath(Path(sys.argv[0]).resolve(), REPOSITORY)
     return " ".join(["python", program, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\",]+)")
+
+
+def scrub_paths(text: str) -> str:
+    """Absolute paths of this machine -> ``…/<last part>`` (recorded files name no local folder)."""
+    return ABSOLUTE_PATH.sub(r"…/\1", text)
+
+
+def provenance(cpu_note: str = "") -> list[str]:
+    """The lines a result file opens with: the command as typed from the repository root (absolute
+    paths scrubbed), the CPU and its cores (``cpu_note`` after them), the date and the commit.
+    Call it when the measurement starts: the commit is then the code that ran."""
+    return [f"- command: `{scrub_paths(command_line())}`",
+            f"- CPU: {cpu_description()}; {os.cpu_count()} cores" + (f"; {cpu_note}" if cpu_note else ""),
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} (UTC); commit: {code_version()}"]
 
 
 # Written by the commands themselves (results, the report): a change there is not a change of code.

@@ -371,3 +371,16 @@ def test_an_experiment_script_refuses_bad_input_in_one_line_before_any_work(tmp_
     lines = own_stderr_lines(result.stderr)
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert snapshot(tmp_path) == before
+
+
+def test_an_experiment_scripts_failing_worker_is_one_line_with_the_workers_own_error(tmp_path):
+    """profile_onednn.py trains in a worker process: the worker's error (here: no data) reaches the
+    user as one line, not as the parent's CalledProcessError traceback."""
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, str(REPOSITORY / "experiments" / "profile_onednn.py"),
+                             str(REPOSITORY / "experiments" / "recipes" / "s2_gap.toml")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KCIFAR_DATA_DIR": str(tmp_path / "empty")})
+    lines = own_stderr_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: the profiled training of ") and "failed (exit 2): KCIFAR_DATA_DIR" in lines[0]

@@ -2,6 +2,7 @@
 the Keras home, and an import that changes nothing in the process."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,17 @@ def test_the_recorded_command_line_runs_again_as_written():
     line = machine.command_line(["--note", "nothing else running", "--out", "a b/x.md", "--repeats", "20"])
     assert line.startswith("python ") and line.endswith(
         "--note 'nothing else running' --out 'a b/x.md' --repeats 20")
+
+
+def test_a_result_file_opens_with_command_cpu_date_and_commit_and_names_no_local_folder(monkeypatch):
+    monkeypatch.setattr(machine.sys, "argv", ["experiments/bench_speed.py", "--out", "/home/me/checkout/speed.md"])
+    monkeypatch.setattr(machine, "cpu_description", lambda: "Some EPYC; AVX-512: avx512_bf16")
+    monkeypatch.setattr(machine, "code_version", lambda: "abc1234")
+    command, cpu, date = machine.provenance(cpu_note="shared with another job")
+    assert command.startswith("- command: `python ") and command.endswith(" --out …/speed.md`")
+    assert "/home/me" not in command
+    assert cpu == f"- CPU: Some EPYC; AVX-512: avx512_bf16; {os.cpu_count()} cores; shared with another job"
+    assert re.fullmatch(r"- date: 20\d\d-\d\d-\d\d \d\d:\d\d \(UTC\); commit: abc1234", date)
 
 
 def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path, monkeypatch):

@@ -23,27 +23,20 @@ import csv
 import datetime
 import io
 import json
-import re
 import statistics
 from pathlib import Path
 
 from kcifar import fileio, plots
 from kcifar.errors import KcifarError
-from kcifar.machine import code_version
+from kcifar.machine import code_version, scrub_paths
 from kcifar.run import is_finished, read_history
 from kcifar.sweep.study import format_value
 
 SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",
                "learning_curves.png"]
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\",]+)")
 STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
          ("test_exact_top1", "test top-1, pixel-exact")]
 PROVENANCE_COLUMNS = ["cpu", "date", "commit", "command"]
-
-
-def scrub_paths(text: str) -> str:
-    """Absolute paths of this machine -> ``…/<last part>`` (recorded files name no local folder)."""
-    return ABSOLUTE_PATH.sub(r"…/\1", text)
 
 
 def record(study, runs_folder: Path, out: Path):
