@@ -167,7 +167,8 @@ def main():
     parser.add_argument("--skip-fit", action="store_true")
     args = parser.parse_args()
 
-    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
+    head = provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
+    load_before = sh("uptime")
     data = load_cifar("cifar10", val_size=5000)
     x, y = data.train.x, data.train.y
     print("pipeline", flush=True)

@@ -185,8 +185,8 @@ def measure_in_turns(precision, shapes, threads, onednn, processes):
                 key: (implementation, [call[key][1] for call in calls if key in call])
                 for key, (implementation, _) in calls[0].items()})
         else:
-            combined[framework] = version, {
-                shape: tuple(map(statistics.median, zip(*(result[shape] for result in results)))) for shape in results[0]}
+            combined[framework] = version, {shape: tuple(map(statistics.median, zip(*(result[shape] for result in results))))
+                                            for shape in results[0]}
     return combined
 
 
@@ -229,13 +229,14 @@ def header(title, args, provenance, versions, setting) -> list[str]:
     framework versions) and on what."""
     return [f"# {title}", "", *provenance,
             f"- versions: {versions['tf']}, {versions['torch']}",
-            f"- {args.shapes}'s conv shapes, {args.precision}, batch {SHAPES[args.shapes][0]}, 'same' padding, no bias, "
-            f"{args.threads or os.cpu_count()} thread(s); {setting}"]
+            f"- {args.shapes}'s conv shapes, {args.precision}, batch {SHAPES[args.shapes][0]}, 'same' padding, "
+            f"no bias, {args.threads or os.cpu_count()} thread(s); {setting}"]
 
 
 def report(args, provenance, versions, results) -> str:
     lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", args, provenance,
-                   versions, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; forward+backward = 3x that)")
+                   versions, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; "
+                   "forward+backward = 3x that)")
     lines += ["", "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
               "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
               "(kcifar) | matmuls / TF's kernel |",

@@ -74,7 +74,8 @@ def main():
         return
     from kcifar.machine import provenance
 
-    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
+    head = provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
+    load_before = sh("uptime")
     rows = ["| workload | timed batches of 64 | oneDNN off (=0) | oneDNN on (=1) | on / off |", "|---|---:|---:|---:|---:|"]
     for workload, steps in WORKLOADS.items():
         best = {"0": 0.0, "1": 0.0}
