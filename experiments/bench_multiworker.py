@@ -54,8 +54,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64, help="the global batch")
     parser.add_argument("--train-subset", type=int, default=5000)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--note", default="", help="a line on the conditions (other jobs on the CPU?), "
+                                                   "added to the CPU line")
     args = parser.parse_args()
-    head = machine.provenance(cpu_note="shared with other training jobs during the run")  # the code that runs
+    head = machine.provenance(cpu_note=args.note)  # the code that runs
     with tempfile.TemporaryDirectory() as folder:
         results = {workers: train(workers, args, Path(folder)) for workers in (0, 1, 2)}
     base = results[0]["train_images_per_s"]
