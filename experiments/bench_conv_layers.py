@@ -156,38 +156,38 @@ def worker(framework, precision, shapes, onednn=False, threads=None):
 
 
 def measure(framework, precision, shapes, threads=None, onednn=False):
-    """The worker's GFLOPS by shape, or with ``onednn`` ``onednn_calls``' answer."""
+    """One worker process's (framework version, oneDNN version or None, results): GFLOPS by shape,
+    or with ``onednn`` each kernel's (implementation, median ms) as ``onednn_calls`` reads them."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **({"ONEDNN_VERBOSE": "1"} if onednn else {})}
     output = run_worker([sys.executable, __file__, "--worker", framework, "--precision", precision,
                          "--shapes", shapes] + (["--onednn"] if onednn else [])
                         + (["--threads", str(threads)] if threads else []), env, f"the {framework} worker")
     version = next(line.split(maxsplit=1)[1] for line in output.splitlines() if line.startswith(VERSION))
     if onednn:
-        return version, onednn_calls(output)
+        return (version, *onednn_calls(output))
     rows = (line.split() for line in output.splitlines() if not line.startswith(VERSION))
-    return version, {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
+    return version, None, {tuple(map(int, row[:3])): tuple(map(float, row[3:])) for row in rows}
 
 
 def measure_in_turns(precision, shapes, threads, onednn, processes):
-    """{framework: (version, results)} over ``processes`` processes per framework, taking turns: GFLOPS
-    the median of the processes; with ``onednn`` (oneDNN's version, each kernel's (implementation,
-    [ms of each process]))."""
-    answers = collections.defaultdict(list)
+    """{framework: (framework version, oneDNN version, results)} over ``processes`` processes per
+    framework, taking turns: GFLOPS the median of the processes; with ``onednn`` each kernel's
+    (implementation, [ms of each process])."""
+    answers = {"tf": [], "torch": []}
     for _ in range(processes):
-        for framework in ("tf", "torch"):
-            answers[framework].append(measure(framework, precision, shapes, threads, onednn))
-    combined = {}
-    for framework, runs in answers.items():
-        version, results = runs[0][0], [result for _, result in runs]
-        if onednn:
-            calls = [result[1] for result in results]
-            combined[framework] = version, (results[0][0], {
-                key: (implementation, [call[key][1] for call in calls if key in call])
-                for key, (implementation, _) in calls[0].items()})
-        else:
-            combined[framework] = version, {shape: tuple(map(statistics.median, zip(*(result[shape] for result in results))))
-                                            for shape in results[0]}
-    return combined
+        for framework, runs in answers.items():
+            runs.append(measure(framework, precision, shapes, threads, onednn))
+    return {framework: (*runs[0][:2], combine([results for *_, results in runs], onednn))
+            for framework, runs in answers.items()}
+
+
+def combine(results: list, onednn: bool) -> dict:
+    """Several processes' results as one: each kernel's implementation and its times (``onednn``),
+    or the median of each GFLOPS figure."""
+    if onednn:
+        return {key: (implementation, [result[key][1] for result in results if key in result])
+                for key, (implementation, _) in results[0].items()}
+    return {shape: tuple(map(statistics.median, zip(*(result[shape] for result in results)))) for shape in results[0]}
 
 
 MARKER, VERSION = "SHAPE", "VERSION"
@@ -224,40 +224,40 @@ def onednn_calls(log: str):
                                               for (shape, propagation, implementation), ms in times.items()}
 
 
-def header(title, args, provenance, versions, setting) -> list[str]:
+def header(title, args, provenance, measured, setting) -> list[str]:
     """The lines both reports open with: what ran (``provenance``: command, CPU, date, commit; the
     framework versions) and on what."""
     return [f"# {title}", "", *provenance,
-            f"- versions: {versions['tf']}, {versions['torch']}",
+            f"- versions: {measured['tf'][0]}, {measured['torch'][0]}",
             f"- {args.shapes}'s conv shapes, {args.precision}, batch {SHAPES[args.shapes][0]}, 'same' padding, "
             f"no bias, {args.threads or os.cpu_count()} thread(s); {setting}"]
 
 
-def report(args, provenance, versions, results) -> str:
+def report(args, provenance, measured) -> str:
     lines = header("One 3x3 convolution's training step: TensorFlow against PyTorch", args, provenance,
-                   versions, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; "
+                   measured, "GFLOPS (forward, backward data and backward weights = 2 x MACs each; "
                    "forward+backward = 3x that)")
     lines += ["", "| in -> out | size | TF fwd | PyTorch fwd | TF fwd+bwd | PyTorch fwd+bwd | TF / PyTorch, fwd+bwd "
               "| TF bwd data | PyTorch bwd data | TF bwd weights | PyTorch bwd weights | TF bwd weights as matmuls "
               "(kcifar) | matmuls / TF's kernel |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in SHAPES[args.shapes][1]:
-        (tf_f, tf_fb, tf_d, tf_w, tf_m), (pt_f, pt_fb, pt_d, pt_w) = results["tf"][shape], results["torch"][shape]
+        tf_f, tf_fb, tf_d, tf_w, tf_m = measured["tf"][2][shape]
+        pt_f, pt_fb, pt_d, pt_w = measured["torch"][2][shape]
         lines.append(f"| {shape[0]} -> {shape[1]} | {shape[2]}x{shape[2]} | {tf_f:,.0f} | {pt_f:,.0f} | {tf_fb:,.0f} | "
                      f"{pt_fb:,.0f} | {tf_fb / pt_fb:.2f} | {tf_d:,.0f} | {pt_d:,.0f} | {tf_w:,.0f} | {pt_w:,.0f} | "
                      f"{tf_m:,.0f} | {tf_m / tf_w:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def onednn_report(args, provenance, versions, results) -> str:
-    (tf_version, tf_calls), (pt_version, pt_calls) = results["tf"], results["torch"]
+def onednn_report(args, provenance, measured) -> str:
+    (_, tf_onednn, tf_calls), (_, pt_onednn, pt_calls) = measured["tf"], measured["torch"]
     lines = header("One 3x3 convolution's oneDNN kernels: TensorFlow's oneDNN against PyTorch's", args, provenance,
-                   versions, f"oneDNN {tf_version} in TensorFlow, {pt_version} in PyTorch")
-    processes = len(next(iter(tf_calls.values()))[1])
+                   measured, f"oneDNN {tf_onednn} in TensorFlow, {pt_onednn} in PyTorch")
     lines += [f"- ms a call: the median of {ONEDNN_CALLS} calls of the primitive as `ONEDNN_VERBOSE` times it "
               "(oneDNN's execution alone, not the framework around it)"
-              + (f"; the median of {processes} processes per framework, taking turns (lowest-highest process)"
-                 if processes > 1 else ""), "",
+              + (f"; the median of {args.processes} processes per framework, taking turns (lowest-highest process)"
+                 if args.processes > 1 else ""), "",
               "| in -> out | size | kernel | TF implementation | TF ms | PyTorch implementation | PyTorch ms | TF / PyTorch, time |",
               "|---|---|---|---|---|---|---|---|"]
     for shape in SHAPES[args.shapes][1]:
@@ -301,8 +301,7 @@ def main():
 
     provenance = machine.provenance()  # the code that runs
     measured = measure_in_turns(args.precision, args.shapes, args.threads, args.onednn, args.processes)
-    versions, results = ({fw: answer[i] for fw, answer in measured.items()} for i in (0, 1))
-    text = (onednn_report if args.onednn else report)(args, provenance, versions, results)
+    text = (onednn_report if args.onednn else report)(args, provenance, measured)
     if args.out:
         write_text(args.out, text)
     print(text)
