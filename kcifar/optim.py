@@ -278,12 +278,40 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
                 "div_factor": self.div_factor, "final_div_factor": self.final_div_factor, "anneal": self.anneal}
 
 
+@keras.saving.register_keras_serializable(package="kcifar")
+class PerEpoch(keras.optimizers.schedules.LearningRateSchedule):
+    """``schedule`` held through each epoch at its value at the epoch's first step: a PyTorch
+    scheduler stepped once per epoch (``scheduler.step()`` after each epoch, as the write-ups do)."""
+
+    def __init__(self, schedule, steps_per_epoch):
+        self.schedule, self.steps_per_epoch = schedule, int(steps_per_epoch)
+
+    def __call__(self, step):
+        return self.schedule(ops.floor_divide(step, self.steps_per_epoch) * self.steps_per_epoch)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                "steps_per_epoch": self.steps_per_epoch}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.optimizers.schedules.deserialize(config["schedule"]), config["steps_per_epoch"])
+
+
 def make_schedule(spec: dict, learning_rate: float, epochs: int, steps_per_epoch: int):
-    """The learning rate (a float or a Keras schedule) for the recipe's ``[schedule]`` table.
+    """The learning rate (a float or a Keras schedule) for the recipe's ``[schedule]`` table,
+    changing at every step, or once per epoch with ``per_epoch``.
 
     ``plateau`` returns the constant rate; its ReduceLROnPlateau callback comes
     from ``plateau_callback``.
     """
+    schedule = _schedule(spec, learning_rate, epochs, steps_per_epoch)
+    if spec["per_epoch"] and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return PerEpoch(schedule, steps_per_epoch)
+    return schedule
+
+
+def _schedule(spec: dict, learning_rate: float, epochs: int, steps_per_epoch: int):
     name, schedules = spec["name"], keras.optimizers.schedules
     t_max = (spec["t_max"] or epochs) * steps_per_epoch
     alpha = spec["eta_min"] / learning_rate

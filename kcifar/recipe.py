@@ -46,7 +46,8 @@ DEFAULTS = {
     "schedule": {"name": "constant", "step_size": 30, "gamma": 0.1, "milestones": [],
                  "t_max": 0, "eta_min": 0.0, "warmup_epochs": 0, "factor": 0.1,
                  "patience": 5, "min_lr": 0.0, "pct_start": 0.3, "div_factor": 25.0,
-                 "final_div_factor": 10000.0},
+                 "final_div_factor": 10000.0,
+                 "per_epoch": False},  # the rate changes once per epoch (a PyTorch scheduler), not every step
     "loss": {"label_smoothing": 0.0},
     "augment": {"preset": "none", "engine": "tf", "cutout": 0, "mixup": 0.0, "cutmix": 0.0,
                 "alternate_flip": False},

@@ -144,6 +144,22 @@ def test_fractional_shift_moves_content_up_to_the_set_fraction(engine, extra_pre
         assert np.abs(shift).max() > 2.8 and abs(shift.mean()) < 0.4
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_s4_translates_by_torchvisions_whole_pixels(engine, monkeypatch):
+    """S4's RandomAffine(0, translate=(0.1, 0.1)) draws round(U(-3.2, 3.2)) pixels: -3..3, the
+    outer two less often (0.7 / 6.4 each against 1 / 6.4); nearest sampling keeps a dot whole."""
+    monkeypatch.setitem(PRESETS, "s4_shift_only", Geometry(shift=0.1, fill="constant", interpolation="nearest"))
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[16, 16] = 255
+    images = copies(image, 1024, AugmentConfig(preset="s4_shift_only", engine=engine))
+    assert ((images == 255).all(axis=-1).sum(axis=(1, 2)) == 1).all()  # moved whole, never blurred
+    rows, cols = np.nonzero((images == 255).all(axis=-1))[1:]
+    for shifts in (rows - 16, cols - 16):
+        counts = np.bincount(shifts + 3, minlength=7) / len(shifts)
+        assert set(shifts) == set(range(-3, 4))
+        np.testing.assert_allclose(counts, [0.7 / 6.4] + [1 / 6.4] * 5 + [0.7 / 6.4], atol=0.035)
+
+
 @pytest.mark.parametrize("preset", ["idg_s1", "s4", "crop_flip"])
 def test_engines_draw_transforms_in_the_same_ranges(preset):
     stats = {engine: centroids_and_angles(copies(bar_image(), 384, AugmentConfig(preset=preset, engine=engine)))
@@ -166,11 +182,12 @@ def test_tf_warp_gives_image_data_generator_pixels_for_the_same_parameters(prese
     stacked = {key: np.array([p[key] for p in params], np.float32)
                for key in ("theta", "tx", "ty", "shear", "zx", "zy", "flip_horizontal")}
     transforms = warp_transforms(stacked, 32.0, 32.0)
-    got = warp(images, transforms, PRESETS[preset].fill).numpy()
+    geometry = PRESETS[preset]
+    got = warp(images, transforms, geometry.fill, bilinear=geometry.interpolation == "bilinear").numpy()
     np.testing.assert_allclose(got, expected, atol=0.02)
-    assert PRESETS[preset].whole_pixels == (preset == "crop_flip")
-    if PRESETS[preset].whole_pixels:  # the fast path reads one neighbour: the same pixels
-        np.testing.assert_array_equal(warp(images, transforms, PRESETS[preset].fill, bilinear=False).numpy(), got)
+    assert geometry.nearest_sampling == (preset in ("crop_flip", "s4"))
+    if geometry.nearest_sampling:  # one pixel read per output pixel: the same pixels
+        np.testing.assert_array_equal(warp(images, transforms, geometry.fill, bilinear=False).numpy(), got)
 
 
 def test_eval_dataset_is_ordered_one_hot_and_untouched():
@@ -289,6 +306,8 @@ def test_idg_engine_draws_warps_as_image_data_generator_does(preset):
     ours = random_warp_params(geometry, n, 32, 32, np.random.default_rng(0))
     for key in ("theta", "tx", "ty", "shear", "zx", "zy", "flip_horizontal"):
         a, b = (np.array([w[key] for w in draws], float) for draws in (theirs, ours))
+        if geometry.rounds_shift and key in ("tx", "ty"):  # torchvision's whole pixels, not the generator's
+            a = np.round(a)
         np.testing.assert_allclose([b.min(), b.max()], [a.min(), a.max()], atol=0.02 * np.ptp(a) + 1e-9)
         np.testing.assert_allclose([b.mean(), b.std()], [a.mean(), a.std()], atol=0.08 * a.std() + 1e-9)
         if preset == "crop_flip" and key in ("tx", "ty"):

@@ -325,3 +325,24 @@ def test_cli_prints_the_table(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"s3_tutorial\s+S3\s+62,006\s+1\.3\s+PyTorch tutorial net", out)
     assert "FLOPs" in out and "not counted" in out
+
+
+def test_torch_init_draws_every_conv_and_dense_as_pytorchs_default():
+    """``init="torch"``: kernel and bias uniform in +-1/sqrt(fan_in) (nn.Conv2d, nn.Linear), from Keras'
+    seed; the default keeps Keras' glorot kernels and zero biases."""
+    def build(init):
+        keras.utils.set_random_seed(5)
+        return models.build("vgg11", init=init)
+
+    torch_like, again, default = build("torch"), build("torch"), build("keras")
+    for name in ("block1_conv1", "block4_conv2", "predictions"):
+        kernel, bias = torch_like.get_layer(name).get_weights()
+        bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+        for weight in (kernel, bias):
+            assert np.abs(weight).max() <= bound * (1 + 1e-6)
+        assert np.abs(kernel).max() > 0.99 * bound and kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+        assert np.abs(bias).max() > 0.5 * bound
+        np.testing.assert_array_equal(kernel, again.get_layer(name).get_weights()[0])
+        assert not default.get_layer(name).get_weights()[1].any()
+    with pytest.raises(KcifarError, match="init='pytorch' is not valid; use one of 'keras', 'torch'"):
+        models.build("vgg11", init="pytorch")

@@ -96,6 +96,18 @@ def test_cosine_reaches_eta_min_at_t_max():
     assert lr_at(s, 50) == pytest.approx(1e-4, rel=1e-4)
 
 
+def test_per_epoch_cosine_is_pytorchs_cosine_annealing_stepped_each_epoch():
+    """CosineAnnealingLR(T_max=50) with scheduler.step() after each epoch: epoch e (from 0)
+    trains at lr * (1 + cos(pi e / 50)) / 2 for all its steps."""
+    s = optim.make_schedule(schedule_spec(name="cosine", t_max=50, per_epoch=True), 1e-3, epochs=50, steps_per_epoch=7)
+    for epoch in (0, 1, 25, 49):
+        expected = 1e-3 * (1 + np.cos(np.pi * epoch / 50)) / 2
+        assert [lr_at(s, 7 * epoch + k) for k in (0, 3, 6)] == pytest.approx([expected] * 3, rel=1e-5, abs=1e-12)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s))
+    assert lr_at(again, 7 * 30 + 4) == pytest.approx(lr_at(s, 7 * 30))
+    assert optim.make_schedule(schedule_spec(name="constant", per_epoch=True), 0.1, 5, 7) == 0.1
+
+
 def test_warmup_ramps_linearly_then_decays():
     s = optim.make_schedule(schedule_spec(name="warmup_cosine", warmup_epochs=2), 0.1, epochs=10, steps_per_epoch=10)
     ramp = [lr_at(s, step) for step in (0, 5, 10, 15, 20)]

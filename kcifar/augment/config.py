@@ -17,6 +17,9 @@ class Geometry:
     hflip: mirror left-right with probability 1/2.
     fill: outside the image, "nearest" (repeat the edge), "constant" (black) or "reflect"
         (mirrored at the edge, the edge pixel repeated: SciPy's and the generator's "reflect").
+    interpolation: "bilinear" (the generator's default) or "nearest" (torchvision's default for
+        RandomRotation and RandomAffine); "nearest" also rounds a fractional shift to whole
+        pixels, as torchvision's RandomAffine rounds its translation.
     """
 
     rotation: float = 0.0
@@ -25,15 +28,23 @@ class Geometry:
     zoom: float = 0.0
     hflip: bool = False
     fill: str = "nearest"
+    interpolation: str = "bilinear"
 
     @property
     def warps(self):
         return bool(self.rotation or self.shift or self.shear or self.zoom)
 
     @property
-    def whole_pixels(self):
-        """True when every warp moves pixels by whole pixels (integer shifts, mirror): no interpolation."""
-        return not (self.rotation or self.shear or self.zoom) and (self.shift == 0 or self.shift >= 1)
+    def nearest_sampling(self):
+        """True when each output pixel reads one input pixel: nearest interpolation, or warps that
+        move whole pixels only (integer shifts, mirror), where bilinear reads the same pixels."""
+        return self.interpolation == "nearest" or (
+            not (self.rotation or self.shear or self.zoom) and (self.shift == 0 or self.shift >= 1))
+
+    @property
+    def rounds_shift(self):
+        """True when a fractional shift is rounded to whole pixels (torchvision's RandomAffine)."""
+        return self.interpolation == "nearest" and 0 < self.shift < 1
 
 
 PRESETS = {
@@ -41,11 +52,12 @@ PRESETS = {
     # S1 only says "ImageDataGenerator"; these ranges are assumed (common CIFAR
     # settings), with the generator's default fill "nearest".
     "idg_s1": Geometry(rotation=15, shift=0.1, zoom=0.1, hflip=True, fill="nearest"),
-    # S4 names RandomRotation + RandomAffine + RandomHorizontalFlip without
-    # values; assumed: 15 degrees, translate 0.1, scale 0.9..1.1, shear 10
-    # degrees, torchvision's default black fill. One warp instead of two
-    # resamplings, and x/y scale drawn independently as ImageDataGenerator does.
-    "s4": Geometry(rotation=15, shift=0.1, shear=10, zoom=0.1, hflip=True, fill="constant"),
+    # S4's notebook (VGG_Final.ipynb of sozign/cifar10-classification-challenge): RandomRotation(15),
+    # RandomAffine(0, translate=(0.1, 0.1)), RandomHorizontalFlip(), torchvision's nearest sampling
+    # and black fill. One warp instead of two resamplings gives the same pixels, since the
+    # translation is whole pixels. Not torchvision's: the black edge follows SciPy's rule (a point
+    # outside the image before rounding), PIL's blacks a half-pixel narrower band.
+    "s4": Geometry(rotation=15, shift=0.1, hflip=True, fill="constant", interpolation="nearest"),
     # Standard CIFAR recipe: zero-pad 4, random 32x32 crop = integer shift of
     # -4..4 pixels with black fill, plus horizontal flip.
     "crop_flip": Geometry(shift=4, hflip=True, fill="constant"),

@@ -21,14 +21,15 @@ def image_data_generator(geometry):
     return tf.keras.preprocessing.image.ImageDataGenerator(
         rotation_range=geometry.rotation, width_shift_range=shift, height_shift_range=shift,
         shear_range=geometry.shear, zoom_range=geometry.zoom, horizontal_flip=geometry.hflip,
-        fill_mode=geometry.fill, cval=0.0)
+        fill_mode=geometry.fill, cval=0.0, interpolation_order=0 if geometry.interpolation == "nearest" else 1)
 
 
 def random_warp_params(geometry, count, height, width, rng):
     """`count` warps in the format of `ImageDataGenerator.get_random_transform`, drawn
     the way it draws them, but from `rng` instead of NumPy's global generator:
     global state is shared by worker threads and can be left locked in forked
-    worker processes (which then hang)."""
+    worker processes (which then hang). A shift that ``geometry.rounds_shift`` is rounded to whole
+    pixels, which the generator itself does not do."""
     def uniform(bound):
         return rng.uniform(-bound, bound, count) if bound else np.zeros(count)
 
@@ -36,6 +37,8 @@ def random_warp_params(geometry, count, height, width, rng):
         tx, ty = (rng.integers(-int(geometry.shift), int(geometry.shift) + 1, count) for _ in range(2))
     else:  # the generator scales its x shift (tx) by the height
         tx, ty = uniform(geometry.shift) * height, uniform(geometry.shift) * width
+        if geometry.rounds_shift:
+            tx, ty = np.round(tx), np.round(ty)
     theta, shear = uniform(geometry.rotation), uniform(geometry.shear)
     zx, zy = 1 + uniform(geometry.zoom), 1 + uniform(geometry.zoom)
     flips = rng.random(count) < (0.5 if geometry.hflip else 0.0)

@@ -34,7 +34,7 @@ def warp_and_cutout(images, geometry, cutout_side, seed, flips=None):
     u = _uniforms(9, tf.shape(images)[0], seed)
     if geometry.warps or geometry.hflip:
         images = warp(images, random_warps(geometry, tf.shape(images), u[:7], flips), geometry.fill,
-                      bilinear=not geometry.whole_pixels)
+                      bilinear=not geometry.nearest_sampling)
     if cutout_side:
         images = cutout(images, cutout_side, u[7:])
     return images
@@ -53,6 +53,8 @@ def random_warps(geometry, shape, u, flips=None):
         tx, ty = (tf.floor(u[row] * (2 * int(geometry.shift) + 1)) - int(geometry.shift) for row in (1, 2))
     else:  # as the generator: tx (along x) scaled by the height
         tx, ty = symmetric(1, geometry.shift) * height, symmetric(2, geometry.shift) * width
+        if geometry.rounds_shift:
+            tx, ty = tf.round(tx), tf.round(ty)
     params = dict(theta=symmetric(0, geometry.rotation), tx=tx, ty=ty, shear=symmetric(3, geometry.shear),
                   zx=1 + symmetric(4, geometry.zoom), zy=1 + symmetric(5, geometry.zoom),
                   flip_horizontal=u[6] < (0.5 if geometry.hflip else 0.0) if flips is None else flips)
@@ -90,8 +92,9 @@ def warp(images, transforms, fill, bilinear=True):
     mirrors the image at its edges, edge pixel included (SciPy's "reflect"). Written
     with gathers rather than `keras.ops.image.affine_transform` because XLA
     compiles it (4x faster on this CPU) and it gives the idg engine's pixels.
-    ``bilinear=False`` reads only the top-left neighbour: the same pixels, and
-    faster, when every transform moves whole pixels (crop_flip).
+    ``bilinear=False`` reads the nearest pixel (torchvision's default sampling; the same pixels
+    as bilinear, and faster, when every transform moves whole pixels: crop_flip). With fill
+    "constant" a point is black when it falls outside the image before rounding (SciPy's rule).
     """
     shape = tf.shape(images)
     n, height, width = shape[0], shape[1], shape[2]
@@ -99,9 +102,12 @@ def warp(images, transforms, fill, bilinear=True):
                              indexing="ij")
     t = transforms[:, :, None, None]
     x, y = t[:, 0] * cols + t[:, 1] * rows + t[:, 2], t[:, 3] * cols + t[:, 4] * rows + t[:, 5]
+    x_max, y_max = tf.cast(width - 1, tf.float32), tf.cast(height - 1, tf.float32)
+    in_frame = (x >= 0) & (x <= x_max) & (y >= 0) & (y <= y_max)
+    if not bilinear:
+        x, y = tf.round(x), tf.round(y)
     x0, y0 = tf.floor(x), tf.floor(y)
     fx, fy = (x - x0)[..., None], (y - y0)[..., None]
-    x_max, y_max = tf.cast(width - 1, tf.float32), tf.cast(height - 1, tf.float32)
     pixels = tf.reshape(images, [-1, shape[3]])
     first_pixel = (tf.range(n) * height * width)[:, None, None]
 
@@ -123,7 +129,6 @@ def warp(images, transforms, fill, bilinear=True):
         bottom += fx * (corner(1, 1) - bottom)
         warped += fy * (bottom - warped)
     if fill == "constant":
-        in_frame = (x >= 0) & (x <= x_max) & (y >= 0) & (y <= y_max)
         warped *= tf.cast(in_frame, warped.dtype)[..., None]
     return warped
 

@@ -11,8 +11,10 @@ Assumed everywhere the documents are silent:
 - BatchNormalization uses PyTorch's momentum 0.1 and epsilon 1e-5 (Keras:
   ``momentum=0.9, epsilon=1e-5``), since four of the five documents are PyTorch;
 - Keras' default initialisers (glorot-uniform kernels, zero biases) unless a
-  builder says otherwise.
+  builder says otherwise, or PyTorch's with ``build(..., init="torch")``.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -28,6 +30,21 @@ DROPOUT_POSITIONS = ("before_pool", "after_pool")
 HEADS = ("flatten", "gap")
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+INITS = ("keras", "torch")
+
+
+def torch_default_init(model):
+    """Draw every Conv2D and Dense kernel and bias afresh as PyTorch's ``nn.Conv2d`` and
+    ``nn.Linear`` start them: uniform in +-1/sqrt(fan_in) (``kaiming_uniform_(a=sqrt(5))`` for the
+    kernel), fan_in = kernel height x width x input channels (or the Dense inputs). Batch norm
+    starts at gamma 1, beta 0 in both frameworks. Seeded by Keras' global seed."""
+    for layer in model._flatten_layers():
+        if type(layer) not in (keras.layers.Conv2D, keras.layers.Dense):
+            continue
+        bound = 1 / math.sqrt(math.prod(layer.kernel.shape[:-1]))
+        for weight in (layer.kernel, layer.bias):
+            if weight is not None:
+                weight.assign(keras.random.uniform(weight.shape, -bound, bound, dtype=weight.dtype))
 
 
 def check_choice(option, value, choices):

@@ -86,15 +86,16 @@ def entry(name: str) -> ModelEntry:
 
 
 def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd", mean=None, std=None,
-          weights=None, **overrides) -> keras.Model:
+          weights=None, init="keras", **overrides) -> keras.Model:
     """Build model ``name``: raw 0..255 images in, ``num_classes`` logits out.
 
     ``normalization``: ``meanstd`` (``mean``/``std`` on the 0..255 scale,
     default CIFAR-10 train statistics), ``minus1_1``, ``unit`` or ``none``.
     ``weights``: None (random), "imagenet" or a weights file, for models that have
     pretrained weights; they bring their own input scaling, and a head of another
-    size than theirs starts random. ``overrides`` are the builder's own options
-    (see ``entry(name).options()``).
+    size than theirs starts random. ``init``: the random start, ``keras`` (the builders'
+    initialisers) or ``torch`` (``parts.torch_default_init``: PyTorch's, for a PyTorch
+    write-up). ``overrides`` are the builder's own options (see ``entry(name).options()``).
     """
     model_entry = entry(name)
     if weights is not None:
@@ -113,6 +114,9 @@ def build(name, num_classes=10, input_shape=(32, 32, 3), normalization="meanstd"
     x = parts.normalize(inputs, normalization, mean, std)
     outputs = model_entry.builder(x, int(num_classes), **overrides)
     model = keras.Model(inputs, outputs, name=name)
+    parts.check_choice("init", init, parts.INITS)
+    if init == "torch":
+        parts.torch_default_init(model)
     if weights is not None:
         model_entry.pretrained.load(model, weights)
     return model
