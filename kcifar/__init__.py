@@ -4,9 +4,11 @@ The data flows through the modules in this order, each importing only from
 those before it: data -> augment -> models -> recipe, optim -> run ->
 evaluate -> train, finetune -> predict, report (see README's tour).
 
+From Python: ``kcifar.api`` (train with your own callbacks, evaluate, predict, load a run, build a model).
+
 Importing kcifar changes nothing in the process: the settings a command wants
 (TensorFlow's oneDNN kernels, warning filters) are made by the command at its
-start-up, ``kcifar.errors.start_command``.
+start-up, ``kcifar.errors.start_command``, and by importing ``kcifar.api``.
 """
 
 __version__ = "0.1.0"

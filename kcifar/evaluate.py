@@ -246,6 +246,36 @@ def describe(result) -> str:
     return "\n".join(lines)
 
 
+def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, subset_mask=None, **data_flags) -> dict:
+    """``python -m kcifar.evaluate``'s work: a finished run directory (its recipe fixes the data, its
+    folder is the output) or a .keras file (``data_flags``: dataset, label_mode, val_size, seed; output
+    ``out``, default MODEL_evaluation/ beside it). ``tta`` None: the run's ``train.tta``, else none.
+    Returns evaluate_run's result and, under ``written``, the JSON file's path."""
+    run_dir, model_path = resolve_target(target)
+    flags = {"--dataset": ("name", data_flags.get("dataset")), "--label-mode": ("label_mode", data_flags.get("label_mode")),
+             "--val-size": ("val_size", data_flags.get("val_size")), "--seed": ("seed", data_flags.get("seed")),
+             "--out": (None, out)}
+    given = {flag: setting for flag, setting in flags.items() if setting[1] is not None}
+    if run_dir is not None:
+        if given:
+            raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
+                              "fixes the data and the run directory is the output")
+        settings, out_dir = run.data_settings(run.read_recipe(run_dir)), run_dir
+        tta = tta or run.read_recipe(run_dir).get("train", {}).get("tta", "none")
+    else:
+        settings = run.data_settings({})
+        settings.update({key: value for key, value in given.values() if key})
+        out_dir = Path(out) if out else model_path.parent / f"{model_path.stem}_evaluation"
+        fileio.check_writable(out_dir, "--out")
+        tta = tta or "none"
+    data = load_cifar(data_dir=data_dir, **settings)
+    mask = load_mask(subset_mask, len(getattr(data, split).y)) if subset_mask else None
+    result = evaluate_run(out_dir, run.load_model(model_path), data, split, mask,
+                          f"subset {Path(subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None,
+                          tta=tta)
+    return {**result, "written": str(out_dir / f"evaluation{split_suffix(split)}.json")}
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -267,33 +297,10 @@ def main(argv=None):
     bare.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
-    run_dir, model_path = resolve_target(args.target)
-    flags = {"--dataset": ("name", args.dataset), "--label-mode": ("label_mode", args.label_mode),
-             "--val-size": ("val_size", args.val_size), "--seed": ("seed", args.seed), "--out": (None, args.out)}
-    given = {flag: setting for flag, setting in flags.items() if setting[1] is not None}
-    if run_dir is not None:
-        if given:
-            raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
-                              "fixes the data and the run directory is the output")
-        settings, out_dir = run.data_settings(run.read_recipe(run_dir)), run_dir
-        tta = args.tta or run.read_recipe(run_dir).get("train", {}).get("tta", "none")
-    else:
-        settings = run.data_settings({})
-        settings.update({key: value for key, value in given.values() if key})
-        out_dir = Path(args.out) if args.out else model_path.parent / f"{model_path.stem}_evaluation"
-        fileio.check_writable(out_dir, "--out")
-        tta = args.tta or "none"
-    data = load_cifar(data_dir=args.data_dir, **settings)
-    mask = None
-    if args.subset_mask:
-        mask = load_mask(args.subset_mask, len(getattr(data, args.split).y))
-    model = run.load_model(model_path)
-    result = evaluate_run(out_dir, model, data, args.split, mask,
-                          f"subset {Path(args.subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None,
-                          tta=tta)
+    result = evaluate_target(args.target, args.split, args.tta, args.data_dir, args.out, args.subset_mask,
+                             dataset=args.dataset, label_mode=args.label_mode, val_size=args.val_size, seed=args.seed)
     print(describe(result))
-    print(f"wrote {out_dir / ('evaluation' + split_suffix(args.split) + '.json')} and "
-          f"{', '.join(result['figures'])}")
+    print(f"wrote {result['written']} and {', '.join(result['figures'])}")
 
 
 if __name__ == "__main__":

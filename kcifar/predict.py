@@ -83,10 +83,15 @@ def class_names_for_model(model_path, classes=None) -> list:
 
 
 class Predictor:
-    """A model to predict with: a .keras file (Keras) or a kcifar export (its format's runtime)."""
+    """A model to predict with: a .keras file or a run directory's best.keras (Keras), or a kcifar
+    export (its format's runtime). ``path``: the model file, or the export's folder."""
 
     def __init__(self, path):
-        self.exported = deploy.load(path) if Path(path).suffix != ".keras" and deploy.manifest_path(path) else None
+        path = Path(path)
+        if path.is_dir() and (path / "best.keras").is_file() and not deploy.manifest_path(path):
+            path = path / "best.keras"
+        self.path = path
+        self.exported = deploy.load(path) if path.suffix != ".keras" and deploy.manifest_path(path) else None
         self.keras = None if self.exported else load_model(path)
         self.num_classes = self.exported.num_classes if self.exported else self.keras.output_shape[-1]
 
@@ -94,6 +99,14 @@ class Predictor:
         if self.exported:
             return self.exported.logits(images)
         return self.keras.predict(np.asarray(images), batch_size=256, verbose=0)
+
+
+def class_names_of(model, classes=None) -> list:
+    """The class of each output of ``model`` (a Predictor): ``classes`` if given (see
+    ``class_names_for_model``), else an export's manifest or the classes.txt beside the model file."""
+    if model.exported and not classes:
+        return model.exported.manifest["class_names"]
+    return class_names_for_model(model.path, classes)
 
 
 def predict_images(model, images, class_names, top_k=5) -> list:
@@ -131,8 +144,8 @@ def format_results(results) -> str:
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kcifar.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help=".keras model file (inside a run directory, its classes.txt names the classes) "
-                                      "or a kcifar.export folder")
+    parser.add_argument("model", help="run directory (its best.keras), .keras model file (inside a run directory, "
+                                      "its classes.txt names the classes) or a kcifar.export folder")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
@@ -141,10 +154,7 @@ def main(argv=None):
     if args.top_k < 1:
         raise KcifarError(f"--top-k {args.top_k} is not a positive number of classes")
     model = Predictor(args.model)
-    if model.exported and not args.classes:
-        class_names = model.exported.manifest["class_names"]
-    else:
-        class_names = class_names_for_model(args.model, args.classes)
+    class_names = class_names_of(model, args.classes)
     results, errors = predict_files(model, args.images, class_names, min(args.top_k, len(class_names)))
     print(json.dumps({"predictions": results, "errors": errors}, indent=2) if args.json else format_results(results))
     for error in errors:

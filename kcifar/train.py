@@ -52,9 +52,10 @@ class RunResult:
     chief: bool = True  # False: a worker of several whose run_dir was a temporary copy, now gone
 
 
-def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2) -> RunResult:
+def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose=2, callbacks=()) -> RunResult:
     """Train ``recipe`` into ``runs_dir/<name>``, resuming it when interrupted; evaluate
     the kept model once on the test set (evaluation.json, figures, metrics.json).
+    ``callbacks``: the caller's Keras callbacks, after kcifar's own.
 
     metrics.json's ``wall_time_s`` runs from this call's start (data loading, model build,
     whitening, compile: ``setup_s``) to the test-set evaluation's end (``evaluation_s``: with its
@@ -89,7 +90,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
                       seed=recipe["seed"], first_epoch=first_epoch),
         validation_data=eval_dataset(data.val.x, data.val.y, data.num_classes, batch_size) if has_val else None,
         epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
-        callbacks=kcallbacks.make_callbacks(run_dir, recipe, len(train_split), history),
+        callbacks=kcallbacks.make_callbacks(run_dir, recipe, len(train_split), history) + list(callbacks),
     )
     history = run.read_history(run_dir)
     if history and not np.isfinite(history["loss"][-1]):
