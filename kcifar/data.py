@@ -15,7 +15,6 @@ The validation split is carved from the training set, stratified by class and
 seeded; the test set is only ever used for the final measurement.
 """
 
-import argparse
 import io
 import os
 import pickle
@@ -407,16 +406,16 @@ def describe(data: CifarData) -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.data", description="Show where CIFAR was found and its splits.")
+    from kcifar import cli as kcli
+
+    parser = kcli.parser("data", "Show where CIFAR was found and its splits.", shared=("data_dir", "seed"))
     parser.add_argument("command", choices=["info"])
     parser.add_argument("--dataset", default="cifar10", choices=sorted(LAYOUTS))
-    parser.add_argument("--data-dir", help="folder holding the data (default: $KCIFAR_DATA_DIR, then the Keras cache)")
     parser.add_argument("--label-mode", default="fine", choices=["fine", "coarse"])
     parser.add_argument("--val-size", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(describe(load_cifar(args.dataset, data_dir=args.data_dir, label_mode=args.label_mode, val_size=args.val_size,
-                              seed=args.seed)))
+                              seed=args.seed or 0)))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ matrix use the whole split; ``best.keras`` is the epoch that is best by the
 recipe's ``early_stopping.monitor`` (as kcifar.train saves it).
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from kcifar import callbacks as kcallbacks, fileio, run
+from kcifar import callbacks as kcallbacks, cli as kcli, fileio, run
 from kcifar.data import Split, load_cifar, superclass_groups
 from kcifar.errors import KcifarError, cli
 
@@ -205,9 +204,10 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     return [p.name for p in paths]
 
 
-def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subset_label=None, tta="none") -> dict:
+def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subset_label=None, tta="none",
+                 out_dir=None) -> dict:
     """Evaluate ``model`` on one split of ``data`` (logits averaged over the ``tta`` views) and
-    write evaluation JSON (which records ``tta``) and figures into ``run_dir``.
+    write evaluation JSON (which records ``tta``) and figures into ``out_dir`` (default ``run_dir``).
 
     On the test split the data's pixel-exact mask, if any, is the subset
     unless ``subset_mask`` is given. ``history.csv`` and ``recipe.toml`` in
@@ -229,9 +229,10 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
               "data_source": data.source, "split": split_name, "tta": tta}
     result.update(metrics_from_logits(logits, split.y, data.class_names, mask=subset_mask,
                                       all_label=f"all {len(split.y):,}", mask_label=subset_label))
-    result["figures"] = write_figures(run_dir, split, logits, data.class_names, split_name=split_name,
+    out_dir = Path(out_dir or run_dir)
+    result["figures"] = write_figures(out_dir, split, logits, data.class_names, split_name=split_name,
                                       history=run.read_history(run_dir), monitor=monitor, title=result["run"])
-    fileio.write_json(run_dir / f"evaluation{split_suffix(split_name)}.json", result)
+    fileio.write_json(out_dir / f"evaluation{split_suffix(split_name)}.json", result)
     return result
 
 
@@ -250,7 +251,9 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
     """``python -m kcifar.evaluate``'s work: a finished run directory (its recipe fixes the data, its
     folder is the output) or a .keras file (``data_flags``: dataset, label_mode, val_size, seed; output
     ``out``, default MODEL_evaluation/ beside it). ``tta`` None: the run's ``train.tta``, else none.
-    Returns evaluate_run's result and, under ``written``, the JSON file's path."""
+    A run measured otherwise than it was trained to be (another ``tta``, a subset mask) is written into
+    a folder of the run named for the difference (``evaluation_tta-flip/``), never over the files its
+    metrics.json was computed with. Returns evaluate_run's result and, under ``written``, the JSON's path."""
     run_dir, model_path = resolve_target(target)
     flags = {"--dataset": ("name", data_flags.get("dataset")), "--label-mode": ("label_mode", data_flags.get("label_mode")),
              "--val-size": ("val_size", data_flags.get("val_size")), "--seed": ("seed", data_flags.get("seed")),
@@ -260,8 +263,12 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
         if given:
             raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
                               "fixes the data and the run directory is the output")
-        settings, out_dir = run.data_settings(run.read_recipe(run_dir)), run_dir
-        tta = tta or run.read_recipe(run_dir).get("train", {}).get("tta", "none")
+        recipe = run.read_recipe(run_dir)
+        settings, run_tta = run.data_settings(recipe), recipe.get("train", {}).get("tta", "none")
+        tta = tta or run_tta
+        differences = ([f"tta-{tta}"] if tta != run_tta else []) + ([f"subset-{Path(subset_mask).stem}"]
+                                                                     if subset_mask else [])
+        out_dir = run_dir / f"evaluation_{'_'.join(differences)}" if differences else run_dir
     else:
         settings = run.data_settings({})
         settings.update({key: value for key, value in given.values() if key})
@@ -270,9 +277,9 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
         tta = tta or "none"
     data = load_cifar(data_dir=data_dir, **settings)
     mask = load_mask(subset_mask, len(getattr(data, split).y)) if subset_mask else None
-    result = evaluate_run(out_dir, run.load_model(model_path), data, split, mask,
+    result = evaluate_run(run_dir or out_dir, run.load_model(model_path), data, split, mask,
                           f"subset {Path(subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None,
-                          tta=tta)
+                          tta=tta, out_dir=out_dir)
     return {**result, "written": str(out_dir / f"evaluation{split_suffix(split)}.json")}
 
 
@@ -281,11 +288,12 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.evaluate", description=__doc__.split("\n")[0])
+    parser = kcli.parser("evaluate", __doc__.split("\n")[0] + " A run measured otherwise than its recipe says "
+                         "(--tta, --subset-mask) writes into evaluation_<difference>/ inside the run.",
+                         shared=("data_dir",))
     parser.add_argument("target", help="run directory (runs/NAME) or a .keras model file")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--subset-mask", help=".npy bool mask over the split; also reports accuracy on it")
-    parser.add_argument("--data-dir", help="folder holding the data (default: $KCIFAR_DATA_DIR, then the Keras cache)")
     parser.add_argument("--out", help="output folder for a bare model (default: MODEL_evaluation/ beside it)")
     parser.add_argument("--tta", choices=TTA, help="test-time augmentation: average the logits over mirrored "
                         "(flip) and also 1-pixel shifted (flip_translate) copies; default: the run's train.tta, "
@@ -294,7 +302,7 @@ def main(argv=None):
     bare.add_argument("--dataset", choices=["cifar10", "cifar100"])
     bare.add_argument("--label-mode", choices=["fine", "coarse"])
     bare.add_argument("--val-size", type=int)
-    bare.add_argument("--seed", type=int)
+    bare.add_argument("--seed", type=int, help="random seed of the validation split (default 0)")
     args = parser.parse_args(argv)
 
     result = evaluate_target(args.target, args.split, args.tta, args.data_dir, args.out, args.subset_mask,

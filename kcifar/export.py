@@ -16,10 +16,9 @@ and recorded in the manifest. The converters and runtimes are the export extra:
 ``pip install -e ".[export]"``.
 """
 
-import argparse
 from pathlib import Path
 
-from kcifar import deploy, fileio, run
+from kcifar import cli as kcli, deploy, fileio, run
 from kcifar.data import load_cifar
 from kcifar.errors import KcifarError, cli
 from kcifar.evaluate import resolve_target
@@ -65,17 +64,15 @@ def describe(out, manifest) -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.export", description=__doc__.split("\n")[0])
+    parser = kcli.parser("export", __doc__.split("\n")[0], shared=("overwrite", "data_dir"))
     parser.add_argument("target", help="run directory (runs/NAME, its best.keras) or a .keras model file")
     parser.add_argument("--format", required=True, help=f"one of: {', '.join(deploy.FORMATS)}")
     parser.add_argument("--int8", nargs="?", const="full", choices=deploy.INT8_MODES,
                         help="litert only: post-training int8; full (the default): integer throughout, calibrated "
                              "on training images, the fastest; dynamic: int8 weights, closer to Keras")
     parser.add_argument("--out", required=True, help="the folder to write (model and manifest.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     parser.add_argument("--classes", help="for a bare .keras file: cifar10, cifar100, cifar100-coarse or a file of names")
     parser.add_argument("--dataset", choices=["cifar10", "cifar100"], help="for --int8 of a bare .keras file")
-    parser.add_argument("--data-dir", help="for --int8: folder holding the data (default: $KCIFAR_DATA_DIR, ...)")
     args = parser.parse_args(argv)
     deploy.require(args.format, "export")
     if args.int8 and args.format != "litert":

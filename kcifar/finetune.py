@@ -27,7 +27,6 @@ if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN sw
 
     start_command()
 
-import argparse
 import copy
 import hashlib
 import json
@@ -38,7 +37,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, evaluate, fileio, machine, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, fileio, machine, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 from kcifar.fileio import atomic_path
@@ -328,22 +327,33 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
 # ------------------------------------------------------------ command line
 
 
-@cli
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.finetune", description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    parser = kcli.parser("finetune", __doc__.split("\n")[0],
+                         shared=("data_dir", "runs_dir", "overwrite", "seed", "log"))
     parser.add_argument("recipe", nargs="?", help="TOML recipe with a [finetune] table (experiments/recipes/finetune_*.toml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set finetune.resolution=160")
     parser.add_argument("--backbone", help=f"sets finetune.backbone: {', '.join(backbone_names())}")
     parser.add_argument("--weights", help="sets finetune.weights: a local weights file (.pth for Lite, .h5 for Keras)")
-    parser.add_argument("--data-dir", help="folder holding the CIFAR data (default: $KCIFAR_DATA_DIR, Keras cache)")
-    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run of the same name")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch log")
-    args = parser.parse_args(argv)
-    flags = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v is not None}
-    recipe = resolve_recipe(args.recipe, list(args.set) + ([{"finetune": flags}] if flags else []))
-    run_dir, _, evaluation = finetune(recipe, args.runs_dir, args.data_dir, args.overwrite, run.progress_verbosity(args.quiet))
+    parser.add_argument("--name", help="sets name: the run directory's name (default: the recipe file's)")
+    parser.add_argument("--epochs", type=int, help="sets finetune.stage1_epochs (the head's stage; stage 2 has "
+                                                   "finetune.stage2_epochs)")
+    return parser.parse_args(argv)
+
+
+def recipe_from_args(args) -> dict:
+    """The resolved recipe: the file, then --set, then the named flags."""
+    flags = {k: v for k, v in (("backbone", args.backbone), ("weights", args.weights), ("stage1_epochs", args.epochs))
+             if v is not None}
+    top = {k: v for k, v in (("name", args.name), ("seed", args.seed)) if v is not None}
+    return resolve_recipe(args.recipe, list(args.set) + ([{"finetune": flags}] if flags else []) + ([top] if top else []))
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    recipe = recipe_from_args(args)
+    run_dir, _, evaluation = finetune(recipe, args.runs_dir, args.data_dir, args.overwrite, kcli.keras_verbosity(args))
     print(evaluate.describe(evaluation))
     print(f"run directory: {run_dir} (metrics.json, evaluation.json, {', '.join(evaluation['figures'])})")
 

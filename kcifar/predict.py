@@ -19,7 +19,6 @@ manifest, which also names its format and so the runtime that runs it). A file t
 on stderr; the others are still predicted and the exit code is 1 at the end.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 
 from scipy.special import softmax
 
-from kcifar import deploy
+from kcifar import cli as kcli, deploy
 from kcifar.data import class_names_for
 from kcifar.errors import KcifarError, cli
 from kcifar.run import CLASSES_FILE, load_model, read_class_names
@@ -143,7 +142,7 @@ def format_results(results) -> str:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.predict", description=__doc__.split("\n")[0])
+    parser = kcli.parser("predict", __doc__.split("\n")[0])
     parser.add_argument("model", help="run directory (its best.keras), .keras model file (inside a run directory, "
                                       "its classes.txt names the classes) or a kcifar.export folder")
     parser.add_argument("images", nargs="+", help="image files or folders of images")

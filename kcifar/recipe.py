@@ -12,6 +12,7 @@ The defaults are the S3 improvement (the tutorial network with Adam + amsgrad,
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 try:
@@ -163,6 +164,14 @@ def resolve(path=None, overrides=()) -> dict:
     return recipe
 
 
+def default_of(key: str):
+    """The default of a dotted recipe key (``"train.epochs"`` -> 10)."""
+    value = DEFAULTS
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def with_defaults(saved: dict) -> dict:
     """A recipe as a run directory saved it, with every key added to ``DEFAULTS`` since
     then at its default: an interrupted run of older code resumes under newer code."""
@@ -202,6 +211,40 @@ def _check_extras(recipe):
                           f"{opt['muon_learning_rate']} and {opt['muon_momentum']}")
     if whitening["images"] < 0 or whitening["bias_epochs"] < 0 or whitening["epsilon"] <= 0:
         raise KcifarError("whitening.images and whitening.bias_epochs must be >= 0 and whitening.epsilon > 0")
+
+
+# ------------------------------------------------------------ names from settings
+
+
+def flatten(table: dict, prefix="") -> dict:
+    """``{"train": {"epochs": 3}}`` and ``{"train.epochs": 3}`` both -> ``{"train.epochs": 3}``."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def format_value(value) -> str:
+    """A value as a file-name part: ``[16, 32]`` -> ``16x32``, ``0.0003`` -> ``0.0003``, ``True`` -> ``true``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(format_value(v) for v in value)
+    return str(value)
+
+
+def settings_name(settings: dict, keys: list) -> str:
+    """A readable, file-system-safe name from the values of ``keys`` in ``settings`` (dotted key -> value):
+    ``blocks-16x32_batch_size-64`` (a study's cell, a run named by its command-line settings)."""
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    labels = [s if short.count(s) == 1 else key for s, key in zip(short, keys)]
+    parts = [f"{label}-{format_value(settings[key])}" for label, key in zip(labels, keys) if key in settings]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)) or "base"
 
 
 # ------------------------------------------------------------ writing TOML

@@ -357,6 +357,22 @@ def unlock_run(run_dir: Path):
         handle.close()  # closing the last descriptor releases the flock
 
 
+def check_run_dir(run_dir: Path, recipe: dict, overwrite: bool):
+    """Refuse, writing nothing, a ``run_dir`` that ``recipe`` cannot start or resume in: a finished
+    run, another recipe's interrupted run, or a folder that is no run (unless ``overwrite``).
+    Cheap: a command asks before it reads the data or compiles the model."""
+    if overwrite or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    saved = run_dir / "recipe.toml"
+    if is_finished(run_dir):
+        raise KcifarError(f"{run_dir} holds a finished run; pass --overwrite to replace it or --name to start another")
+    if not saved.exists():
+        raise KcifarError(f"{run_dir} exists and is not a kcifar run; choose another --name or --runs-dir")
+    if krecipe.with_defaults(krecipe.read_toml(saved)) != recipe:
+        raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
+                          "rerun with the same recipe to resume, or pass --overwrite or another --name")
+
+
 def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strategy=None) -> Path:
     """Lock, then create, resume or (with ``overwrite``) replace ``runs_dir/<name>``; write
     the recipe and the class names. Under ``strategy`` with several workers, a worker other
@@ -369,16 +385,9 @@ def open_run_dir(runs_dir, recipe: dict, overwrite: bool, class_names=(), strate
     if run_dir.is_dir():
         fileio.remove_temporaries(run_dir)  # a kill while a file was written leaves its temporary
     saved = run_dir / "recipe.toml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif is_finished(run_dir):
-            raise KcifarError(f"{run_dir} holds a finished run; pass --overwrite to replace it or --name to start another")
-        elif not saved.exists():
-            raise KcifarError(f"{run_dir} exists and is not a kcifar run; choose another --name or --runs-dir")
-        elif krecipe.with_defaults(krecipe.read_toml(saved)) != recipe:
-            raise KcifarError(f"{run_dir} holds an interrupted run of a different recipe; "
-                              "rerun with the same recipe to resume, or pass --overwrite or another --name")
+    check_run_dir(run_dir, recipe, overwrite)
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
     epochs_done = resume_epoch(run_dir)
     _trim_history(run_dir, epochs_done)
     check_models(run_dir)

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN sw
 
     start_command()
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, data as kdata, evaluate, fileio, machine, models, multiworker, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, cli as kcli, data as kdata, evaluate, fileio, machine, models, multiworker, recipe as krecipe, run
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError, cli
 
@@ -65,6 +64,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     augment = AugmentConfig(**recipe["augment"])  # refused here, before the run directory is touched
     fileio.check_writable(runs_dir, "--runs-dir")
+    run.check_run_dir(Path(runs_dir) / recipe["name"], recipe, overwrite)  # before the data and the compile
     spec = recipe["train"]
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
@@ -105,7 +105,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
 # ------------------------------------------------------------ command line
 
 FLAGS = {  # flag -> (recipe key, type)
-    "model": ("model", str), "dataset": ("dataset", str), "name": ("name", str), "seed": ("seed", int),
+    "model": ("model", str), "dataset": ("dataset", str), "name": ("name", str),
     "epochs": ("train.epochs", int), "batch_size": ("train.batch_size", int),
     "optimizer": ("optimizer.name", str), "lr": ("optimizer.learning_rate", float),
     "schedule": ("schedule.name", str), "augment": ("augment.preset", str), "aug_engine": ("augment.engine", str),
@@ -113,49 +113,76 @@ FLAGS = {  # flag -> (recipe key, type)
     "offline_aug": ("data.offline_aug", str), "strategy": ("train.strategy", str),
     "precision": ("train.precision", str), "jit": ("train.jit", str), "tta": ("train.tta", str),
 }
+SWITCHES = {"deterministic": "train.deterministic", "tensorboard": "train.tensorboard"}  # flag -> recipe key set true
+UNNAMED = {"name", "train.tensorboard"}  # settings that do not name a run: they change no result
+
+
+def allowed_values(key: str):
+    """The values a flag's recipe key takes, for --help (None: any of its type)."""
+    if key == "model":
+        return models.names()
+    if key == "augment.preset":
+        from kcifar.augment import PRESETS
+
+        return sorted(PRESETS)
+    return krecipe.CHOICES.get(key)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m kcifar.train",
-        description="Train a kcifar model. Precedence: defaults < RECIPE file < --set < named flags.")
+    parser = kcli.parser(
+        "train", "Train a kcifar model. Precedence: defaults < RECIPE file < --set < named flags. Without --name a "
+        "run is named after its recipe (file name, else model) and the settings its flags change, e.g. "
+        "s3_tutorial_epochs-3.", shared=("data_dir", "runs_dir", "overwrite", "seed", "log"))
     parser.add_argument("recipe", nargs="?", help="TOML recipe (see experiments/recipes/); default: the S3 Adam recipe")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any recipe key, e.g. --set optimizer.weight_decay=5e-4")
     for flag, (key, kind) in FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"sets {key}")
+        values, default = allowed_values(key), krecipe.default_of(key)
+        parser.add_argument("--" + flag.replace("_", "-"), type=kind,
+                            help=f"sets {key}" + (f": {', '.join(values)}" if values else "")
+                            + (f" (default: {default}, or the recipe file's)" if default not in ("", None) else ""))
     parser.add_argument("--deterministic", action="store_true", help="TF op determinism (sets train.deterministic)")
-    parser.add_argument("--data-dir", help="folder holding the CIFAR data (default: $KCIFAR_DATA_DIR, Keras cache)")
-    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run of the same name")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch log")
+    parser.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in the run directory "
+                                                                   "(sets train.tensorboard)")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe (TOML) and train nothing")
     return parser.parse_args(argv)
 
 
+def flag_settings(args) -> dict:
+    """What the command line sets beyond the recipe file: dotted recipe key -> value, --set first."""
+    settings = {}
+    for assignment in args.set:
+        settings.update(krecipe.flatten(krecipe.parse_override(assignment)))
+    settings.update({key: getattr(args, flag) for flag, (key, _) in FLAGS.items() if getattr(args, flag) is not None})
+    settings.update({key: True for flag, key in SWITCHES.items() if getattr(args, flag)})
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    return settings
+
+
 def recipe_from_args(args) -> dict:
-    overrides = list(args.set)
-    for flag, (key, _) in FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(krecipe.nested(key, value))
-    if args.deterministic:
-        overrides.append(krecipe.nested("train.deterministic", True))
-    return krecipe.resolve(args.recipe, overrides)
-
-
-def argv_sets_anything(args) -> bool:
-    return bool(args.set) or any(getattr(args, flag) is not None for flag in FLAGS)
+    """The resolved recipe; without --name, the run is named after its recipe and the settings the flags change,
+    so that a run set by flags never resumes or collides with the recipe's own run."""
+    settings = flag_settings(args)
+    recipe = krecipe.resolve(args.recipe, [krecipe.nested(key, value) for key, value in settings.items()])
+    naming = [key for key in settings if key not in UNNAMED and not (key == "model" and not args.recipe)]
+    if "name" not in settings and naming:
+        recipe["name"] = f"{recipe['name']}_{krecipe.settings_name(settings, naming)}"
+    return recipe
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
     recipe = recipe_from_args(args)
-    if not args.recipe and not argv_sets_anything(args):
+    if args.print_recipe:
+        print(krecipe.to_toml(recipe), end="")
+        return
+    if not args.recipe and not flag_settings(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
     with multiworker.lost_workers_are_errors():
-        result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=run.progress_verbosity(args.quiet))
+        result = train(recipe, args.runs_dir, args.data_dir, args.overwrite, verbose=kcli.keras_verbosity(args))
     print(evaluate.describe(result.evaluation))
     if not result.chief:
         print("done; the chief (worker 0) wrote the run directory")

@@ -1,17 +1,16 @@
 """``python -m kcifar.augment --preset s4 --out grid.png``: a grid of CIFAR-10 training
 images (one per class) beside several augmented draws of each, to look at."""
 
-import argparse
 from pathlib import Path
 
-from kcifar import fileio
+from kcifar import cli as kcli, fileio
 from kcifar.augment import ENGINES, PRESETS, AugmentConfig
 from kcifar.errors import KcifarError, cli
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.augment", description=__doc__)
+    parser = kcli.parser("augment", __doc__, shared=("data_dir", "seed"))
     parser.add_argument("--preset", default="s4", choices=sorted(PRESETS))
     parser.add_argument("--engine", default="tf", choices=ENGINES)
     parser.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels (0 = off)")
@@ -19,8 +18,6 @@ def main(argv=None):
     parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha (0 = off)")
     parser.add_argument("--images", type=int, default=6, help="rows: one image of each of the first N classes")
     parser.add_argument("--copies", type=int, default=7, help="augmented draws per image")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (else KCIFAR_DATA_DIR)")
     parser.add_argument("--out", default="augment_preview.png", help="PNG to write")
     args = parser.parse_args(argv)
     if args.images < 1 or args.copies < 1:
@@ -37,7 +34,7 @@ def main(argv=None):
     data = load_cifar("cifar10", data_dir=args.data_dir, val_size=0)
     chosen = one_per_class(data.train.y, args.images)
     path = preview(data.train.x[chosen], data.train.y[chosen], data.class_names, cfg, args.out,
-                   copies=args.copies, seed=args.seed)
+                   copies=args.copies, seed=args.seed or 0)
     print(f"wrote {path}")
 
 

@@ -1,15 +1,15 @@
 """``python -m kcifar.models``: the zoo as a table (parameters and FLOPs per model)."""
 
-import argparse
 
+from kcifar import cli as kcli
 from kcifar.errors import cli
 from kcifar.models.registry import FLOPS_COUNTED, table
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.models", description=__doc__)
-    parser.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
+    parser = kcli.parser("models", __doc__)
+    parser.add_argument("--num-classes", type=int, default=10, help="classifier width")
     args = parser.parse_args(argv)
     rows = table(args.num_classes)
     print(f"{'name':<16} {'source':<16} {'params':>11} {'MFLOPs':>9}  description")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kcifar import recipe as krecipe
+from kcifar.recipe import flatten, format_value, settings_name  # noqa: F401 (format_value: summary imports it from here)
 from kcifar.errors import KcifarError
 
 STUDY_KEYS = {"name", "description", "recipe", "seeds", "base", "grid", "cells", "training_curves"}
@@ -64,17 +65,6 @@ class Study:
                 yield cell, seed, cell.recipes[index]
 
 
-def flatten(table: dict, prefix="") -> dict:
-    """``{"train": {"epochs": 3}}`` and ``{"train.epochs": 3}`` both -> ``{"train.epochs": 3}``."""
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def nest(flat: dict) -> dict:
     """``{"train.epochs": 3}`` -> ``{"train": {"epochs": 3}}`` (the form recipe.resolve takes)."""
     nested = {}
@@ -85,25 +75,6 @@ def nest(flat: dict) -> dict:
             table = table.setdefault(part, {})
         table[last] = value
     return nested
-
-
-def format_value(value) -> str:
-    """A value as a file-name part: ``[16, 32]`` -> ``16x32``, ``0.0003`` -> ``0.0003``, ``True`` -> ``true``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(format_value(v) for v in value)
-    return str(value)
-
-
-def cell_name(settings: dict, keys: list) -> str:
-    """Readable, file-system-safe name from the varied keys' values."""
-    short = [key.rsplit(".", 1)[-1] for key in keys]
-    labels = [s if short.count(s) == 1 else key for s, key in zip(short, keys)]
-    parts = [f"{label}-{format_value(settings[key])}" for label, key in zip(labels, keys) if key in settings]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)) or "base"
 
 
 def load_study(path) -> Study:
@@ -128,7 +99,7 @@ def load_study(path) -> Study:
     study = Study(name, path, spec.get("description", ""), seeds, keys, training_curves=training_curves)
     base = spec.get("base", {})
     for settings, recipe_path, given_name in cell_specs:
-        cell = given_name or (Path(recipe_path).stem if recipe_path and not settings else cell_name(settings, keys))
+        cell = given_name or (Path(recipe_path).stem if recipe_path and not settings else settings_name(settings, keys))
         recipes = tuple(krecipe.resolve(recipe_path, [base, nest(settings), {"name": f"{cell}-s{seed}", "seed": seed}])
                         for seed in seeds)
         study.cells.append(Cell(cell, settings, recipes))
