@@ -242,7 +242,7 @@ def make_optimizer(spec: dict, learning_rate, total_steps=0, fused=False):
     if name == "adamw":
         return AdamW(**adam_args, fused=fused, **{"weight_decay": 0.0, **kwargs})
     if name == "rmsprop":
-        return RMSpropL2(**kwargs)
+        return RMSpropL2(rho=spec["rho"], epsilon=spec["epsilon"], **kwargs)
     raise KcifarError(f"unknown optimizer '{name}'; choose one of: sgd, sgd_muon, adam, adamw, rmsprop")
 
 

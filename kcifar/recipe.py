@@ -36,6 +36,7 @@ DEFAULTS = {
               "tta": "none"},  # test-time augmentation of the one test measurement (kcifar.evaluate)
     "optimizer": {"name": "adam", "learning_rate": 0.001, "momentum": 0.9, "nesterov": False,
                   "amsgrad": True, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
+                  "rho": 0.9,  # rmsprop's average of squared gradients (Keras' 0.9; PyTorch's alpha is 0.99)
                   "weight_decay": 0.0, "weight_decay_mode": "l2",
                   "bn_bias_lr_scale": 1.0,  # BN biases learn this many times faster (sgd; a gradient scale)
                   "fused": True,  # adam, adamw: TensorFlow's fused update kernels (not under XLA)

@@ -96,6 +96,15 @@ def test_cosine_reaches_eta_min_at_t_max():
     assert lr_at(s, 50) == pytest.approx(1e-4, rel=1e-4)
 
 
+def test_rmsprop_takes_the_recipes_rho_and_epsilon():
+    """RMSprop's first step by hand with rho 0.99 (PyTorch's alpha) and epsilon 1e-8: v = (1 - rho) g^2,
+    w -= lr g / sqrt(v + eps) (Keras adds epsilon inside the root, PyTorch outside it)."""
+    optimizer = optim.make_optimizer(spec(name="rmsprop", learning_rate=0.01, rho=0.99, epsilon=1e-8), 0.01)
+    assert (optimizer.rho, optimizer.epsilon) == (0.99, 1e-8)
+    v = (1 - 0.99) * G ** 2
+    np.testing.assert_allclose(one_step(optimizer), W - 0.01 * G / np.sqrt(v + 1e-8), rtol=1e-6)
+
+
 def test_per_epoch_cosine_is_pytorchs_cosine_annealing_stepped_each_epoch():
     """CosineAnnealingLR(T_max=50) with scheduler.step() after each epoch: epoch e (from 0)
     trains at lr * (1 + cos(pi e / 50)) / 2 for all its steps."""
