@@ -24,12 +24,11 @@ float32 input and output kept either way, so the contract above holds:
   ops (``TFLITE_BUILTINS_INT8``), the converter quantises the input and
   dequantises the logits; integer pixels 0..255 quantise exactly (scale 1). The
   fastest, and what integer-only accelerators need; its rounding adds up over the
-  layers and flips near-ties (1-3 % of CIFAR-10 test images on most of the zoo).
+  layers and flips near-ties.
 - ``dynamic``: int8 weights (those of 1,024 values or more: the converter's rule);
   each layer quantises its input per image at run time
   (TensorFlow's dynamic-range quantisation, no calibration) and hands on float32.
-  Closer to Keras (>= 99 % top-1 agreement on every model measured), slower than
-  ``full`` (``experiments/results/int8_airbench94.md``, ``inference_*.md``).
+  Closer to Keras, slower than ``full``. Measured: ``experiments/results/int8_airbench94.md``.
 """
 
 import importlib.util
@@ -135,9 +134,9 @@ def fold_input_normalization(model):
     mean in pixel space, not zero. Of the zoo, s3_tutorial's first convolution qualifies.
 
     Only a per-channel (or single) mean and variance fold. Why fold: LiteRT int8 runs the
-    normalisation (its SUB and MUL on the full-size image) more slowly than s3_tutorial's two
-    convolutions (``experiments/results/inference_epyc_avx512bf16.md``: folding halves its int8
-    time), and folded, the int8 model takes the raw pixels, which its input quantises exactly.
+    normalisation (its SUB and MUL on the full-size image) slowly (measured:
+    ``experiments/results/inference_epyc_avx512bf16.md``), and folded, the int8 model takes the
+    raw pixels, which its input quantises exactly.
     """
     import keras
 

@@ -40,9 +40,9 @@ def start_command():
     """Process settings of a ``python -m kcifar.<command>``, made before TensorFlow loads.
 
     TensorFlow's oneDNN CPU kernels (``TF_ENABLE_ONEDNN_OPTS=1``, unless set): TensorFlow
-    enables them by itself only on CPUs with AVX-512 VNNI or newer; on our 2-core AVX2
-    machine they made training 1.7-2.0x and EfficientNet-Lite0 inference 2.7x as fast
-    (experiments/results/onednn.md). TensorFlow reads the variable once, when imported.
+    enables them by itself only on CPUs with AVX-512 VNNI or newer, and they are faster on the
+    AVX2 CPUs too (measured: experiments/results/onednn.md). TensorFlow reads the variable once,
+    when imported.
     And the deprecation warning Keras' legacy ImageDataGenerator triggers in SciPy once
     per image is silenced.
     """

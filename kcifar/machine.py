@@ -53,8 +53,8 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 def auto_precision() -> str:
     """mixed_float16 on a GPU; on a CPU mixed_bfloat16 where it has native bfloat16, else float32.
 
-    Measured in experiments/results/speed_*.md: faster in bfloat16 on AMX and
-    AVX512_BF16 CPUs; slower on AVX2-only CPUs, so those keep float32.
+    bfloat16 is emulated, and slower, on CPUs without those flags (measured:
+    experiments/results/speed_*.md).
     """
     if _is_gpu_machine():
         return "mixed_float16"
@@ -70,12 +70,9 @@ def set_precision(precision: str):
 
 
 # Which 3x3 convolutions take their kernel gradient as matmuls (kcifar.models.parts.
-# conv3x3_matmul_kernel_grad), by CPU flag and precision where measured: (largest input,
-# height x width; fewest input channels). On a 2-core AVX512_BF16 EPYC in bfloat16 the matmuls
-# beat TensorFlow's kernel 1.14-1.40x with 128-256 input channels at 8x8 and 1.28-3.67x with
-# 256-512 on smaller inputs; with 64 channels at 8x8 it is mixed (0.93x, 1.13x), on 16x16 and
-# larger they mostly lose (experiments/results/conv_grad_layers_*.md). Elsewhere TensorFlow's own
-# kernel, until measured there.
+# conv3x3_matmul_kernel_grad), by CPU flag and precision where the matmuls were measured faster
+# than TensorFlow's kernel (experiments/results/conv_grad_layers_*.md): (largest input, height x
+# width; fewest input channels). Elsewhere TensorFlow's own kernel, until measured there.
 MATMUL_KERNEL_GRAD = {("avx512_bf16", "mixed_bfloat16"): (64, 128)}
 
 

@@ -23,10 +23,8 @@ by a Newton-Schulz iteration, at ``muon_learning_rate``, which follows the sched
 
 Without XLA (kcifar's default on a CPU), Adam and AdamW update each variable with TensorFlow's
 fused training kernel (one op, Keras' formulas) instead of Keras' element-wise ops, each a pass
-over the variable of its own (measured: experiments/results/speed_epyc_avx512bf16_fused_ab.md:
-VGG16 1.03-1.05x, VGG11 1.03x). SGD keeps Keras' update: its fused kernel
-(``ResourceApplyKerasMomentum``) was never faster for the zoo's SGD recipes (ResNet-20 0.96-0.98x,
-airbench94 0.97-1.00x: ..._fused_ab.md and ..._fused_ab_resnet20_airbench94.md).
+over the variable of its own; SGD keeps Keras' update, its fused kernel having been no faster
+(measured: experiments/results/speed_epyc_avx512bf16_fused_ab*.md).
 """
 
 import math

@@ -95,8 +95,8 @@ def add_offline_augmented(data, train: kdata.Split, folder: str):
 
 
 # Steps one call into the compiled training function runs (Keras' steps_per_execution): fewer
-# round trips through Python. Measured on the 2-core AMX Xeon: s3_tutorial a few percent
-# faster (experiments/results/speed_xeon_amx.md); the results are the same, step by step.
+# round trips through Python, which small models feel (experiments/results/speed_xeon_amx.md);
+# the results are the same, step by step.
 MAX_STEPS_PER_EXECUTION = 16
 
 

@@ -54,10 +54,9 @@ class IdgDataset(keras.utils.PyDataset):
     the next epoch: new order (unless shuffle=False), new warps.
 
     workers, use_multiprocessing: Keras' PyDataset workers. Default 1: `fit`
-    then builds batches in one background thread while it trains. Measured on
-    this 2-core machine (experiments/results/bench_augment.md): more threads
-    are slower (SciPy's warp holds the GIL), 2 processes no faster than 1
-    thread; processes pay off only with spare cores. The extras run TF ops,
+    then builds batches in one background thread while it trains; more threads gain
+    nothing, SciPy's warp holding the GIL, and processes only with spare cores
+    (experiments/results/bench_augment.md). The extras run TF ops,
     which TF does not support in forked processes, so they need threads.
     """
 

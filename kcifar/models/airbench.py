@@ -137,8 +137,8 @@ def airbench94(x, num_classes, *, widths=WIDTHS, whitening=True, identity_init=T
     an ordinary trainable Conv2D with bias; ``identity_init=False`` leaves the convs at PyTorch's
     default initialisation; ``gelu_approximate=True`` uses GELU's tanh approximation (``gelu_tanh``).
     The whitening layer computes in float32 under any precision policy (as the ``normalize`` layer
-    before it): its filters scale the smallest patch directions up by 1/sqrt(eigenvalue), so
-    bfloat16 inputs gave those channels ~5 % noise (measured on fast94's model); 0.2 % of the FLOPs.
+    before it): its filters scale the smallest patch directions up by 1/sqrt(eigenvalue), which
+    would magnify bfloat16's rounding of the inputs (experiments/check_whitening_precision.py).
     Assumed: BN epsilon 1e-5 (the write-up's 1e-12 is below what TensorFlow's fused kernel
     accepts); ``bn_momentum`` 0.6 in Keras' convention (the running statistics keep 0.6 of themselves
     per step): the write-up's 0.6 is that convention too, handed to PyTorch as ``momentum=1 - 0.6``.

@@ -85,10 +85,9 @@ def conv3x3_matmul_kernel_grad(x, kernel):
     """A 3x3, stride-1, 'same' convolution, NHWC, whose kernel gradient is nine matmuls.
 
     TensorFlow's own kernel-gradient kernel (oneDNN's older ``jit`` implementation on CPUs
-    without AMX) is slow where the images are small and the channels many: on a 2-core
-    AVX512_BF16 EPYC in bfloat16, 79 GFLOPS on 2x2 inputs with 512 channels and 146 on 3x3 with
-    256, where these matmuls run at 290 and 332 (experiments/results/conv_grad_layers_*.md,
-    ``bench_conv_layers.py``). Here tap (i, j) of the kernel gets the input
+    without AMX) is slow where the images are small and the channels many, where these matmuls
+    are faster (measured: experiments/results/conv_grad_layers_*.md, ``bench_conv_layers.py``).
+    Here tap (i, j) of the kernel gets the input
     shifted by (i - 1, j - 1), flattened to (positions, in), times the output gradient
     (positions, out). Forward pass and input gradient stay TensorFlow's.
     """
@@ -149,15 +148,14 @@ def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) ->
 
 @keras.saving.register_keras_serializable(package="kcifar")
 class FusedBatchNorm(keras.layers.BatchNormalization):
-    """Keras' BatchNormalization computed by TensorFlow's fused kernel: same results, 2x the speed.
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel: the same results, faster.
 
     Keras 3 composes batch norm from a dozen float32 element-wise ops (moments,
     rsqrt, scale, shift and their gradients), each a pass over the activations,
     with casts around them under mixed precision. ``FusedBatchNormV3`` does the
     forward and the backward pass in one kernel each, in the input's dtype
-    (bfloat16 included, statistics in float32), and oneDNN fuses it further.
-    Measured on a 2-core AMX Xeon: ResNet-20 ``model.fit`` in bfloat16 about
-    2x as fast (experiments/results/speed_*.md). Outputs, gradients and moving
+    (bfloat16 included, statistics in float32), and oneDNN fuses it further
+    (measured: experiments/results/speed_*.md). Outputs, gradients and moving
     statistics equal Keras' layer (tests/test_models.py); the moving variance
     is the biased batch variance, as in Keras. 4-D inputs on the channel axis;
     anything else (masks, renorm, other axes) takes Keras' own path.

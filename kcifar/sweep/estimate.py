@@ -33,10 +33,8 @@ from pathlib import Path
 
 from kcifar.recipe import read_toml
 
-# Rough, from results/runs.csv (2 AVX2 cores, oneDNN off): S3 tutorial at batch 4, 626 images/s, is
-# nearly all per-step overhead (6.4 ms a step); ResNet-20 at batch 128, 215 images/s, is 3 x 81.6 MFLOPs
-# an image at about 53 GFLOPS. The AVX-512 CPU trains VGG16 2.1x faster than the AVX2 one, both with
-# oneDNN (README): on it these times are pessimistic.
+# Rough: a step's fixed overhead and a 2-core CPU's sustained training GFLOPS, fitted to the first
+# runs recorded in experiments/results/runs.csv (an AVX2 CPU, oneDNN off); faster CPUs beat them.
 STEP_OVERHEAD_S = 0.006
 FALLBACK_GFLOPS = 50.0
 TEST_IMAGES = 10000
