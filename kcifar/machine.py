@@ -21,7 +21,6 @@ from kcifar import __version__
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
 
-from kcifar import multiworker  # noqa: E402
 
 # ------------------------------------------------------------ devices and precision
 
@@ -34,6 +33,8 @@ def make_strategy(name: str):
     """auto: MirroredStrategy over all GPUs when there are several, else the default;
     multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
     if name == "multiworker":
+        from kcifar import multiworker  # its private Keras module only where used
+
         return multiworker.make_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":

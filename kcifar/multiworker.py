@@ -33,7 +33,6 @@ from pathlib import Path
 
 import tensorflow as tf
 from keras import tree
-from keras.src.backend.tensorflow import trainer as keras_trainer
 
 from kcifar.errors import KcifarError
 
@@ -84,6 +83,8 @@ def local_tf_configs(workers: int) -> list[str]:
 
 def fix_keras():
     """Mend Keras' two multi-worker failures (this module's docstring); once per process."""
+    from keras.src.backend.tensorflow import trainer as keras_trainer  # private: imported only to mend it
+
     if getattr(keras_trainer.reduce_per_replica, "kcifar_fix", False):
         return
     build, reduce = keras_trainer.TensorFlowTrainer._maybe_symbolic_build, keras_trainer.reduce_per_replica
