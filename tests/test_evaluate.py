@@ -195,8 +195,9 @@ def test_tta_flag_is_recorded_and_a_mirror_invariant_model_scores_the_same(tmp_p
     assert "(TTA flip)" in capsys.readouterr().out
     result = json.loads((run / "evaluation.json").read_text())
     assert result["tta"] == "flip" and result["all"]["top1"] == pytest.approx(17 / 20)  # mean colour: mirror-blind
-    evaluate.main([str(run), "--data-dir", str(data_dir), "--tta", "none"])
-    assert json.loads((run / "evaluation.json").read_text())["tta"] == "none"
+    evaluate.main([str(run), "--data-dir", str(data_dir), "--tta", "none"])  # not the run's: beside its files
+    assert json.loads((run / "evaluation_tta-none" / "evaluation.json").read_text())["tta"] == "none"
+    assert json.loads((run / "evaluation.json").read_text())["tta"] == "flip"
 
 
 def test_validation_split_uses_the_recipe_split_and_a_user_mask(tmp_path):
@@ -206,10 +207,11 @@ def test_validation_split_uses_the_recipe_split_and_a_user_mask(tmp_path):
     mask[:5] = True
     np.save(tmp_path / "first5.npy", mask)
     evaluate.main([str(run), "--split", "val", "--data-dir", str(data_dir), "--subset-mask", str(tmp_path / "first5.npy")])
-    result = json.loads((run / "evaluation_val.json").read_text())
+    out = run / "evaluation_subset-first5"  # a mask the run was not measured with: beside its files
+    result = json.loads((out / "evaluation_val.json").read_text())
     assert result["split"] == "val" and result["all"]["n"] == 20
     assert result["subset"]["n"] == 5 and "first5.npy" in result["subset"]["label"]
-    assert (run / "confusion_val.png").is_file() and not (run / "evaluation.json").exists()
+    assert (out / "confusion_val.png").is_file() and not (run / "evaluation.json").exists()
 
 
 def test_bare_model_takes_flags_and_writes_beside_it(tmp_path):
