@@ -181,14 +181,15 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
 # ------------------------------------------------------------ summary numbers and dry-run (no training)
 
 
-def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None):
+def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None, epochs=3,
+             train_images=45000):
     run = folder / recipe["name"]
     run.mkdir(parents=True)
     (run / "recipe.toml").write_text(krecipe.to_toml(recipe))
     metrics = {"run": recipe["name"], "model": recipe["model"], "finished": True, "best_val_accuracy": val,
-               "epochs_run": 3, "test": {"top1": top1, "n": 10000},
+               "epochs_run": epochs, "test": {"top1": top1, "n": 10000},
                "test_exact": None if exact is None else {"top1": exact, "n": 1000}, "wall_time_s": 60.0,
-               "train_images_per_s": speed, "train_images": 45000, "machine": {"cpu": cpu}}
+               "train_images_per_s": speed, "train_images": train_images, "machine": {"cpu": cpu}}
     if precision:
         metrics["precision"] = precision
     (run / "metrics.json").write_text(json.dumps(metrics))
