@@ -210,7 +210,7 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert (rows[1]["seeds_done"], rows[1]["test_all_top1_mean"], rows[1]["test_all_top1_std"]) == ("1", "40.0", "")
     assert rows[0]["cpu"] == "test cpu" and rows[0]["commit"] == ""  # no provenance.json: not recorded
     text = (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
-    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % |" in text
+    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % | 3 (3) | 45,000 (5,000) |" in text
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
