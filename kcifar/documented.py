@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kcifar import plots
+from kcifar.errors import KcifarError
 from kcifar.fileio import write_text
 from kcifar.machine import short_cpu
 from kcifar.recipe import read_toml
@@ -204,7 +205,12 @@ def study_cells(results_dir: Path, study: str) -> list:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return [_cell(path.parent, study, row) for row in csv.DictReader(f)]
+        try:
+            return [_cell(path.parent, study, row) for row in csv.DictReader(f)]
+        except (KeyError, TypeError, ValueError) as error:
+            raise KcifarError(f"{path} is not a study summary kcifar can read ({error!r}); write it again with "
+                              f"python -m kcifar.sweep experiments/sweeps/{study}.toml --out {path.parent} "
+                              "--summarize") from None
 
 
 def _finetune(results_dir: Path):

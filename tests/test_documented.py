@@ -163,6 +163,10 @@ def test_report_command_writes_experiments_report(tmp_path, monkeypatch, capsys)
     assert "python -m kcifar.report --documented" in (tmp_path / "experiments" / "REPORT.md").read_text()
     assert capsys.readouterr().out.strip() == "wrote experiments/REPORT.md"
     assert "no runs given" in one_line_error(report.main, [], capsys)
+    broken = tmp_path / "experiments" / "results" / "s2_models" / "s2_models.csv"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("cell,dataset\ns2_fc,cifar10\n")
+    assert "s2_models.csv is not a study summary" in one_line_error(report.main, ["--documented"], capsys)
 
 
 @pytest.mark.parametrize("figure", [f for f in documented.BASELINES if f.dataset == "cifar100"])
