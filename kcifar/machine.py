@@ -124,6 +124,27 @@ def cpu_description() -> str:
     return f"{model}; AVX-512: {' '.join(avx512) or 'none'}" + (f"; AMX: {' '.join(amx)}" if amx else "")
 
 
+CPU_DESCRIPTION = re.compile(r"([^;]+); AVX-512: ([^;]*)(?:; AMX: ([^;]*))?")
+
+
+def _precision_flag(avx512: str, amx: str) -> str:
+    flags = set(f"{avx512} {amx}".split())
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512_BF16"
+    return {"none": "no AVX-512", "unknown": "flags unknown"}.get(avx512.strip(), "AVX-512 (no bf16)")
+
+
+def short_cpu(description: str) -> str:
+    """One or more ``cpu_description()`` strings (joined by "; ") as "vendor family, the flag that
+    decides kcifar's precision": "AMD EPYC, AVX512_BF16", "Intel Xeon, AMX-BF16", "Intel Xeon,
+    AVX-512 (no bf16)", "AMD EPYC, no AVX-512"; several CPUs joined by " / "."""
+    names = [" ".join(re.sub(r"\((R|TM)\)", "", model).split()[:2]) + ", " + _precision_flag(avx512, amx)
+             for model, avx512, amx in CPU_DESCRIPTION.findall(description or "")]
+    return " / ".join(dict.fromkeys(names)) or "not recorded"
+
+
 def onednn_enabled() -> bool:
     """Whether this TensorFlow process really runs oneDNN kernels (not only what the variable asks)."""
     from tensorflow.python.util import _pywrap_util_port

@@ -270,23 +270,23 @@ def _has_values(history, column) -> bool:
 
 
 def progression(steps, documented, ours, path, title, documented_label, ours_label):
-    """Two progressions over the same steps: the documented figure of each step and ours.
+    """The documented figure of each step (left) and ours (right), each on its own axis: the two may
+    be on different data sets, whose figures do not compare, so only the shapes are set side by side.
 
     ``documented`` holds a fraction or None per step, ``ours`` a (mean, std) in percent or
     None per step; a step without a value is a gap in its line.
     """
-    fig = Figure(figsize=size_sweep(), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(15.0, 5.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
     x = np.arange(len(steps), dtype=float)
-    ax.plot(x, [100 * d if d is not None else np.nan for d in documented], marker="s", linestyle="--",
-            label=documented_label)
-    means = [o[0] if o else np.nan for o in ours]
-    stds = [(o[1] or 0.0) if o else 0.0 for o in ours]
-    ax.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=ours_label)
-    ax.set_xticks(x, steps)
-    ax.set_xlabel("step")
-    ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    ax.set_title(title)
+    left.plot(x, [100 * d if d is not None else np.nan for d in documented], marker="s", linestyle="--", color="C0")
+    right.errorbar(x, [o[0] if o else np.nan for o in ours], yerr=[(o[1] or 0.0) if o else 0.0 for o in ours],
+                   marker="o", capsize=4, color="C1")
+    for ax, label in ((left, documented_label), (right, ours_label)):
+        ax.set_xticks(x, steps)
+        ax.set_xlabel("step")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title)
     return _save(fig, path)

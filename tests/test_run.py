@@ -114,6 +114,18 @@ def test_cpu_description_names_the_bfloat16_flags(monkeypatch):
     assert machine.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"
 
 
+@pytest.mark.parametrize("description, expected", [
+    ("AMD EPYC; AVX-512: avx512_bf16 avx512f avx512vl", "AMD EPYC, AVX512_BF16"),
+    ("Intel(R) Xeon(R) Processor; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_int8", "Intel Xeon, AMX-BF16"),
+    ("Intel(R) Xeon(R) Processor; AVX-512: avx512f avx512vl", "Intel Xeon, AVX-512 (no bf16)"),
+    ("AMD EPYC 7B13 64-Core Processor; AVX-512: none", "AMD EPYC, no AVX-512"),
+    ("Intel(R) Xeon(R) Processor; AVX-512: avx512f; AMD EPYC; AVX-512: avx512_bf16 avx512f",
+     "Intel Xeon, AVX-512 (no bf16) / AMD EPYC, AVX512_BF16"),
+    ("", "not recorded")])
+def test_short_cpu_names_vendor_family_and_the_flag_that_decides_precision(description, expected):
+    assert machine.short_cpu(description) == expected
+
+
 @pytest.mark.parametrize("steps, expected", [(704, 16), (1407, 7), (11250, 15), (13, 13), (17, 1), (1, 1)])
 def test_steps_per_execution_divides_the_epoch(steps, expected):
     assert run.steps_per_execution(steps) == expected

@@ -181,14 +181,15 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
 # ------------------------------------------------------------ summary numbers and dry-run (no training)
 
 
-def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None):
+def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None, epochs=3,
+             train_images=45000):
     run = folder / recipe["name"]
     run.mkdir(parents=True)
     (run / "recipe.toml").write_text(krecipe.to_toml(recipe))
     metrics = {"run": recipe["name"], "model": recipe["model"], "finished": True, "best_val_accuracy": val,
-               "epochs_run": 3, "test": {"top1": top1, "n": 10000},
+               "epochs_run": epochs, "test": {"top1": top1, "n": 10000},
                "test_exact": None if exact is None else {"top1": exact, "n": 1000}, "wall_time_s": 60.0,
-               "train_images_per_s": speed, "train_images": 45000, "machine": {"cpu": cpu}}
+               "train_images_per_s": speed, "train_images": train_images, "machine": {"cpu": cpu}}
     if precision:
         metrics["precision"] = precision
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -209,7 +210,7 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert (rows[1]["seeds_done"], rows[1]["test_all_top1_mean"], rows[1]["test_all_top1_std"]) == ("1", "40.0", "")
     assert rows[0]["cpu"] == "test cpu" and rows[0]["commit"] == ""  # no provenance.json: not recorded
     text = (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
-    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % |" in text
+    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % | 3 (3) | 45,000 (5,000) |" in text
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 

@@ -117,6 +117,7 @@ def cell_row(study, cell, runs) -> dict:
         "epochs_mean": _mean([m.get("epochs_run") for m in metrics]),
         "max_epochs": recipe["train"]["epochs"],
         "train_images": next((m.get("train_images") for m in metrics), None),
+        "val_images": recipe["data"]["val_size"],
         "wall_time_s_mean": _mean([m.get("wall_time_s") for m in metrics]),
         "train_images_per_s_mean": _mean([m.get("train_images_per_s") for m in metrics]),
         "cpu": _joined(m.get("machine", {}).get("cpu") for m in metrics),
@@ -149,13 +150,14 @@ def _minutes(seconds):
 
 def cells_table(study, rows) -> list:
     header = ["cell", *study.keys, "seeds done", *[label for _, label in STATS], "epochs (of max)",
-              "wall time, min", "train images/s"]
+              "training images (validation)", "wall time, min", "train images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         epochs = "–" if r["epochs_mean"] is None else f"{r['epochs_mean']:g} ({r['max_epochs']})"
+        images = "–" if r["train_images"] is None else f"{r['train_images']:,} ({r['val_images']:,})"
         speed = "–" if r["train_images_per_s_mean"] is None else f"{r['train_images_per_s_mean']:.0f}"
         lines.append("| " + " | ".join([r["cell"], *[r[k] for k in study.keys], f"{r['seeds_done']}/{r['seeds']}",
-                                         *[_pm(r, stat) for stat, _ in STATS], epochs,
+                                         *[_pm(r, stat) for stat, _ in STATS], epochs, images,
                                          _minutes(r["wall_time_s_mean"]), speed]) + " |")
     return lines
 
@@ -190,7 +192,10 @@ def to_markdown(study, cells, rows, figures, command) -> str:
              "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
              "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
              "(this machine's CIFAR-10: images 0-999). Epochs: mean epochs run (EarlyStopping) of the recipe's "
-             "maximum. Wall time per run (metrics.json `wall_time_s`): from loading the data to the end of the "
+             "maximum. Training images per run (in brackets the validation images held out of the training set): "
+             "with the epochs, the scale, which the write-ups' may exceed (experiments/REPORT.md sets the two side "
+             "by side). No cell is named best here: the test figures choose nothing. "
+             "Wall time per run (metrics.json `wall_time_s`): from loading the data to the end of the "
              "test-set evaluation (runs whose metrics.json has no `setup_s` started their clock after the model was "
              "built and initialised); not the interpreter's start or TensorFlow's import.", ""]
     lines += cells_table(study, rows)
