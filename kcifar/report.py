@@ -2,7 +2,8 @@
 
     python -m kcifar.report runs/a runs/b ... [--out experiments/results/table]
 
-writes ``table.md`` and ``table.csv`` (the ``--out`` path plus each suffix).
+prints the table as markdown, or with ``--out`` writes ``table.md`` and ``table.csv`` (the path plus
+each suffix).
 Each run directory gives ``metrics.json`` (written by kcifar.train) and
 ``recipe.toml``, whose ``[documented]`` table, if present, holds the figure
 the documents report (``accuracy``, a fraction, and ``source``).
@@ -15,7 +16,6 @@ images; the table says which. A figure documented on another data set
 never subtracted: such rows say "no CIFAR-10 figure documented".
 """
 
-import argparse
 import csv
 import io
 import json
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from kcifar.errors import KcifarError, cli
-from kcifar import fileio
+from kcifar import cli as kcli, fileio
 from kcifar.fileio import write_text
 from kcifar.machine import code_version
 
@@ -156,25 +156,33 @@ def to_csv(rows) -> str:
     return out.getvalue()
 
 
-def write_report(run_dirs, out="experiments/results/table", command=None):
+def runs_table(run_dirs, command=None) -> tuple:
+    """(rows, markdown) of the runs, in the order given."""
+    if not run_dirs:
+        raise KcifarError("no runs given; pass run directories such as runs/NAME")
+    rows = [read_run(d) for d in run_dirs]
+    command = command or "python -m kcifar.report " + " ".join(shlex.quote(shown_path(d)) for d in run_dirs)
+    return rows, to_markdown(rows, command)
+
+
+def write_report(run_dirs, out, command=None):
     """Write ``<out>.md`` and ``<out>.csv`` for the runs, in the order given; returns both paths."""
     if not run_dirs:
         raise KcifarError("no runs given; pass run directories such as runs/NAME")
     fileio.check_writable(Path(out).parent, "--out")
-    rows = [read_run(d) for d in run_dirs]
-    command = command or "python -m kcifar.report " + " ".join(shlex.quote(shown_path(d)) for d in run_dirs)
+    rows, markdown = runs_table(run_dirs, command)
     out = Path(out)
     md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")
-    write_text(md, to_markdown(rows, command))
+    write_text(md, markdown)
     write_text(csv_path, to_csv(rows))
     return md, csv_path
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m kcifar.report", description=__doc__.split("\n")[0])
+    parser = kcli.parser("report", __doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", help="run directories (runs/NAME)")
-    parser.add_argument("--out", default="experiments/results/table", help="path prefix of the .md and .csv")
+    parser.add_argument("--out", help="path prefix of a .md and a .csv to write (default: print the markdown)")
     parser.add_argument("--documented", action="store_true",
                         help="write experiments/REPORT.md instead: every documented figure beside experiments/results/")
     args = parser.parse_args(argv)
@@ -184,6 +192,9 @@ def main(argv=None):
         from kcifar import documented
 
         print(f"wrote {documented.write_report(command=command)}")
+        return
+    if not args.out:
+        print(runs_table(args.runs, command)[1], end="")
         return
     for path in write_report(args.runs, args.out, command):
         print(f"wrote {path}")

@@ -97,3 +97,12 @@ def test_missing_run_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "nope")])
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_without_out_the_table_is_printed_and_nothing_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = write_run(tmp_path / "runs", "r", metrics(0.5))
+    report.main([str(run)])
+    out = capsys.readouterr().out
+    assert out.startswith("#") and "| r |" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no experiments/results/table.* appeared
