@@ -118,9 +118,10 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
         raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
                           f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
                           "averaged weights (those are validated, saved and resumed)")
-    scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
     from kcifar.models import parts
 
+    parts.use_fused_batch_norm(model)
+    scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
     routed = parts.use_matmul_kernel_grads(model, *machine.matmul_kernel_grad_rule(recipe["train"]["conv_grad"]))
     lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
@@ -134,18 +135,14 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
 
 
 def scale_bn_bias_learning_rate(model, scale: float):
-    """Give the biases of every batch norm of ``model`` ``scale`` times the learning rate (SGD), by
-    ``FusedBatchNorm.bias_lr_scale``; set before the first trace of the training step."""
+    """Give the biases of every batch norm of ``model`` ``scale`` times the learning rate (SGD), by the
+    fused layers' ``bias_lr_scale`` (``parts.fused_batch_norm_call``); set after ``use_fused_batch_norm``,
+    before the first trace of the training step."""
     if scale == 1:
         return
-    from kcifar.models.parts import FusedBatchNorm
-
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    if not all(isinstance(layer, FusedBatchNorm) for layer in layers):
-        raise KcifarError(f"optimizer.bn_bias_lr_scale needs kcifar's FusedBatchNorm layers; {model.name} has "
-                          "Keras' own BatchNormalization: leave the scale at 1")
-    for layer in layers:
-        layer.bias_lr_scale = float(scale)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.bias_lr_scale = float(scale)
 
 
 def init_from_data(model, recipe: dict, train: kdata.Split) -> int:

@@ -66,7 +66,7 @@ def test_s3_forward_flops_from_layer_shapes():
 
 # ------------------------------------------------------------ documented layer sequences
 
-LAYER_TYPES = {"Conv": "Conv2D", "BN": "FusedBatchNorm", "ReLU": "Activation", "Act": "Activation",
+LAYER_TYPES = {"Conv": "Conv2D", "BN": "BatchNormalization", "ReLU": "Activation", "Act": "Activation",
                "Pool": "MaxPooling2D", "Drop": "Dropout", "Flatten": "Flatten", "GAP": "GlobalAveragePooling2D",
                "FC": "Dense", "Dense": "Dense", "Add": "Add"}
 
@@ -185,8 +185,8 @@ def test_fused_batch_norm_equals_keras_batch_norm(policy):
     """Same outputs, input and weight gradients, and moving statistics as Keras' own layer,
     in training and in inference, in float32 and under mixed bfloat16."""
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(3, 2, size=(8, 5, 5, 4)).astype("float32"))
-    keras_bn, fused_bn = (cls(momentum=0.9, epsilon=1e-5, dtype=policy)
-                          for cls in (keras.layers.BatchNormalization, parts.FusedBatchNorm))
+    keras_bn, fused_bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy) for _ in range(2))
+    parts.fuse(fused_bn)
     weights = np.random.default_rng(2).normal(size=(8, 5, 5, 4)).astype("float32")  # a loss with rich gradients
 
     def forward_and_grads(layer, training):

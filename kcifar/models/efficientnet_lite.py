@@ -51,7 +51,7 @@ def stage_table(variant):
 
 
 def batch_norm(x, name):
-    return B.FusedBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
 
 
 def relu6(x, name):

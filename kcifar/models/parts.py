@@ -15,6 +15,7 @@ Assumed everywhere the documents are silent:
 """
 
 import math
+import types
 
 import keras
 import tensorflow as tf
@@ -146,59 +147,79 @@ def use_matmul_kernel_grads(model, max_positions: int, min_channels: int = 0) ->
     return len(layers)
 
 
+def fused_batch_norm_call(self, inputs, training=None, mask=None):
+    """Keras' ``BatchNormalization.call`` computed by TensorFlow's fused kernel: the same results, faster.
+
+    Keras 3 composes batch norm from a dozen float32 element-wise ops (moments, rsqrt, scale, shift
+    and their gradients), each a pass over the activations, with casts around them under mixed
+    precision. ``FusedBatchNormV3`` does the forward and the backward pass in one kernel each, in the
+    input's dtype (bfloat16 included, statistics in float32), and oneDNN fuses it further (measured:
+    experiments/results/speed_*.md). Outputs, gradients and moving statistics equal Keras' layer
+    (tests/test_models.py); the moving variance is the biased batch variance, as in Keras. 4-D inputs
+    on the channel axis; anything else (masks, renorm, other axes) takes Keras' own path.
+
+    A layer's ``bias_lr_scale`` (default 1) multiplies the gradient of the bias (beta) and leaves its
+    value alone: with SGD that is a learning rate ``bias_lr_scale`` times the others for the bias,
+    PyTorch's parameter group, while weight decay, added by the optimizer, stays as it is.
+    """
+    if mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+        return keras.layers.BatchNormalization.call(self, inputs, training=training, mask=mask)
+    channels = inputs.shape[-1]
+    scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+    offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+    bias_lr_scale = getattr(self, "bias_lr_scale", 1.0)
+    if self.center and bias_lr_scale != 1:  # the same value; its gradient times bias_lr_scale
+        offset += (bias_lr_scale - 1) * (offset - tf.stop_gradient(offset))
+    if not (training and self.trainable):
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset, mean=tf.convert_to_tensor(self.moving_mean),
+            variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, is_training=False)
+        return outputs
+    outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+        inputs, scale, offset, epsilon=self.epsilon, is_training=True)
+    count = tf.cast(tf.size(inputs) // channels, tf.float32)
+    variance = unbiased_variance * (count - 1) / count  # the kernel returns Bessel's correction
+    self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+    self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
+    return outputs
+
+
+def fuse(layer):
+    """``layer`` (a Keras BatchNormalization) computing by ``fused_batch_norm_call`` from now on; its
+    class, weights and saved file stay Keras' own. Returns the layer."""
+    layer.call = types.MethodType(fused_batch_norm_call, layer)
+    return layer
+
+
+def use_fused_batch_norm(model) -> int:
+    """Fuse every batch norm of ``model`` for training (``fuse``), before the first trace of the
+    training step; the model still saves, and loads, as plain Keras. Returns how many it fused."""
+    layers = [layer for layer in model._flatten_layers()
+              if isinstance(layer, keras.layers.BatchNormalization) and not isinstance(layer, FusedBatchNorm)]
+    for layer in layers:
+        fuse(layer)
+    return len(layers)
+
+
 @keras.saving.register_keras_serializable(package="kcifar")
 class FusedBatchNorm(keras.layers.BatchNormalization):
-    """Keras' BatchNormalization computed by TensorFlow's fused kernel: the same results, faster.
+    """The batch norm zoo models held until 2026-12-07 (``fused_batch_norm_call`` as a class): kept
+    so that their saved files still load. New models hold Keras' own layer, fused for training."""
 
-    Keras 3 composes batch norm from a dozen float32 element-wise ops (moments,
-    rsqrt, scale, shift and their gradients), each a pass over the activations,
-    with casts around them under mixed precision. ``FusedBatchNormV3`` does the
-    forward and the backward pass in one kernel each, in the input's dtype
-    (bfloat16 included, statistics in float32), and oneDNN fuses it further
-    (measured: experiments/results/speed_*.md). Outputs, gradients and moving
-    statistics equal Keras' layer (tests/test_models.py); the moving variance
-    is the biased batch variance, as in Keras. 4-D inputs on the channel axis;
-    anything else (masks, renorm, other axes) takes Keras' own path.
-
-    ``bias_lr_scale`` multiplies the gradient of the bias (beta) and leaves its value alone:
-    with SGD (plain or momentum) that is a learning rate ``bias_lr_scale`` times the others for
-    the bias, PyTorch's parameter group, while weight decay, added by the optimizer, stays as it
-    is. Keras optimizers have no per-variable learning rate; this costs two ops on a vector.
-    """
+    call = fused_batch_norm_call
 
     def __init__(self, *args, bias_lr_scale=1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.bias_lr_scale = float(bias_lr_scale)
-
-    def call(self, inputs, training=None, mask=None):
-        if mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
-            return super().call(inputs, training=training, mask=mask)
-        channels = inputs.shape[-1]
-        scale = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
-        offset = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
-        if self.center and self.bias_lr_scale != 1:  # the same value; its gradient times bias_lr_scale
-            offset += (self.bias_lr_scale - 1) * (offset - tf.stop_gradient(offset))
-        if not (training and self.trainable):
-            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                inputs, scale, offset, mean=tf.convert_to_tensor(self.moving_mean),
-                variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, is_training=False)
-            return outputs
-        outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, scale, offset, epsilon=self.epsilon, is_training=True)
-        count = tf.cast(tf.size(inputs) // channels, tf.float32)
-        variance = unbiased_variance * (count - 1) / count  # the kernel returns Bessel's correction
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
-        return outputs
 
     def get_config(self):
         return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
 
 
 def batch_norm(x, name, momentum=BN_MOMENTUM, scale=True):
-    """Batch normalisation with the zoo's PyTorch-matching momentum and epsilon (``FusedBatchNorm``);
-    ``scale=False``: no learnable scale (gamma fixed at 1)."""
-    return FusedBatchNorm(momentum=momentum, epsilon=BN_EPSILON, scale=scale, name=name)(x)
+    """Keras' batch normalisation with the zoo's PyTorch-matching momentum and epsilon (training
+    fuses it: ``use_fused_batch_norm``); ``scale=False``: no learnable scale (gamma fixed at 1)."""
+    return keras.layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, scale=scale, name=name)(x)
 
 
 def conv_bn_act(x, filters, prefix, suffix="", kernel_size=3, strides=1, padding="same",
