@@ -247,25 +247,33 @@ def test_matmul_kernel_gradients_equal_tensorflows_and_change_nothing_saved(tmp_
     assert all("convolution_op" not in vars(layer) for layer in reloaded.layers)
 
 
-def test_matmul_kernel_gradients_in_bfloat16_stay_within_bfloat16_rounding_of_tensorflows():
-    """Under mixed bfloat16 (where conv_grad = "auto" routes), a 256-channel 8x8 conv's kernel
-    gradient by matmuls equals TensorFlow's to bfloat16's resolution (2^-8 of the largest)."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # the autouse fixture restores float32
-    inputs = keras.Input((8, 8, 256))
-    model = keras.Model(inputs, keras.layers.Conv2D(256, 3, padding="same", use_bias=False)(inputs))
+def test_matmul_kernel_gradients_in_bfloat16_stay_within_bfloat16_rounding_of_the_float32_gradient():
+    """Under mixed bfloat16 (where conv_grad = "auto" routes), a 256-channel 8x8 conv's kernel gradient
+    by matmuls is the float32 gradient to bfloat16's resolution (rms error under 2^-7 of the rms), and no
+    further from it than TensorFlow's own (on an AVX2-only CPU, whose bfloat16 is emulated, TensorFlow's
+    errs more than the matmuls, so the two do not agree to bfloat16's resolution there)."""
     x = tf.constant(np.random.default_rng(5).normal(size=(32, 8, 8, 256)).astype("float32"))
     weights = tf.constant(np.random.default_rng(6).normal(size=(32, 8, 8, 256)).astype("float32"))
 
-    def kernel_gradient():
+    def kernel_gradient(policy, route):
+        keras.mixed_precision.set_global_policy(policy)  # the autouse fixture restores float32
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((8, 8, 256))
+        model = keras.Model(inputs, keras.layers.Conv2D(256, 3, padding="same", use_bias=False)(inputs))
+        if route:
+            assert parts.use_matmul_kernel_grads(model, max_positions=64, min_channels=256) == 1
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.cast(model(x), tf.float32) * weights)
         return np.asarray(tape.gradient(loss, model.trainable_weights[0]), np.float64)
 
-    native = kernel_gradient()
-    assert parts.use_matmul_kernel_grads(model, max_positions=64, min_channels=256) == 1
-    routed = kernel_gradient()
-    assert np.abs(routed - native).max() <= 2 ** -8 * np.abs(native).max()
-    assert np.corrcoef(routed.ravel(), native.ravel())[0, 1] > 0.9999  # the same gradient, not a transposed one
+    truth = kernel_gradient("float32", route=False)
+
+    def rms_error(gradient):
+        return np.sqrt(np.mean((gradient - truth) ** 2) / np.mean(truth ** 2))
+
+    routed, native = (rms_error(kernel_gradient("mixed_bfloat16", route)) for route in (True, False))
+    assert routed < 2 ** -7 and routed <= native * 1.1
+    assert np.corrcoef(kernel_gradient("mixed_bfloat16", True).ravel(), truth.ravel())[0, 1] > 0.9999  # not transposed
 
 
 # ------------------------------------------------------------ errors and the registry
