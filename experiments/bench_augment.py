@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import subprocess
 import time
 
 from kcifar.errors import start_command
@@ -45,7 +44,7 @@ from kcifar import models  # noqa: E402
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset  # noqa: E402
 from kcifar.data import load_cifar  # noqa: E402
 from kcifar.fileio import write_text  # noqa: E402
-from kcifar.machine import provenance  # noqa: E402
+from kcifar.machine import load, provenance  # noqa: E402
 
 BATCH = 64
 EXTRAS = dict(cutout=16, mixup=0.2, cutmix=1.0)
@@ -152,9 +151,6 @@ def fit_table(x, y, model_steps, rounds):
     return rows
 
 
-def sh(command):
-    return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +164,7 @@ def main():
     args = parser.parse_args()
 
     head = provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
-    load_before = sh("uptime")
+    load_before = load()
     data = load_cifar("cifar10", val_size=5000)
     x, y = data.train.x, data.train.y
     print("pipeline", flush=True)
@@ -177,7 +173,7 @@ def main():
     if not args.skip_fit:
         print("fit", flush=True)
         fit = fit_table(x, y, {"s0_model3": args.s0_steps, "vgg16": args.vgg_steps}, args.rounds)
-    load_after = sh("uptime")
+    load_after = load()
     report = "\n".join([
         "# Online augmentation speed: tf engine vs ImageDataGenerator engine",
         "",

@@ -25,7 +25,6 @@ if __name__ == "__main__":  # TensorFlow's oneDNN switch as kcifar's commands se
 import argparse
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -108,9 +107,6 @@ def table(name: str, results: dict) -> list:
     return rows
 
 
-def sh(command):
-    return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,9 +122,9 @@ def main():
 
     if args.out:  # refused before the benchmark's minutes, not after
         check_writable(Path(args.out).parent, "--out")
-    from kcifar.machine import provenance
+    from kcifar.machine import load, provenance
 
-    load_before, head = sh("uptime"), provenance(cpu_note=f"`uname -m` {platform.machine()}")  # the code that runs
+    load_before, head = load(), provenance(cpu_note=f"`uname -m` {platform.machine()}")  # the code that runs
     results = {name: measure(name, args.calls, args.repeats) for name in args.models}
 
     versions = ", ".join(f"{k} {v}" for k, v in deploy.versions().items())
@@ -138,7 +134,7 @@ def main():
         f"- versions: {versions}; TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}",
         f"- settings: batch 1 p50/p99 of {args.calls} calls after 10 untimed; batch 256 median of "
         f"{args.repeats} calls after 1 untimed; random weights and images; default threads",
-        f"- load (`uptime`) before: `{load_before}`; after: `{sh('uptime')}`",
+        f"- load (`uptime`) before: `{load_before}`; after: `{load()}`",
         *([f"- {args.note}"] if args.note else []), "",
         *[row for name, result in results.items() for row in table(name, result)],
     ])

@@ -15,7 +15,6 @@ best of `--repeats` counts, since other jobs may share the CPU:
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -59,9 +58,6 @@ def run_child(workload: str, onednn: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def sh(command):
-    return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,10 +68,10 @@ def main():
     if args.child:
         print(measure(args.child))
         return
-    from kcifar.machine import provenance
+    from kcifar.machine import load, provenance
 
     head = provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
-    load_before = sh("uptime")
+    load_before = load()
     rows = ["| workload | timed batches of 64 | oneDNN off (=0) | oneDNN on (=1) | on / off |", "|---|---:|---:|---:|---:|"]
     for workload, steps in WORKLOADS.items():
         best = {"0": 0.0, "1": 0.0}
@@ -90,7 +86,7 @@ def main():
         "# TensorFlow oneDNN kernels on this CPU: images/s off and on",
         "",
         *head,
-        f"- Load (`uptime`) before: `{load_before}`; after: `{sh('uptime')}`",
+        f"- Load (`uptime`) before: `{load_before}`; after: `{load()}`",
         f"- TensorFlow {tf.__version__}, Python {platform.python_version()}; float32, no XLA; "
         f"best of {args.repeats} fresh processes per cell",
         "",

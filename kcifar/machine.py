@@ -189,6 +189,11 @@ def scrub_paths(text: str) -> str:
     return ABSOLUTE_PATH.sub(r"…/\1", text)
 
 
+def load() -> str:
+    """The machine's load as ``uptime`` prints it, for a benchmark's header (what else ran)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def provenance(cpu_note: str = "") -> list[str]:
     """The lines a result file opens with: the command as typed from the repository root (absolute
     paths scrubbed), the CPU and its cores (``cpu_note`` after them), the date and the commit.
