@@ -20,6 +20,7 @@ import csv
 import datetime
 import math
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def _cell(folder: Path, study: str, row: dict) -> dict:
             "exact": _stat(row, "test_exact_top1"), "exact_images": _num(row.get("test_exact_n")),
             "all": _stat(row, "test_all_top1"), "epochs": _num(row["epochs_mean"]),
             "max_epochs": _num(row["max_epochs"]), "train_images": _num(row["train_images"]), "cpu": row["cpu"],
-            "command": row["command"], "link": f"results/{study}/{study}.md"}
+            "command": row["command"], "commit": row.get("commit") or "", "link": f"results/{study}/{study}.md"}
 
 
 def study_cells(results_dir: Path, study: str) -> list:
@@ -458,23 +459,61 @@ HEADER = ["source", "documented finding", "documented", "documented scale", "our
           "study"]
 
 
-def study_command(study: str) -> str:
-    """The command that runs (or continues) a study and records it, as typed from the repository root."""
+def study_command(study: str, commits=()) -> str:
+    """The command that runs (or continues) a study and records it, as typed from the repository root;
+    prefixed with ``git checkout`` of the commit that ran the recorded runs (``commits``, the summary's
+    column) when the study's file has changed since (``changed_since``)."""
     if study == FINETUNE:
         return "python -m kcifar.finetune experiments/recipes/finetune_lite0_r224.toml --runs-dir runs"
-    return f"python -m kcifar.sweep experiments/sweeps/{study}.toml --runs-dir runs --out experiments/results/{study}"
+    command = f"python -m kcifar.sweep experiments/sweeps/{study}.toml --runs-dir runs --out experiments/results/{study}"
+    commit = changed_since(study_files(f"experiments/sweeps/{study}.toml"), commits)
+    return f"git checkout {commit} && {command}" if commit else command
+
+
+def study_files(path: str) -> list:
+    """A study file and the recipe files it names (relative to the repository root)."""
+    full = Path(__file__).resolve().parents[1] / path
+    spec = read_toml(full) if full.is_file() else {}
+    recipes = [spec.get("recipe")] + [cell.get("recipe") for cell in spec.get("cells", [])]
+    return [path] + sorted({str(Path(path).parent / r).replace("sweeps/../", "") for r in recipes if r})
+
+
+def _git(*args):
+    """git's output in the checkout this module is in, or None (no git, not a checkout, unknown commit)."""
+    try:
+        result = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def changed_since(paths, commits) -> str | None:
+    """The newest of ``commits`` (text holding short hashes) at which one of ``paths`` differs from the file
+    in the working tree (or the file is gone), or None: the files still are what ran them, or git cannot tell."""
+    root = Path(__file__).resolve().parents[1]
+
+    def differs(commit, path):
+        then, current = _git("show", f"{commit}:{path}"), root / path
+        return then is not None and then != (current.read_text(encoding="utf-8") if current.is_file() else None)
+
+    changed = [c for c in sorted(set(re.findall(r"\b[0-9a-f]{7,40}\b", " ".join(commits))))
+               if any(differs(c, path) for path in paths)]
+    return max(changed, key=lambda c: int(_git("log", "-1", "--format=%ct", c) or 0), default=None)
 
 
 def _studies_section(found_rows) -> list:
     studies = {}
     for found in filter(None, found_rows):
         for cell in filter(None, [found["shown"], found.get("beside")]):
-            studies.setdefault(cell["study"], cell["link"])
+            studies.setdefault(cell["study"], [cell["link"], []])[1].append(cell.get("commit", ""))
     lines = ["", "## The studies: one command each", "",
              "Each runs (and after any stop continues) from the repository root with the CIFAR data in "
              "`$KCIFAR_DATA_DIR`; each study's file gives every cell's CPU flags, dates, commits and the command "
-             "as it was typed.", ""]
-    return lines + [f"- [{study}]({link}): `{study_command(study)}`" for study, link in studies.items()]
+             "as it was typed. Where a study's file has changed since its recorded runs (it now holds the study at "
+             "the documented scale), the command first checks out the commit that ran them.", ""]
+    return lines + [f"- [{study}]({link}): `{study_command(study, commits)}`"
+                    for study, (link, commits) in studies.items()]
 
 
 def to_markdown(rows, found_rows, command) -> str:

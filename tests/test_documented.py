@@ -198,3 +198,16 @@ def test_s1_figure_draws_the_documented_and_our_progression_never_on_one_axis(tm
     values = [{round(float(y), 6) for line in ax.get_lines() for y in line.get_ydata() if y == y} for ax in (left, right)]
     assert values[0] == documented_pct and ours_pct <= values[1] and not values[1] & documented_pct
     assert "CIFAR-100" in left.get_title() and "CIFAR-10," in right.get_title() and "CIFAR-100" not in right.get_title()
+
+
+def test_a_study_whose_files_changed_since_its_runs_is_checked_out_first():
+    """The reduced S4 remedies study ran at 60e8832; its study file now holds the documented-scale study."""
+    if documented._git("cat-file", "-e", "60e8832^{commit}") is None:
+        pytest.skip("needs the repository's history (a shallow clone lacks 60e8832)")
+    head = documented._git("rev-parse", "--short", "HEAD").strip()
+    remedies = documented.study_files("experiments/sweeps/s4_remedies.toml")
+    assert remedies == ["experiments/sweeps/s4_remedies.toml", "experiments/recipes/s4_vgg16_20ep.toml"]
+    assert documented.changed_since(remedies, ["60e8832"]) == "60e8832"
+    assert documented.study_command("s4_remedies", ["60e8832"]).startswith("git checkout 60e8832 && python -m")
+    assert documented.changed_since(remedies, [head, "not a commit"]) is None  # still the file that ran them
+    assert documented.study_command("s2_models", [head]).startswith("python -m kcifar.sweep")
