@@ -1,5 +1,6 @@
 """Every recipe and study file shipped in experiments/ loads as its command would load it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,12 @@ def test_every_shipped_study_expands_into_runs_of_zoo_models(path):
     assert len(runs) == len(study.cells) * len(study.seeds) > 0
     assert len({recipe["name"] for _, _, recipe in runs}) == len(runs)  # one run directory each
     assert all(recipe["model"] in registry.names() for _, _, recipe in runs)
+
+
+def test_every_relative_link_of_the_readmes_and_docs_resolves():
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", root / "experiments" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    broken = [(page.relative_to(root), link) for page in pages
+              for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8"))
+              if not link.startswith(("http://", "https://")) and not (page.parent / link).exists()]
+    assert broken == []
