@@ -115,6 +115,7 @@ FLAGS = {  # flag -> (recipe key, type)
 }
 SWITCHES = {"deterministic": "train.deterministic", "tensorboard": "train.tensorboard"}  # flag -> recipe key set true
 UNNAMED = {"name", "train.tensorboard"}  # settings that do not name a run: they change no result
+NAMED_KEYS = {key for key, _ in FLAGS.values()} | set(SWITCHES.values()) | {"seed"}  # set by named flags
 
 
 def allowed_values(key: str):
@@ -164,7 +165,8 @@ def recipe_from_args(args) -> dict:
     """The resolved recipe; without --name, the run is named after its recipe and the settings the flags change,
     so that a run set by flags never resumes or collides with the recipe's own run."""
     settings = flag_settings(args)
-    recipe = krecipe.resolve(args.recipe, [krecipe.nested(key, value) for key, value in settings.items()])
+    named = [krecipe.nested(key, value) for key, value in settings.items() if key in NAMED_KEYS]
+    recipe = krecipe.resolve(args.recipe, list(args.set) + named)  # each layer validated, --set first
     naming = [key for key in settings if key not in UNNAMED and not (key == "model" and not args.recipe)]
     if "name" not in settings and naming:
         recipe["name"] = f"{recipe['name']}_{krecipe.settings_name(settings, naming)}"
