@@ -6,6 +6,7 @@ flags), whether oneDNN really runs, the versions, the commit and the command as 
 """
 
 import datetime
+import functools
 import os
 import platform
 import re
@@ -41,8 +42,16 @@ def make_strategy(name: str):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        return _mirrored_strategy(tuple(d.name for d in (gpus or tf.config.list_logical_devices("CPU"))))
+
+
+@functools.cache
+def _mirrored_strategy(devices: tuple):
+    """One MirroredStrategy per process (and devices): a second one numbers its all-reduces from
+    the start again, and TensorFlow takes them for the first one's (InvalidArgumentError "Shape
+    mismatch in the collective instance" at the first step of another model in the same process,
+    as a sweep trains)."""
+    return tf.distribute.MirroredStrategy(devices=list(devices))
 
 
 # CPU flags of native bfloat16 arithmetic: AMX tiles (Intel Xeon since Sapphire Rapids) or
