@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kcifar import __version__
+from kcifar.errors import KcifarError
 
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
@@ -102,8 +103,18 @@ def matmul_kernel_grad_rule(conv_grad: str) -> tuple[int, int]:
 
 
 def jit_enabled(jit: str) -> bool:
-    """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
-    return _is_gpu_machine() if jit == "auto" else jit == "on"
+    """Whether the training step is compiled by XLA under the ``tf.distribute`` strategy in scope:
+    "auto" on a GPU with one replica (XLA was measured slower on our CPUs). Keras 3 compiles the
+    step of all replicas as one XLA function, which cannot reach the variables of the other devices
+    (InvalidArgumentError "Trying to access resource ... located in device"; Keras' own
+    ``jit_compile="auto"`` is off under ``tf.distribute`` too): several replicas train without XLA,
+    and "on" there is refused."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if jit == "on" and replicas > 1:
+        raise KcifarError(f"train.jit='on' cannot train over the {replicas} replicas of this strategy (Keras 3 "
+                          "compiles their step as one XLA function, which cannot reach the other devices' "
+                          "variables); use train.jit='auto' or 'off', or train.strategy='default' (one device)")
+    return jit == "on" or (jit == "auto" and replicas == 1 and _is_gpu_machine())
 
 
 
