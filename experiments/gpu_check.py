@@ -34,7 +34,6 @@ import tensorflow as tf
 
 from kcifar.errors import KcifarError, run_worker
 
-REPOSITORY = Path(__file__).resolve().parent.parent
 RECIPES = ("experiments/recipes/fast94_muon.toml", "experiments/recipes/s4_vgg16_final.toml")
 PRECISIONS = ("auto", "float32")  # train.precision: the GPU default (mixed_float16), then float32
 

@@ -120,7 +120,8 @@ def batch_norm_dtypes(model) -> dict:
     probe = keras.Model(model.inputs, layers[0].output)
     output = probe(np.zeros((2, *model.input_shape[1:]), "float32"), training=True)
     return {"bn_variables": sorted({str(v.dtype) for layer in layers for v in layer.weights}),
-            "bn_compute": sorted({layer.compute_dtype for layer in layers}), "bn_output": str(output.dtype)}
+            "bn_compute": sorted({layer.compute_dtype for layer in layers}),
+            "bn_output": keras.backend.standardize_dtype(output.dtype)}
 
 
 def optimizer_dtypes(inner) -> dict:
