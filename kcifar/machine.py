@@ -6,6 +6,7 @@ flags), whether oneDNN really runs, the versions, the commit and the command as 
 """
 
 import datetime
+import functools
 import os
 import platform
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kcifar import __version__
+from kcifar.errors import KcifarError
 
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 import tensorflow as tf  # noqa: E402
@@ -42,8 +44,16 @@ def make_strategy(name: str):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        return _mirrored_strategy(tuple(d.name for d in (gpus or tf.config.list_logical_devices("CPU"))))
+
+
+@functools.cache
+def _mirrored_strategy(devices: tuple):
+    """One MirroredStrategy per process (and devices): a second one numbers its all-reduces from
+    the start again, and TensorFlow takes them for the first one's (InvalidArgumentError "Shape
+    mismatch in the collective instance" at the first step of another model in the same process,
+    as a sweep trains)."""
+    return tf.distribute.MirroredStrategy(devices=list(devices))
 
 
 # CPU flags of native bfloat16 arithmetic: AMX tiles (Intel Xeon since Sapphire Rapids) or
@@ -91,8 +101,18 @@ def matmul_kernel_grad_rule(conv_grad: str) -> tuple[int, int]:
 
 
 def jit_enabled(jit: str) -> bool:
-    """XLA on GPU only, for 'auto' (measured slower on this CPU)."""
-    return _is_gpu_machine() if jit == "auto" else jit == "on"
+    """Whether the training step is compiled by XLA under the ``tf.distribute`` strategy in scope:
+    "auto" on a GPU with one replica (XLA was measured slower on our CPUs). Keras 3 compiles the
+    step of all replicas as one XLA function, which cannot reach the variables of the other devices
+    (InvalidArgumentError "Trying to access resource ... located in device"; Keras' own
+    ``jit_compile="auto"`` is off under ``tf.distribute`` too): several replicas train without XLA,
+    and "on" there is refused."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if jit == "on" and replicas > 1:
+        raise KcifarError(f"train.jit='on' cannot train over the {replicas} replicas of this strategy (Keras 3 "
+                          "compiles their step as one XLA function, which cannot reach the other devices' "
+                          "variables); use train.jit='auto' or 'off', or train.strategy='default' (one device)")
+    return jit == "on" or (jit == "auto" and replicas == 1 and _is_gpu_machine())
 
 
 

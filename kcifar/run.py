@@ -112,12 +112,18 @@ def steps_per_execution(steps_per_epoch: int) -> int:
 
 def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
     """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss. Returns how
-    many convolutions take their kernel gradient as matmuls (``train.conv_grad``)."""
+    many convolutions take their kernel gradient as matmuls (``train.conv_grad``). Called under the
+    run's ``tf.distribute`` strategy, which may refuse the recipe's weight averaging."""
     epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
     if spec["ema_momentum"] and steps_per_epoch % spec["ema_overwrite_frequency"]:
         raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
                           f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
                           "averaged weights (those are validated, saved and resumed)")
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if spec["ema_momentum"] and replicas > 1:
+        raise KcifarError(f"optimizer.ema_momentum cannot train over the {replicas} replicas of this strategy: Keras 3 "
+                          "sets the weights to their average inside a conditional, which tf.distribute's "
+                          "synchronisation cannot cross; use train.strategy='default' (one device) or ema_momentum=0")
     from kcifar.models import parts
 
     parts.use_fused_batch_norm(model)
