@@ -18,7 +18,8 @@ from augment_offline.preview import write_preview
 from augment_offline.shards import build
 from kcifar import fileio
 from kcifar.data import load_cifar
-from kcifar.errors import KcifarError, cli
+from kcifar import cli as kcli
+from kcifar.errors import KcifarError
 
 
 def parse_args(argv=None):
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-@cli
+@kcli.command
 def main(argv=None):
     args = parse_args(argv)
     ops = parse_ops(args.ops)

@@ -10,7 +10,7 @@ both alike; the ratio is taken per round.
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -49,6 +49,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -30,7 +30,7 @@ import os
 import platform
 import time
 
-from kcifar.errors import start_command
+from kcifar.cli import start_command
 
 start_command()  # kcifar's TensorFlow defaults (oneDNN on), set before TensorFlow loads
 
@@ -203,6 +203,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

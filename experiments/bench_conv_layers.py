@@ -28,7 +28,7 @@ to the next.
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()  # oneDNN on, before TensorFlow loads
 
@@ -40,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from kcifar.errors import KcifarError, run_worker
+from kcifar.cli import run_worker
+from kcifar.errors import KcifarError
 from kcifar.fileio import check_writable, write_text
 
 # name: (batch, [(input channels, output channels, height = width)]): each model's 3x3 conv sizes on CIFAR
@@ -308,6 +309,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

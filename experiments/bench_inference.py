@@ -18,7 +18,7 @@ check on real images). Needs the export extra: ``pip install -e ".[export]"``.
 """
 
 if __name__ == "__main__":  # TensorFlow's oneDNN switch as kcifar's commands set it, before TensorFlow loads
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -146,6 +146,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

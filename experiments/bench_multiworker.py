@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kcifar import fileio, machine, multiworker, run
+from kcifar import fileio, machine, multiworker, rundir
 
 TIMEOUT_S = 3600
 
@@ -43,7 +43,7 @@ def train(workers: int, args, runs_dir: Path) -> dict:
     finally:
         for process in processes:
             process.kill()
-    history = run.read_history(runs_dir / name)
+    history = rundir.read_history(runs_dir / name)
     return {**json.loads((runs_dir / name / "metrics.json").read_text()), "epoch_time_s": history["epoch_time_s"]}
 
 
@@ -77,6 +77,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from kcifar.errors import run_worker
+from kcifar.cli import run_worker
 
 WORKLOADS = {"s0_model3": 60, "resnet20": 40, "vgg16": 12, "lite0_224_inference": 8}  # timed batches
 WARMUP, BATCH = 3, 64
@@ -101,6 +101,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -31,7 +31,7 @@ CPU-only machine install PyTorch's CPU build first); kcifar never imports it.
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()  # kcifar's TensorFlow defaults (oneDNN on), before TensorFlow loads
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import keras
 
-from kcifar.errors import run_worker
+from kcifar.cli import run_worker
 
 MODELS = {  # model: (recipe, batch size); the recipe's augmentation, optimizer and schedule
     "s3_tutorial": (None, 64),  # the default recipe (Adam-amsgrad), batch as in issue 13's table
@@ -430,6 +430,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -13,7 +13,7 @@ relative error against float32.
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kcifar import deploy, machine, run
+from kcifar import deploy, machine, models, run, rundir
 from kcifar.errors import KcifarError
 from kcifar.models import parts
 
@@ -40,8 +40,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run directory (runs/NAME) of a model with 3x3 convolutions")
     run_dir = parser.parse_args().run_dir
-    model = run.load_model(f"{run_dir}/best.keras")
-    recipe = run.read_recipe(run_dir)
+    model = models.load(f"{run_dir}/best.keras")
+    recipe = rundir.read_recipe(run_dir)
     policy = next(layer.dtype_policy.name for layer in model._flatten_layers() if parts.input_size(layer))
     keras.mixed_precision.set_global_policy(policy)  # the rule is per CPU and precision
     rule = machine.matmul_kernel_grad_rule("auto")
@@ -65,6 +65,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

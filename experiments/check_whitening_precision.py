@@ -11,7 +11,7 @@ the noise; a newer one computes `normalize` and `whiten` in float32 and shows no
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -20,7 +20,7 @@ import argparse
 import keras
 import numpy as np
 
-from kcifar import deploy, run
+from kcifar import deploy, models, run, rundir
 
 
 def whitened(model, images):
@@ -31,8 +31,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a fast94 run directory (runs/NAME)")
     run_dir = parser.parse_args().run_dir
-    model = run.load_model(f"{run_dir}/best.keras")
-    data, _ = run.load_data(run.read_recipe(run_dir))
+    model = models.load(f"{run_dir}/best.keras")
+    data, _ = run.load_data(rundir.read_recipe(run_dir))
     images = data.test.x[:256].astype(np.float32)
     policies = {layer.name: layer.dtype_policy.name for layer in model.layers[:3]}
     as_trained, reference = whitened(model, images), whitened(deploy.float32_model(model), images)
@@ -44,6 +44,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -16,7 +16,7 @@ Without a GPU it stops at once with one line.
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()  # kcifar's TensorFlow defaults, before TensorFlow loads
 
@@ -32,7 +32,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kcifar.errors import KcifarError, run_worker
+from kcifar.cli import run_worker
+from kcifar.errors import KcifarError
 
 RECIPES = ("experiments/recipes/fast94_muon.toml", "experiments/recipes/s4_vgg16_final.toml")
 PRECISIONS = ("auto", "float32")  # train.precision: the GPU default (mixed_float16), then float32
@@ -159,6 +160,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input, or no GPU, is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -20,7 +20,7 @@ percentile (ONNX Runtime quantises convolutions, matmuls and adds; GELU stays fl
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -176,11 +176,11 @@ def main():
     import keras
 
     import kcifar.models  # noqa: F401  (registers the zoo's layers)
-    from kcifar import deploy, machine, run
+    from kcifar import deploy, machine, rundir
     from kcifar.data import load_cifar, stratified_subset
 
     model = deploy.float32_model(keras.models.load_model(f"{args.run_dir}/best.keras", compile=False))
-    data = load_cifar(**run.data_settings(run.read_recipe(args.run_dir)))
+    data = load_cifar(**rundir.data_settings(rundir.read_recipe(args.run_dir)))
     representative = stratified_subset(data.train, args.representative, seed=0).x.astype(np.float32)
     x, y = data.test.x[:args.images].astype(np.float32), data.test.y[:args.images]
     expected = model.predict(x, batch_size=256, verbose=0).argmax(1)
@@ -216,6 +216,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

@@ -170,6 +170,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    sys.exit(cli(main)())
+    sys.exit(command(main)())

@@ -14,7 +14,7 @@ TensorFlow may run independent primitives at the same time, the sum can exceed i
 """
 
 if __name__ == "__main__":
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from kcifar.errors import run_worker
+from kcifar.cli import run_worker
 
 
 def worker(recipe_path, sets, warmup, steps):
@@ -123,6 +123,6 @@ def main():
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback
-    from kcifar.errors import cli
+    from kcifar.cli import command
 
-    cli(main)()
+    command(main)()

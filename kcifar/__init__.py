@@ -8,7 +8,7 @@ From Python: ``kcifar.api`` (train with your own callbacks, evaluate, predict, l
 
 Importing kcifar changes nothing in the process: the settings a command wants
 (TensorFlow's oneDNN kernels, warning filters) are made by the command at its
-start-up, ``kcifar.errors.start_command``, and by importing ``kcifar.api``.
+start-up, ``kcifar.cli.start_command``, and by importing ``kcifar.api``.
 """
 
 __version__ = "0.1.0"

@@ -10,19 +10,22 @@
     model = build_model("resnet20", num_classes=100)         # a zoo model, raw 0..255 images in
 
 Each function writes the same files and raises the same one-line ``KcifarError`` as its command.
-Importing this module makes the commands' start-up settings (``kcifar.errors.start_command``:
+Importing this module makes the commands' start-up settings (``kcifar.cli.start_command``:
 TensorFlow's oneDNN kernels on, unless ``TF_ENABLE_ONEDNN_OPTS`` is set), which TensorFlow reads once,
 when it is imported: import ``kcifar.api`` before TensorFlow, or set the variable yourself.
 """
 
-from kcifar.errors import KcifarError, start_command
+from kcifar.cli import start_command
+from kcifar.errors import KcifarError
 
 start_command()
 
 import dataclasses  # noqa: E402  (after the settings TensorFlow reads at its import)
 from pathlib import Path  # noqa: E402
 
-from kcifar import evaluate as kevaluate, models, predict as kpredict, recipe as krecipe, run  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kcifar import evaluate as kevaluate, models, predict as kpredict, recipe as krecipe, rundir  # noqa: E402
 from kcifar import train as ktrain  # noqa: E402
 
 __all__ = ["KcifarError", "Run", "build_model", "evaluate", "load_run", "predict", "resolve_recipe", "train"]
@@ -70,10 +73,10 @@ def predict(model, images, top_k=5, classes=None) -> list:
     files; ``model``: a run directory, a .keras file or a ``kcifar.export`` folder."""
     predictor = kpredict.Predictor(model)
     class_names = kpredict.class_names_of(predictor, classes)
+    if isinstance(images, (list, tuple)) and not images:
+        raise KcifarError("no images given; pass image files or a uint8 array (N, 32, 32, 3)")
     if isinstance(images, (str, Path)) or (isinstance(images, (list, tuple)) and isinstance(images[0], (str, Path))):
         images = [kpredict.read_image(path) for path in kpredict.image_files(images)]
-    import numpy as np
-
     return kpredict.predict_images(predictor, np.asarray(images), class_names, min(top_k, len(class_names)))
 
 
@@ -89,16 +92,15 @@ class Run:
     class_names: list
 
     def model(self):
-        return run.load_model(self.run_dir / "best.keras")
+        return models.load(self.run_dir / rundir.BEST_MODEL)
 
 
 def load_run(run_dir) -> Run:
     """The run in ``run_dir`` (finished or not) as a ``Run``."""
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.toml").is_file():
+    if not (run_dir / rundir.RECIPE).is_file():
         raise KcifarError(f"{run_dir} is not a run directory (no recipe.toml); pass a folder that "
                           "kcifar.train wrote (runs/NAME)")
-    metrics = run.read_state(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None
-    classes = run_dir / run.CLASSES_FILE
-    return Run(run_dir, run.read_recipe(run_dir), run.read_history(run_dir), metrics,
-               run.read_class_names(classes) if classes.is_file() else [])
+    classes = run_dir / rundir.CLASSES
+    return Run(run_dir, rundir.read_recipe(run_dir), rundir.read_history(run_dir), rundir.read_metrics(run_dir),
+               rundir.read_class_names(classes) if classes.is_file() else [])

@@ -3,26 +3,20 @@
 ``make_callbacks`` assembles them for ``kcifar.train`` and ``kcifar.finetune``: epoch
 statistics, TerminateOnNaN, EarlyStopping and the best-model file (both continuing from
 the epochs logged before an interruption), CSVLogger, the atomic backup and, as the
-recipe asks, ReduceLROnPlateau, the whitening-bias freeze and TensorBoard. ``best_index``
-and friends say which epoch is best by a monitor, as Keras' callbacks decide it.
+recipe asks, ReduceLROnPlateau, the whitening-bias freeze and TensorBoard. Which epoch is
+best by a monitor, as these callbacks decide it, is ``kcifar.rundir.best_index``.
 """
 
-import json
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from kcifar import fileio
+from kcifar import fileio, rundir
 from kcifar.errors import KcifarError
 
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 
 from kcifar import optim  # noqa: E402
-
-BACKUP_DIR = "backup"
-
 
 class FreezeWhiteningBias(keras.callbacks.Callback):
     """From epoch ``epochs`` on (counted from 0) every ``PatchWhitening`` layer is frozen, its
@@ -74,7 +68,7 @@ class BestModelSaver(keras.callbacks.ModelCheckpoint):
     ``best``: the monitor's best value before a resumed run."""
 
     def __init__(self, path, monitor=None, best=None):
-        super().__init__(str(path), monitor=monitor or "loss", mode=mode(monitor or "loss"),
+        super().__init__(str(path), monitor=monitor or "loss", mode=rundir.mode(monitor or "loss"),
                          save_best_only=monitor is not None, initial_value_threshold=best)
 
     def _save_model(self, epoch, batch, logs):
@@ -87,7 +81,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore (weights, optimizer state and epoch, two copies) whose every
     file is replaced atomically, each metadata file naming the sha256 of its weights file:
     a kill at any moment leaves at least one whole, matching pair, and a damaged or
-    mismatched copy is detected (``backup_pair``) and the other one used.
+    mismatched copy is detected (``rundir.backup_pair``) and the other one used.
 
     The metadata also holds the layers' random-number states (``seed_states``), which Keras'
     weight files leave out: a resumed run draws the dropout masks it would have drawn.
@@ -101,7 +95,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         self.first_epoch = first_epoch
 
     def on_train_begin(self, logs=None):
-        pair = backup_pair(Path(self.backup_dir))
+        pair = rundir.backup_pair(Path(self.backup_dir))
         if pair is None or pair[1]["epoch"] < self.first_epoch:
             return
         weights, state = pair
@@ -151,36 +145,6 @@ def _link(source, target):
         os.link(source, tmp)
 
 
-def backup_pair(backup_dir: Path):
-    """(weights file, metadata) of the newest whole backup copy in ``backup_dir`` (the latest,
-    else the previous one), or None when there is no backup. Copies that exist but none of
-    which is whole are a one-line error."""
-    problems = []
-    for weights, meta in ((backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"),
-                          (backup_dir / "latest.weights.h5.bkp", backup_dir / "training_metadata.json.bkp")):
-        if not (weights.exists() or meta.exists()):
-            continue
-        try:
-            state = json.loads(meta.read_text(encoding="utf-8"))
-            int(state["epoch"])
-        except FileNotFoundError:
-            problems.append(f"{meta.name} is missing")
-            continue
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-            problems.append(f"{meta.name} is damaged (not valid JSON)")
-            continue
-        if not weights.exists():
-            problems.append(f"{weights.name} is missing")
-        elif "weights_sha256" in state and fileio.file_sha256(weights) != state["weights_sha256"]:
-            problems.append(f"{weights.name} is damaged (not the file {meta.name} names)")
-        else:  # a backup written by Keras' own callback names no digest: taken as it is
-            return weights, state
-    if problems:
-        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); pass --overwrite to train "
-                          "this run again from the start")
-    return None
-
-
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping that continues counting patience from an earlier, interrupted run."""
 
@@ -194,57 +158,22 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.best, self.wait = self.resume_best, self.resume_wait
 
 
-def mode(monitor: str) -> str:
-    """"min" for a loss, else "max": what Keras' callbacks call the direction of ``monitor``."""
-    return "min" if monitor.endswith("loss") else "max"
-
-
-def best_index(values, monitor: str):
-    """Index of the first best value of ``monitor`` among ``values`` (NaN ignored), or None.
-    The epoch EarlyStopping and BestModelSaver keep."""
-    values = np.asarray([] if values is None else values, dtype=float)
-    if np.all(np.isnan(values)):
-        return None
-    return int(np.nanargmin(values) if mode(monitor) == "min" else np.nanargmax(values))
-
-
-def improves(value, best, monitor: str) -> bool:
-    """Whether ``value`` of ``monitor`` beats ``best``."""
-    return value < best if mode(monitor) == "min" else value > best
-
-
-def best_so_far(history: dict, monitor: str):
-    """(best value, epochs since it) from an earlier run's history, or (None, 0)."""
-    values = history.get(monitor)
-    best = best_index(values, monitor)
-    return (None, 0) if best is None else (float(values[best]), len(values) - 1 - best)
-
-
-def stopped_early(recipe: dict, history: dict) -> bool:
-    """Whether ``history``, the rows logged so far, already spent EarlyStopping's patience
-    (as Keras' EarlyStopping decides it): the run stopped there, and resumed it trains no
-    further epoch."""
-    stop = recipe["early_stopping"]
-    _, wait = best_so_far(history, stop["monitor"])
-    return stop["enabled"] and len(history.get("epoch", [])) > 1 and wait >= max(stop["patience"], 1)
-
-
 def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: dict, best_path=None, first_epoch=0):
     """Keras callbacks of a resumable run (or stage from ``first_epoch``): EarlyStopping and the
     best-model file (``best_path``, default ``best.keras``) continue from ``history``, the rows logged so far."""
     stop = recipe["early_stopping"]
     has_val = recipe["data"]["val_size"] > 0
     monitor = stop["monitor"]
-    best, wait = best_so_far(history, monitor)
+    best, wait = rundir.best_so_far(history, monitor)
     callbacks = [
         EpochStats(images_per_epoch),
         keras.callbacks.TerminateOnNaN(),
-        BestModelSaver(best_path or run_dir / "best.keras", monitor if has_val else None, best),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        RunBackup(run_dir / BACKUP_DIR, first_epoch),
+        BestModelSaver(best_path or run_dir / rundir.BEST_MODEL, monitor if has_val else None, best),
+        keras.callbacks.CSVLogger(str(run_dir / rundir.HISTORY), append=True),
+        RunBackup(run_dir / rundir.BACKUP_DIR, first_epoch),
     ]
     if stop["enabled"]:
-        callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=mode(monitor), patience=stop["patience"],
+        callbacks.insert(2, ResumableEarlyStopping(monitor=monitor, mode=rundir.mode(monitor), patience=stop["patience"],
                                                    verbose=1, resume_best=best, resume_wait=wait))
     plateau = optim.plateau_callback(recipe["schedule"], "val_loss" if has_val else "loss")
     if plateau:
@@ -252,6 +181,6 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
     if recipe["whitening"]["bias_epochs"]:
         callbacks.insert(0, FreezeWhiteningBias(recipe["whitening"]["bias_epochs"]))
     if recipe["train"]["tensorboard"]:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD)))
     return callbacks
 

@@ -1,4 +1,6 @@
-"""One command-line convention: the flags the commands share, defined once, and the ``kcifar`` command.
+"""One command-line convention: the flags the commands share, defined once, the ``kcifar`` command,
+and the plumbing every command's ``main`` has (``command``: one line and exit 2 for a user error;
+``start_command``: the process settings made before TensorFlow loads; ``run_worker``).
 
 ``kcifar train ...`` is ``python -m kcifar.train ...``; likewise every command in ``COMMANDS``. A shared
 flag (``--data-dir``, ``--runs-dir``, ``--overwrite``, ``--seed``, ``--quiet`` / ``--verbose``) means the
@@ -6,8 +8,15 @@ same in every command that takes it, and ``--help`` shows each option's default 
 """
 
 import argparse
+import functools
 import importlib
+import os
+import subprocess
 import sys
+import warnings
+
+from kcifar import fileio
+from kcifar.errors import KcifarError
 
 COMMANDS = {  # kcifar <name> -> the module whose main() it runs
     "train": "kcifar.train", "finetune": "kcifar.finetune", "evaluate": "kcifar.evaluate",
@@ -74,9 +83,54 @@ def main(argv=None):
         print("usage: kcifar COMMAND [ARGS]   (kcifar COMMAND --help for its options)\ncommands: "
               + ", ".join(COMMANDS), file=out)
         raise SystemExit(0 if out is sys.stdout else 2)
-    from kcifar.errors import start_command
-
     start_command()  # before TensorFlow loads, as python -m kcifar.<command> does
     module = importlib.import_module(COMMANDS[argv[0]])
     sys.argv[0] = f"kcifar {argv[0]}"
     return module.main(argv[1:])
+
+
+def command(main):
+    """Wrap a command-line ``main`` so a KcifarError, or a full disk anywhere (Keras' own
+    writers included), prints one line and exits 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KcifarError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as error:
+            if not fileio.is_full_disk(error):
+                raise
+            print(f"error: {fileio.write_error(error.filename or 'a file', error)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+def start_command():
+    """Process settings of a ``python -m kcifar.<command>``, made before TensorFlow loads.
+
+    TensorFlow's oneDNN CPU kernels (``TF_ENABLE_ONEDNN_OPTS=1``, unless set): TensorFlow
+    enables them by itself only on CPUs with AVX-512 VNNI or newer, and they are faster on the
+    AVX2 CPUs too (measured: experiments/results/onednn.md). TensorFlow reads the variable once,
+    when imported.
+    And the deprecation warning Keras' legacy ImageDataGenerator triggers in SciPy once
+    per image is silenced.
+    """
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    warnings.filterwarnings("ignore", message="Please import `affine_transform`", category=DeprecationWarning)
+
+
+def run_worker(command: list, env: dict, what: str) -> str:
+    """A benchmark's worker process run to its end; its stdout. A worker that fails becomes one
+    line naming ``what`` it was and the worker's own last line of stderr (its error), not a traceback."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "no output")
+        raise KcifarError(f"{what} failed (exit {result.returncode}): {last.removeprefix('error: ')}")
+    return result.stdout

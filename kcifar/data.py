@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar.errors import KcifarError, cli
+from kcifar import cli as kcli
+from kcifar.errors import KcifarError
 from kcifar.fileio import keras_home
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -404,7 +405,7 @@ def describe(data: CifarData) -> str:
     return "\n".join(lines)
 
 
-@cli
+@kcli.command
 def main(argv=None):
     from kcifar import cli as kcli
 

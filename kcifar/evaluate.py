@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from kcifar import callbacks as kcallbacks, cli as kcli, fileio, run
+from kcifar import cli as kcli, fileio, rundir
 from kcifar.data import Split, load_cifar, superclass_groups
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 
 TOP_K = 5
 MOST_CONFUSED = 10
@@ -153,26 +153,22 @@ def resolve_target(target):
     """
     target = Path(target)
     if target.is_dir():
-        if not (target / "best.keras").is_file():
+        if not (target / rundir.BEST_MODEL).is_file():
             raise KcifarError(f"{target} has no best.keras; pass a finished run directory or a .keras file")
-        run_dir, model = target, target / "best.keras"
+        run_dir, model = target, target / rundir.BEST_MODEL
     elif not target.exists():
         raise KcifarError(f"{target} does not exist; pass a run directory (runs/NAME) or a .keras model file")
     else:
-        run_dir, model = (target.parent if (target.parent / "recipe.toml").is_file() else None), target
+        run_dir, model = (target.parent if (target.parent / rundir.RECIPE).is_file() else None), target
     if run_dir is not None:
-        run.read_recipe(run_dir)
-        if not run.is_finished(run_dir):  # its best.keras may still change, and its files are training's
+        rundir.read_recipe(run_dir)
+        if not rundir.is_finished(run_dir):  # its best.keras may still change, and its files are training's
             raise KcifarError(f"{run_dir} is an unfinished run; run the command that started it again to finish "
                               "it, then evaluate")
     return run_dir, model
 
 
 # ---------------------------------------------------------------- writing results
-
-
-def split_suffix(split_name):
-    return "" if split_name == "test" else f"_{split_name}"
 
 
 def write_figures(out_dir, split: Split, logits, class_names, split_name="test", history=None,
@@ -184,7 +180,7 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     """
     from kcifar import plots
 
-    out_dir, suffix = Path(out_dir), split_suffix(split_name)
+    out_dir, suffix = Path(out_dir), "" if split_name == "test" else f"_{split_name}"
     label = f"{title} ({split_name}, {len(split.y):,} images)" if title else f"{split_name}, {len(split.y):,} images"
     predicted = np.asarray(logits).argmax(axis=1)
     confusion = confusion_matrix(split.y, predicted, len(class_names))
@@ -199,7 +195,7 @@ def write_figures(out_dir, split: Split, logits, class_names, split_name="test",
     ]
     if history:
         paths.append(plots.learning_curves(history, out_dir / "learning_curves.png",
-                                           best_index=kcallbacks.best_index(history.get(monitor), monitor), monitor=monitor,
+                                           best_index=rundir.best_index(history.get(monitor), monitor), monitor=monitor,
                                            title=f"Learning curves: {title}" if title else "Learning curves"))
     return [p.name for p in paths]
 
@@ -222,8 +218,8 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
         raise KcifarError(f"the {split_name} split is empty (val_size = 0?); evaluate another split")
     if subset_mask is None and split_name == "test" and data.test_exact_mask is not None:
         subset_mask, subset_label = data.test_exact_mask, f"pixel-exact {int(data.test_exact_mask.sum()):,}"
-    recipe = run.read_recipe(run_dir) if (run_dir / "recipe.toml").is_file() else {}
-    monitor = run.monitor_of(recipe)
+    recipe = rundir.read_recipe(run_dir) if (run_dir / rundir.RECIPE).is_file() else {}
+    monitor = rundir.monitor_of(recipe)
     logits = predict_logits(model, split.x, tta=tta)
     result = {"run": recipe.get("name") or run_dir.name, "dataset": data.name, "label_mode": data.label_mode,
               "data_source": data.source, "split": split_name, "tta": tta}
@@ -231,8 +227,8 @@ def evaluate_run(run_dir, model, data, split_name="test", subset_mask=None, subs
                                       all_label=f"all {len(split.y):,}", mask_label=subset_label))
     out_dir = Path(out_dir or run_dir)
     result["figures"] = write_figures(out_dir, split, logits, data.class_names, split_name=split_name,
-                                      history=run.read_history(run_dir), monitor=monitor, title=result["run"])
-    fileio.write_json(out_dir / f"evaluation{split_suffix(split_name)}.json", result)
+                                      history=rundir.read_history(run_dir), monitor=monitor, title=result["run"])
+    fileio.write_json(out_dir / rundir.evaluation_file(split_name), result)
     return result
 
 
@@ -254,6 +250,8 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
     A run measured otherwise than it was trained to be (another ``tta``, a subset mask) is written into
     a folder of the run named for the difference (``evaluation_tta-flip/``), never over the files its
     metrics.json was computed with. Returns evaluate_run's result and, under ``written``, the JSON's path."""
+    from kcifar import models  # Keras, only when a model is measured
+
     run_dir, model_path = resolve_target(target)
     flags = {"--dataset": ("name", data_flags.get("dataset")), "--label-mode": ("label_mode", data_flags.get("label_mode")),
              "--val-size": ("val_size", data_flags.get("val_size")), "--seed": ("seed", data_flags.get("seed")),
@@ -263,30 +261,30 @@ def evaluate_target(target, split="test", tta=None, data_dir=None, out=None, sub
         if given:
             raise KcifarError(f"{' '.join(given)} cannot be used with run {run_dir}: its recipe.toml "
                               "fixes the data and the run directory is the output")
-        recipe = run.read_recipe(run_dir)
-        settings, run_tta = run.data_settings(recipe), recipe.get("train", {}).get("tta", "none")
+        recipe = rundir.read_recipe(run_dir)
+        settings, run_tta = rundir.data_settings(recipe), recipe.get("train", {}).get("tta", "none")
         tta = tta or run_tta
         differences = ([f"tta-{tta}"] if tta != run_tta else []) + ([f"subset-{Path(subset_mask).stem}"]
                                                                      if subset_mask else [])
         out_dir = run_dir / f"evaluation_{'_'.join(differences)}" if differences else run_dir
     else:
-        settings = run.data_settings({})
+        settings = rundir.data_settings({})
         settings.update({key: value for key, value in given.values() if key})
         out_dir = Path(out) if out else model_path.parent / f"{model_path.stem}_evaluation"
         fileio.check_writable(out_dir, "--out")
         tta = tta or "none"
     data = load_cifar(data_dir=data_dir, **settings)
     mask = load_mask(subset_mask, len(getattr(data, split).y)) if subset_mask else None
-    result = evaluate_run(run_dir or out_dir, run.load_model(model_path), data, split, mask,
+    result = evaluate_run(run_dir or out_dir, models.load(model_path), data, split, mask,
                           f"subset {Path(subset_mask).name} ({int(mask.sum()):,})" if mask is not None else None,
                           tta=tta, out_dir=out_dir)
-    return {**result, "written": str(out_dir / f"evaluation{split_suffix(split)}.json")}
+    return {**result, "written": str(out_dir / rundir.evaluation_file(split))}
 
 
 # ---------------------------------------------------------------- command line
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("evaluate", __doc__.split("\n")[0] + " A run measured otherwise than its recipe says "
                          "(--tta, --subset-mask) writes into evaluation_<difference>/ inside the run.",

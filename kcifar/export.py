@@ -16,11 +16,10 @@ and recorded in the manifest. The converters and runtimes are the export extra:
 ``pip install -e ".[export]"``.
 """
 
-from pathlib import Path
 
-from kcifar import cli as kcli, deploy, fileio, run
+from kcifar import cli as kcli, deploy, fileio, models, rundir
 from kcifar.data import load_cifar
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 from kcifar.evaluate import resolve_target
 from kcifar.predict import class_names_for_model
 
@@ -29,9 +28,8 @@ def source_record(run_dir, model_path) -> dict:
     """Where the exported model comes from: its file and sha256, and its run's test accuracy if any."""
     record = {"model": str(model_path), "sha256": fileio.file_sha256(model_path), "run": None,
               "test_top1": None, "test_exact_top1": None}
-    metrics_file = Path(run_dir) / "metrics.json" if run_dir else None
-    if metrics_file and metrics_file.is_file():
-        metrics = run.read_state(metrics_file)
+    metrics = rundir.read_metrics(run_dir) if run_dir else None
+    if metrics:
         record.update(run=metrics.get("run"), dataset=metrics.get("dataset"),
                       test_top1=(metrics.get("test") or {}).get("top1"),
                       test_exact_top1=(metrics.get("test_exact") or {}).get("top1"))
@@ -40,7 +38,7 @@ def source_record(run_dir, model_path) -> dict:
 
 def int8_data(run_dir, dataset, data_dir, class_names):
     """The data set the model was trained on: its training split calibrates, its test split measures."""
-    settings = run.data_settings(run.read_recipe(run_dir) if run_dir else {})
+    settings = rundir.data_settings(rundir.read_recipe(run_dir) if run_dir else {})
     if dataset:
         if run_dir:
             raise KcifarError(f"--dataset cannot be used with run {run_dir}: its recipe.toml names the data set")
@@ -62,7 +60,7 @@ def describe(out, manifest) -> str:
             f"on {check['images']} images")
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("export", __doc__.split("\n")[0], shared=("overwrite", "data_dir"))
     parser.add_argument("target", help="run directory (runs/NAME, its best.keras) or a .keras model file")
@@ -80,7 +78,7 @@ def main(argv=None):
     run_dir, model_path = resolve_target(args.target)
     class_names = class_names_for_model(model_path, args.classes)
     data = int8_data(run_dir, args.dataset, args.data_dir, class_names) if args.int8 else None
-    model = run.load_model(model_path)
+    model = models.load(model_path)
     manifest = deploy.export(model, args.format, args.out, class_names, source_record(run_dir, model_path),
                              int8_data=data, int8_mode=args.int8 or "full", overwrite=args.overwrite)
     print(describe(args.out, manifest))

@@ -23,7 +23,7 @@ continues at its last finished epoch (``kcifar.run``).
 """
 
 if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -37,9 +37,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, fileio, machine, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, fileio, machine, recipe as krecipe, run, rundir
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 from kcifar.fileio import atomic_path
 from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top, weights_digest
 
@@ -160,26 +160,26 @@ def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbo
     training batches from the stage's epoch ``e`` on (what an uninterrupted stage sees there).
     The model ends with the stage's best weights (by the early-stopping monitor). Returns
     (epochs run, best monitor value or None)."""
-    best_path = run_dir / f"stage{stage}.keras"
-    finished = run.finished_stages(run_dir)
+    best_path = run_dir / rundir.stage_model(stage)
+    finished = rundir.finished_stages(run_dir)
     if str(stage) in finished:  # finished before the run was stopped
         model.load_weights(best_path)
         return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
     spec = stage_recipe(recipe, stage)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
     run.compile_model(model, spec, steps, machine.jit_enabled(spec["train"]["jit"]))
-    logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
-    epochs = len(logged.get("epoch", [])) if kcallbacks.stopped_early(spec, logged) else spec["train"]["epochs"]
-    model.fit(train_data(max(run.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
+    logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
+    epochs = len(logged.get("epoch", [])) if rundir.stopped_early(spec, logged) else spec["train"]["epochs"]
+    model.fit(train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
               initial_epoch=first,
               steps_per_epoch=steps, verbose=verbose,
               callbacks=kcallbacks.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
-    logged = {column: values[first:] for column, values in run.read_history(run_dir).items()}
+    logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
-    best = kcallbacks.best_index(logged.get(monitor), monitor)
+    best = rundir.best_index(logged.get(monitor), monitor)
     result = len(logged["epoch"]), None if best is None else float(logged[monitor][best])
-    run.record_stage(run_dir, stage, *result)
+    rundir.record_stage(run_dir, stage, *result)
     return result
 
 
@@ -189,7 +189,7 @@ def stage2_if_better(model, layers, recipe, stage1_best, fit):
     saved = [layer.get_weights() for layer in layers]
     epochs, best = fit()
     monitor = recipe["early_stopping"]["monitor"]
-    if best is not None and stage1_best is not None and not kcallbacks.improves(best, stage1_best, monitor):
+    if best is not None and stage1_best is not None and not rundir.improves(best, stage1_best, monitor):
         for layer, weights in zip(layers, saved):
             layer.set_weights(weights)
         print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
@@ -310,13 +310,13 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
     with strategy.scope():
         backbone = load_backbone(ft["backbone"], (32, 32, 3), ft["resolution"], ft["weights"])  # may refuse
         run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names)
-        if run.resume_epoch(run_dir):
-            print(f"resuming {run_dir} at epoch {run.resume_epoch(run_dir) + 1}", file=sys.stderr)
-        clock = run.start_clock(run.read_history(run_dir), entered)
+        if rundir.resume_epoch(run_dir):
+            print(f"resuming {run_dir} at epoch {rundir.resume_epoch(run_dir) + 1}", file=sys.stderr)
+        clock = run.start_clock(rundir.read_history(run_dir), entered)
         train_fn = train_on_features if ft["cache_features"] else train_on_images
         head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
-    with fileio.atomic_path(run_dir / "best.keras") as tmp:
+    with fileio.atomic_path(run_dir / rundir.BEST_MODEL) as tmp:
         model.save(tmp)
     evaluation, metrics = run.evaluate_and_finish(run_dir, recipe, model, data, clock, len(train_split),
                                                   resolution=ft["resolution"], backbone=ft["backbone"],
@@ -349,7 +349,7 @@ def recipe_from_args(args) -> dict:
     return resolve_recipe(args.recipe, list(args.set) + ([{"finetune": flags}] if flags else []) + ([top] if top else []))
 
 
-@cli
+@kcli.command
 def main(argv=None):
     args = parse_args(argv)
     recipe = recipe_from_args(args)

@@ -20,20 +20,22 @@ import numpy as np
 from kcifar import __version__
 from kcifar.errors import KcifarError
 
-import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
-import tensorflow as tf  # noqa: E402
 
 
 # ------------------------------------------------------------ devices and precision
 
 
 def _is_gpu_machine():
+    import tensorflow as tf
+
     return bool(tf.config.list_physical_devices("GPU"))
 
 
 def make_strategy(name: str):
     """auto: MirroredStrategy over all GPUs when there are several, else the default;
     multiworker: MultiWorkerMirroredStrategy over the cluster of ``TF_CONFIG`` (kcifar.multiworker)."""
+    import tensorflow as tf
+
     if name == "multiworker":
         from kcifar import multiworker  # its private Keras module only where used
 
@@ -53,6 +55,8 @@ def _mirrored_strategy(devices: tuple):
     the start again, and TensorFlow takes them for the first one's (InvalidArgumentError "Shape
     mismatch in the collective instance" at the first step of another model in the same process,
     as a sweep trains)."""
+    import tensorflow as tf
+
     return tf.distribute.MirroredStrategy(devices=list(devices))
 
 
@@ -74,6 +78,8 @@ def auto_precision() -> str:
 
 def set_precision(precision: str):
     """Keras' global dtype policy; 'auto' is ``auto_precision()``."""
+    import keras
+
     if precision == "auto":
         precision = auto_precision()
     keras.mixed_precision.set_global_policy(precision)
@@ -91,6 +97,8 @@ def matmul_kernel_grad_rule(conv_grad: str) -> tuple[int, int]:
     """``train.conv_grad`` as (largest input positions, fewest input channels) of the convolutions
     to route: "native" none, "matmul" every eligible one, "auto" the rule measured for this CPU
     and precision policy (none on a GPU, on AMX CPUs and on CPUs without native bfloat16)."""
+    import keras
+
     if conv_grad != "auto":
         return (0, 0) if conv_grad == "native" else (sys.maxsize, 0)
     flags, policy = cpu_flags(), keras.mixed_precision.global_policy().name
@@ -107,6 +115,8 @@ def jit_enabled(jit: str) -> bool:
     (InvalidArgumentError "Trying to access resource ... located in device"; Keras' own
     ``jit_compile="auto"`` is off under ``tf.distribute`` too): several replicas train without XLA,
     and "on" there is refused."""
+    import tensorflow as tf
+
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if jit == "on" and replicas > 1:
         raise KcifarError(f"train.jit='on' cannot train over the {replicas} replicas of this strategy (Keras 3 "
@@ -173,6 +183,9 @@ def onednn_enabled() -> bool:
 
 
 def environment() -> dict:
+    import keras
+    import tensorflow as tf
+
     return {
         "versions": {"kcifar": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
                      "keras": keras.__version__, "numpy": np.__version__},

@@ -34,6 +34,7 @@ from pathlib import Path
 import tensorflow as tf
 from keras import tree
 
+from kcifar import rundir
 from kcifar.errors import KcifarError
 
 _STRATEGY = []  # the process's one MultiWorkerMirroredStrategy (TensorFlow allows one)
@@ -124,7 +125,7 @@ def worker_copy(run_dir: Path, overwrite: bool) -> Path:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     copy = folder / run_dir.name
     if run_dir.is_dir() and not overwrite:  # the chief's files are renamed into place: skip its ".x" temporaries
-        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".*", "*.png", "tensorboard"))
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".*", "*.png", rundir.TENSORBOARD))
     return copy
 
 

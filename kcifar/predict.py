@@ -30,8 +30,8 @@ from scipy.special import softmax
 
 from kcifar import cli as kcli, deploy
 from kcifar.data import class_names_for
-from kcifar.errors import KcifarError, cli
-from kcifar.run import CLASSES_FILE, load_model, read_class_names
+from kcifar.errors import KcifarError
+from kcifar.rundir import BEST_MODEL, CLASSES, read_class_names
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 SIZE = 32
@@ -74,11 +74,17 @@ def class_names_for_model(model_path, classes=None) -> list:
         return class_names_for("cifar100", "coarse")
     if classes:
         return read_class_names(classes)
-    saved = Path(model_path).parent / CLASSES_FILE
+    saved = Path(model_path).parent / CLASSES
     if not saved.is_file():
-        raise KcifarError(f"{model_path} has no {CLASSES_FILE} beside it (not in a run directory, or one made "
+        raise KcifarError(f"{model_path} has no {CLASSES} beside it (not in a run directory, or one made "
                           "before kcifar wrote it); pass --classes cifar10|cifar100|FILE")
     return read_class_names(saved)
+
+
+def _load_keras(path):
+    from kcifar import models  # Keras and TensorFlow load only for a Keras model, not for an export
+
+    return models.load(path)
 
 
 class Predictor:
@@ -87,11 +93,11 @@ class Predictor:
 
     def __init__(self, path):
         path = Path(path)
-        if path.is_dir() and (path / "best.keras").is_file() and not deploy.manifest_path(path):
-            path = path / "best.keras"
+        if path.is_dir() and (path / BEST_MODEL).is_file() and not deploy.manifest_path(path):
+            path = path / BEST_MODEL
         self.path = path
         self.exported = deploy.load(path) if path.suffix != ".keras" and deploy.manifest_path(path) else None
-        self.keras = None if self.exported else load_model(path)
+        self.keras = None if self.exported else _load_keras(path)
         self.num_classes = self.exported.num_classes if self.exported else self.keras.output_shape[-1]
 
     def logits(self, images) -> np.ndarray:
@@ -140,7 +146,7 @@ def format_results(results) -> str:
                      for r in results)
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("predict", __doc__.split("\n")[0])
     parser.add_argument("model", help="run directory (its best.keras), .keras model file (inside a run directory, "

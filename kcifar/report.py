@@ -18,19 +18,18 @@ never subtracted: such rows say "no CIFAR-10 figure documented".
 
 import csv
 import io
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 from kcifar import cli as kcli, fileio
 from kcifar.fileio import write_text
 from kcifar.machine import code_version
 
-from kcifar.run import read_recipe
+from kcifar.rundir import read_metrics, read_recipe
 
 COLUMNS = ["run", "model", "dataset", "finished", "epochs", "best_epoch", "val_top1_pct", "test_top1_all_pct",
            "test_top1_exact_pct", "test_exact_n", "wall_time_s", "train_images_per_s", "documented_pct",
@@ -57,17 +56,14 @@ def _pct(fraction):
     return None if fraction is None else round(100 * float(fraction), 2)
 
 
-def read_run(run_dir) -> dict:
+def table_row(run_dir) -> dict:
     """One table row (the COLUMNS) from a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KcifarError(f"{run_dir} is not a run directory; pass folders written by kcifar.train (runs/NAME)")
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KcifarError(f"{run_dir} has no metrics.json; has the run finished training?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KcifarError(f"{run_dir}/metrics.json is not valid JSON ({error}); re-run the evaluation") from None
+    metrics = read_metrics(run_dir)
+    if metrics is None:
+        raise KcifarError(f"{run_dir} has no metrics.json; has the run finished training?")
     recipe = read_recipe(run_dir)
     test, exact = metrics.get("test") or {}, metrics.get("test_exact") or {}
     documented = recipe.get("documented", {})
@@ -160,7 +156,7 @@ def runs_table(run_dirs, command=None) -> tuple:
     """(rows, markdown) of the runs, in the order given."""
     if not run_dirs:
         raise KcifarError("no runs given; pass run directories such as runs/NAME")
-    rows = [read_run(d) for d in run_dirs]
+    rows = [table_row(d) for d in run_dirs]
     command = command or "python -m kcifar.report " + " ".join(shlex.quote(shown_path(d)) for d in run_dirs)
     return rows, to_markdown(rows, command)
 
@@ -178,7 +174,7 @@ def write_report(run_dirs, out, command=None):
     return md, csv_path
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("report", __doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", help="run directories (runs/NAME)")

@@ -12,7 +12,7 @@ finished epoch; a finished run is kept unless ``--overwrite``.
 """
 
 if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, cli as kcli, data as kdata, evaluate, fileio, machine, models, multiworker, recipe as krecipe, run
+from kcifar import callbacks as kcallbacks, cli as kcli, data as kdata, evaluate, fileio, machine, models, multiworker, recipe as krecipe, run, rundir
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 
 import keras  # noqa: E402  (after kcifar imports so TF's start-up noise follows our errors)
 
@@ -64,7 +64,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         raise KcifarError(f"unknown model '{recipe['model']}'; choose one of: {', '.join(models.names())}")
     augment = AugmentConfig(**recipe["augment"])  # refused here, before the run directory is touched
     fileio.check_writable(runs_dir, "--runs-dir")
-    run.check_run_dir(Path(runs_dir) / recipe["name"], recipe, overwrite)  # before the data and the compile
+    rundir.check_run_dir(Path(runs_dir) / recipe["name"], recipe, overwrite)  # before the data and the compile
     spec = recipe["train"]
     strategy = run.set_up(recipe)
     data, train_split = run.load_data(recipe, data_dir)
@@ -75,11 +75,11 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
         matmul_grads = run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
-    first_epoch = run.resume_epoch(run_dir)
-    if first_epoch and not (run_dir / "best.keras").is_file():  # saved at the first epoch's end, before the backup
-        raise KcifarError(run.damaged(run_dir / "best.keras", "it is missing"))
-    history = run.read_history(run_dir)
-    epochs = first_epoch if kcallbacks.stopped_early(recipe, history) else spec["epochs"]
+    first_epoch = rundir.resume_epoch(run_dir)
+    if first_epoch and not (run_dir / rundir.BEST_MODEL).is_file():  # saved at the first epoch's end, before the backup
+        raise KcifarError(rundir.damaged(run_dir / rundir.BEST_MODEL, "it is missing"))
+    history = rundir.read_history(run_dir)
+    epochs = first_epoch if rundir.stopped_early(recipe, history) else spec["epochs"]
     if first_epoch:
         print(f"resuming {run_dir} at epoch {first_epoch + 1}" if first_epoch < epochs else
               f"resuming {run_dir}: its training is done, measuring the test set", file=sys.stderr)
@@ -92,11 +92,11 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
         epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose, shuffle=False,  # the pipeline shuffles
         callbacks=kcallbacks.make_callbacks(run_dir, recipe, len(train_split), history) + list(callbacks),
     )
-    history = run.read_history(run_dir)
+    history = rundir.read_history(run_dir)
     if history and not np.isfinite(history["loss"][-1]):
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
-    model.load_weights(run_dir / "best.keras")
+    model.load_weights(run_dir / rundir.BEST_MODEL)
     evaluation, metrics = run.evaluate_and_finish(run_dir, recipe, model, data, clock, len(train_split),
                                                   tta=spec["tta"], conv_grad_matmul_layers=matmul_grads)
     return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))
@@ -173,7 +173,7 @@ def recipe_from_args(args) -> dict:
     return recipe
 
 
-@cli
+@kcli.command
 def main(argv=None):
     args = parse_args(argv)
     recipe = recipe_from_args(args)

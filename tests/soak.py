@@ -138,9 +138,9 @@ def _history(run_dir: Path) -> list:
 
 
 def _weights(path: Path) -> list:
-    from kcifar import run
+    from kcifar import models
 
-    return run.load_model(path).get_weights()
+    return models.load(path).get_weights()
 
 
 SCORES = ("test", "test_exact", "best_val_accuracy", "best_epoch", "epochs_run", "stage_epochs", "finished")

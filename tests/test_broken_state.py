@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error, own_stderr_lines, stop_after_epoch, write_cifar10
 from soak import differences
 
-from kcifar import callbacks as kcallbacks, finetune, run, train
+from kcifar import callbacks as kcallbacks, finetune, rundir, train
 
 ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
 
@@ -44,15 +44,15 @@ def _truncate(path, keep=0.5):
 
 def test_a_damaged_latest_backup_resumes_from_the_previous_copy(stopped_run, capsys):
     backup = stopped_run / "backup"
-    assert run.resume_epoch(stopped_run) == 3 and (backup / "latest.weights.h5.bkp").exists()
+    assert rundir.resume_epoch(stopped_run) == 3 and (backup / "latest.weights.h5.bkp").exists()
     _flip_a_byte(backup / "latest.weights.h5")  # a bit of the weights: only the digest can tell
-    assert run.resume_epoch(stopped_run) == 2
+    assert rundir.resume_epoch(stopped_run) == 2
     train.main([*ARGS, "--runs-dir", str(stopped_run.parent)])
     err = capsys.readouterr().err
     assert f"resuming {stopped_run} at epoch 3" in err
     epochs = [line.split(",")[0] for line in (stopped_run / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1", "2", "3"]  # epoch 2 (counted from 0) trained again from its start, not twice logged
-    assert run.is_finished(stopped_run)
+    assert rundir.is_finished(stopped_run)
 
 
 def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
@@ -60,7 +60,7 @@ def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
     metadata still the previous epoch's. The previous copy is the whole pair."""
     backup = stopped_run / "backup"
     (backup / "training_metadata.json").write_bytes((backup / "training_metadata.json.bkp").read_bytes())
-    assert kcallbacks.backup_pair(backup) == (backup / "latest.weights.h5.bkp", run.read_state(backup / "training_metadata.json.bkp"))
+    assert rundir.backup_pair(backup) == (backup / "latest.weights.h5.bkp", rundir.read_json(backup / "training_metadata.json.bkp"))
 
 
 @pytest.mark.parametrize("damage, named", [
@@ -77,7 +77,7 @@ def test_damaged_state_is_one_line_naming_the_file_and_overwrite(stopped_run, ca
     err = one_line_error(train.main, [*ARGS, "--runs-dir", str(stopped_run.parent)], capsys)
     assert named in err and err.endswith("pass --overwrite to train this run again from the start")
     train.main([*ARGS, "--runs-dir", str(stopped_run.parent), "--overwrite"])
-    assert run.is_finished(stopped_run)
+    assert rundir.is_finished(stopped_run)
 
 
 @pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, lambda path: path.write_bytes(b"")])
@@ -111,7 +111,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(tiny_ci
     monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", write_row)
     train.main(argv)
     assert f"resuming {tmp_path / 'runs' / 'r'} at epoch 2" in capsys.readouterr().err
-    assert run.is_finished(tmp_path / "runs" / "r") and len(run.read_history(tmp_path / "runs" / "r")["epoch"]) == 4
+    assert rundir.is_finished(tmp_path / "runs" / "r") and len(rundir.read_history(tmp_path / "runs" / "r")["epoch"]) == 4
 
 
 @pytest.fixture

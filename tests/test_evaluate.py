@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import one_line_error
 
-from kcifar import callbacks as kcallbacks, evaluate, run
+from kcifar import evaluate, rundir
 from kcifar.data import CIFAR10_CLASSES, CIFAR100_COARSE, CIFAR100_FINE, Split, superclass_groups
 from kcifar.errors import KcifarError
 
@@ -141,14 +141,14 @@ def test_logits_that_do_not_fit_the_classes_are_refused():
 
 def test_history_keeps_the_last_row_of_a_repeated_epoch_and_finds_the_best(tmp_path):
     (tmp_path / "history.csv").write_text(HISTORY)
-    history = run.read_history(tmp_path)
+    history = rundir.read_history(tmp_path)
     assert history["epoch"].tolist() == [0, 1, 2, 3]
     assert history["val_loss"].tolist() == [1.80, 1.52, 1.30, 1.45]
-    assert kcallbacks.best_index(history["val_loss"], "val_loss") == 2
-    assert kcallbacks.best_index(history["val_accuracy"], "val_accuracy") == 2
-    assert kcallbacks.best_index(history["val_top5"], "val_top5") == 3
-    assert kcallbacks.best_index(history.get("absent"), "val_loss") is None
-    assert run.read_history(tmp_path / "missing") == {}
+    assert rundir.best_index(history["val_loss"], "val_loss") == 2
+    assert rundir.best_index(history["val_accuracy"], "val_accuracy") == 2
+    assert rundir.best_index(history["val_top5"], "val_top5") == 3
+    assert rundir.best_index(history.get("absent"), "val_loss") is None
+    assert rundir.read_history(tmp_path / "missing") == {}
 
 
 def test_cifar100_fine_classes_group_into_twenty_superclasses():

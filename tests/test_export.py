@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error
 from test_predict import write_photo
 
-from kcifar import deploy, export, fileio, models, predict, run
+from kcifar import deploy, export, fileio, models, predict, rundir
 from kcifar.data import CIFAR10_CLASSES, load_cifar
 from kcifar.errors import KcifarError
 
@@ -28,7 +28,7 @@ def fake_run(run_dir: Path, model) -> Path:
     model.save(run_dir / "best.keras")
     (run_dir / "recipe.toml").write_text(f'name = "{run_dir.name}"\ndataset = "cifar10"\nseed = 0\n'
                                          '[data]\nval_size = 5000\nlabel_mode = "fine"\n')
-    run.write_class_names(run_dir, CIFAR10_CLASSES)
+    rundir.write_class_names(run_dir, CIFAR10_CLASSES)
     (run_dir / "metrics.json").write_text(json.dumps({"run": run_dir.name, "dataset": "cifar10", "finished": True,
                                                       "test": {"top1": TEST_TOP1}, "test_exact": None}))
     return run_dir
@@ -64,7 +64,7 @@ def exports(bn_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bn_model(bn_run):
-    return run.load_model(bn_run / "best.keras")
+    return models.load(bn_run / "best.keras")
 
 
 def max_logit_error(exported, expected, images) -> float:
@@ -224,7 +224,7 @@ def test_int8_litert_agrees_with_keras_on_real_test_images(real_cifar10_dir, s3_
     assert abs(check["test_top1_change"]) <= 0.01
     assert check["top1_agreement"] >= 0.97  # measured 0.978: the disagreements are near-ties, see below
 
-    model = run.load_model(run_dir / "best.keras")
+    model = models.load(run_dir / "best.keras")
     clear, agree = clear_and_agreeing(model, deploy.load(tmp_path / "int8"), data.test.x[:256])
     assert agree.mean() >= 0.97 and agree[clear].mean() >= 0.99 and clear.sum() >= 150
 
@@ -246,7 +246,7 @@ def test_dynamic_int8_agrees_with_keras_on_99_percent(real_cifar10_dir, s3_run, 
     assert manifest["check"]["top1_agreement"] >= 0.985  # measured 0.9932 (full integer: 0.978)
     assert abs(manifest["check"]["test_top1_change"]) <= 0.005
 
-    model = run.load_model(run_dir / "best.keras")
+    model = models.load(run_dir / "best.keras")
     exported = deploy.load(tmp_path / "dyn")
     _, agree = clear_and_agreeing(model, exported, data.test.x[:256])
     assert agree.mean() >= 0.99  # measured 255 of 256

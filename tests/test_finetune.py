@@ -145,7 +145,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
     assert sorted(p.name for p in cached.iterdir() if p.suffix != ".sha256") == [
         "key.json", "train.npy", "train_flip.npy", "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
-    assert len(finetune.run.read_history(run_dir)["epoch"]) == metrics["epochs_run"] == 3
+    assert len(finetune.rundir.read_history(run_dir)["epoch"]) == metrics["epochs_run"] == 3
     assert metrics["finished"] and metrics["stage_epochs"] == [2, 1] and metrics["resolution"] == 32
     assert metrics["test"]["n"] == metrics["test_exact"]["n"] == 200
     assert metrics["test"]["top1"] > 0.15  # chance is 0.10; ImageNet features help even at 32 x 32
@@ -186,7 +186,7 @@ def test_killed_finetune_resumes_in_its_stage_under_the_recipes_strategy(tiny_ci
         finetune.finetune(recipe, tmp_path / "runs", verbose=0)
     run_dir = tmp_path / "runs" / "r"
     stage1_rows = (run_dir / "history.csv").read_text().splitlines()[:4]
-    assert finetune.run.finished_stages(run_dir)["1"]["epochs"] == 3 and finetune.run.resume_epoch(run_dir) == 4
+    assert finetune.rundir.finished_stages(run_dir)["1"]["epochs"] == 3 and finetune.rundir.resume_epoch(run_dir) == 4
 
     monkeypatch.setattr(kcallbacks, "make_callbacks", make_callbacks)
     _, metrics, _ = finetune.finetune(recipe, tmp_path / "runs", verbose=0)

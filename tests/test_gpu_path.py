@@ -87,7 +87,7 @@ def worker(config: str, data_dir: str, folder: str, *runs: str):
 def train_facts(folder: Path, data_dir: Path, path, overrides) -> dict:
     import keras
 
-    from kcifar import evaluate, recipe as krecipe, run
+    from kcifar import evaluate, models, recipe as krecipe, rundir
     from kcifar.train import train
 
     recipe = krecipe.resolve(REPOSITORY / path if path else None, overrides)
@@ -95,13 +95,13 @@ def train_facts(folder: Path, data_dir: Path, path, overrides) -> dict:
     model, optimizer = result.model, result.model.optimizer
     test = result.data.test
     logits = evaluate.predict_logits(model, test.x, tta=recipe["train"]["tta"])
-    reloaded = evaluate.predict_logits(run.load_model(result.run_dir / "best.keras"), test.x, tta=recipe["train"]["tta"])
+    reloaded = evaluate.predict_logits(models.load(result.run_dir / "best.keras"), test.x, tta=recipe["train"]["tta"])
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return {"policy": keras.mixed_precision.global_policy().name, "jit": bool(model.jit_compile),
             "replicas": model.distribute_strategy.num_replicas_in_sync,
             "optimizer": type(optimizer).__name__, "inner": type(inner).__name__,
             "loss_scale": float(optimizer.dynamic_scale.numpy()) if hasattr(optimizer, "dynamic_scale") else None,
-            "losses": run.read_history(result.run_dir)["loss"].tolist(), "test": result.metrics["test"],
+            "losses": rundir.read_history(result.run_dir)["loss"].tolist(), "test": result.metrics["test"],
             "evaluation_top1": result.evaluation["all"]["top1"], "tta": result.metrics["tta"],
             "logits_dtype": str(logits.dtype), "output_dtype": str(model.predict(test.x[:2], verbose=0).dtype),
             "reloaded_gap": float(np.abs(reloaded - logits).max()),
@@ -140,7 +140,7 @@ def finetune_facts(folder: Path, data_dir: Path, overrides) -> dict:
     import keras
     from conftest import tiny_backbone
 
-    from kcifar import finetune, run
+    from kcifar import finetune, models, rundir
 
     keras.mixed_precision.set_global_policy("mixed_float16")  # the backbone's layers are saved so
     backbone = tiny_backbone(folder.parent / f"{folder.name}_backbone")
@@ -149,9 +149,9 @@ def finetune_facts(folder: Path, data_dir: Path, overrides) -> dict:
                                                 "backbone": str(backbone), "unfreeze_blocks": 1,
                                                 "stage1_epochs": 1, "stage2_epochs": 1}}])
     run_dir, metrics, _ = finetune.finetune(recipe, folder, data_dir, verbose=0)
-    model = run.load_model(run_dir / "best.keras")
+    model = models.load(run_dir / "best.keras")
     return {"policy": metrics["precision"], "stage_epochs": metrics["stage_epochs"], "test": metrics["test"],
-            "losses": run.read_history(run_dir)["loss"].tolist(),
+            "losses": rundir.read_history(run_dir)["loss"].tolist(),
             "compute": sorted({layer.compute_dtype for layer in model._flatten_layers() if layer.weights}),
             "output_dtype": str(model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0).dtype)}
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import own_stderr_lines, write_cifar10
 
-from kcifar import multiworker, recipe as krecipe, run
+from kcifar import multiworker, recipe as krecipe, rundir
 from kcifar.errors import KcifarError
 from kcifar.train import train
 
@@ -31,7 +31,7 @@ DEADLINE_S = 240  # per round of worker processes
 # kcifar.train's command, which also saves the kept model's weights of this worker for the test
 WORKER = textwrap.dedent("""
     import sys
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
     start_command()
     import numpy as np
     from kcifar import train
@@ -124,8 +124,8 @@ def test_both_workers_end_with_identical_weights(scenario):
 
 
 def test_two_workers_equal_one_process_with_the_same_global_batch(scenario):
-    two = run.read_history(scenario["runs"] / "mw")
-    one = run.read_history(scenario["single"].run_dir)
+    two = rundir.read_history(scenario["runs"] / "mw")
+    one = rundir.read_history(scenario["single"].run_dir)
     for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(two[column], one[column], rtol=1e-4, atol=1e-6)
     single_weights = scenario["single"].model.get_weights()

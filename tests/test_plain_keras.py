@@ -11,7 +11,7 @@ import textwrap
 import keras
 import numpy as np
 
-from kcifar import models, run
+from kcifar import models
 from kcifar.models import parts
 
 NEEDS_KCIFAR = {"airbench94"}  # PatchWhitening, PartialDirac, gelu_tanh
@@ -66,7 +66,7 @@ def test_a_file_saved_with_the_old_fused_batch_norm_class_still_loads(tmp_path):
     inputs = keras.Input((4, 4, 3))
     model = keras.Model(inputs, parts.FusedBatchNorm(momentum=0.9, epsilon=1e-5, name="bn")(inputs))
     model.save(tmp_path / "old.keras")
-    loaded = run.load_model(tmp_path / "old.keras")
+    loaded = models.load(tmp_path / "old.keras")
     assert type(loaded.get_layer("bn")) is parts.FusedBatchNorm
     x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 from conftest import one_line_error
 from test_evaluate import colour_model, red_level
 
-from kcifar import predict, run
+from kcifar import predict, rundir
 from kcifar.data import CIFAR10_CLASSES
 from kcifar.errors import KcifarError
 
@@ -38,7 +38,7 @@ def run_model(tmp_path_factory):
     run_dir.mkdir()
     colour_model().save(run_dir / "best.keras")
     (run_dir / "recipe.toml").write_text('name = "colour_run"\ndataset = "cifar10"\n[data]\nlabel_mode = "fine"\n')
-    run.write_class_names(run_dir, CIFAR10_CLASSES)
+    rundir.write_class_names(run_dir, CIFAR10_CLASSES)
     return run_dir / "best.keras"
 
 
@@ -46,7 +46,7 @@ def test_class_names_come_from_the_run_directory(tmp_path, run_model):
     own = tmp_path / "own_classes"
     own.mkdir()
     (own / "best.keras").write_bytes(run_model.read_bytes())
-    run.write_class_names(own, [f"thing{i}" for i in range(10)])  # not CIFAR-10's: no table can give them
+    rundir.write_class_names(own, [f"thing{i}" for i in range(10)])  # not CIFAR-10's: no table can give them
     (own / "recipe.toml").write_text(run_model.with_name("recipe.toml").read_text())
     assert predict.class_names_for_model(own / "best.keras") == [f"thing{i}" for i in range(10)]
     (own / "classes.txt").unlink()

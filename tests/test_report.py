@@ -53,7 +53,7 @@ def test_a_figure_documented_on_another_data_set_is_not_subtracted(tmp_path):
     run = write_run(tmp_path, "lite0", metrics(0.905, exact=0.96), (0.78, "S1 goal (CIFAR-100, 0.78)"))
     with open(run / "recipe.toml", "a") as f:
         f.write('dataset = "cifar100"\n')  # appended inside [documented]
-    row = report.read_run(run)
+    row = report.table_row(run)
     assert row["difference_pp"] is None and row["compared_with"] == "no CIFAR-10 figure documented"
     assert "| no CIFAR-10 figure documented |" in report.to_markdown([row], "python -m kcifar.report runs/lite0")
 

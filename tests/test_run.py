@@ -11,22 +11,22 @@ import keras
 import numpy as np
 import pytest
 
-from kcifar import callbacks as kcallbacks, data, machine, run
+from kcifar import callbacks as kcallbacks, data, machine, models, run, rundir
 from kcifar.errors import KcifarError
 from kcifar.models import pretrained
 
 
 def test_best_index_is_the_first_best_by_the_monitors_direction():
-    assert kcallbacks.best_index([0.2, 0.5, 0.5, 0.3], "val_accuracy") == 1
-    assert kcallbacks.best_index([2.0, 1.0, 1.0, 1.5], "val_loss") == 1
-    assert kcallbacks.best_index([np.nan, 0.4, np.nan], "val_accuracy") == 1
-    assert kcallbacks.best_index([], "val_loss") is None and kcallbacks.best_index(None, "val_loss") is None
+    assert rundir.best_index([0.2, 0.5, 0.5, 0.3], "val_accuracy") == 1
+    assert rundir.best_index([2.0, 1.0, 1.0, 1.5], "val_loss") == 1
+    assert rundir.best_index([np.nan, 0.4, np.nan], "val_accuracy") == 1
+    assert rundir.best_index([], "val_loss") is None and rundir.best_index(None, "val_loss") is None
 
 
 def test_best_so_far_counts_patience_from_history():
-    assert kcallbacks.best_so_far({"val_accuracy": np.array([0.2, 0.5, 0.4, 0.3])}, "val_accuracy") == (0.5, 2)
-    assert kcallbacks.best_so_far({"val_loss": np.array([2.0, 1.0])}, "val_loss") == (1.0, 0)
-    assert kcallbacks.best_so_far({}, "val_loss") == (None, 0)
+    assert rundir.best_so_far({"val_accuracy": np.array([0.2, 0.5, 0.4, 0.3])}, "val_accuracy") == (0.5, 2)
+    assert rundir.best_so_far({"val_loss": np.array([2.0, 1.0])}, "val_loss") == (1.0, 0)
+    assert rundir.best_so_far({}, "val_loss") == (None, 0)
 
 
 @pytest.mark.parametrize("patience", [0, 1, 3])
@@ -49,8 +49,8 @@ def test_stopped_early_agrees_with_keras_early_stopping(patience):
                 break
         for epoch in range(len(values) if stopped is None else stopped + 1):  # the epochs a run logs
             history = {"epoch": np.arange(epoch + 1), "val_accuracy": values[:epoch + 1]}
-            assert kcallbacks.stopped_early(recipe, history) is (epoch == stopped), (values, epoch, stopped)
-    assert not kcallbacks.stopped_early({"early_stopping": {**recipe["early_stopping"], "enabled": False}},
+            assert rundir.stopped_early(recipe, history) is (epoch == stopped), (values, epoch, stopped)
+    assert not rundir.stopped_early({"early_stopping": {**recipe["early_stopping"], "enabled": False}},
                                  {"epoch": np.arange(3), "val_accuracy": np.array([0.5, 0.1, 0.1])})
 
 
@@ -206,15 +206,15 @@ def test_code_version_counts_code_changes_but_not_the_recorded_results(tmp_path,
 
 def test_segments_say_which_epochs_ran_where_and_skip_a_process_that_finished_none(tmp_path, monkeypatch):
     monkeypatch.setattr(machine, "cpu_description", lambda: "CPU A")
-    run.record_segment(tmp_path, 0)
-    run.record_segment(tmp_path, 2)  # killed before its first epoch ended
+    rundir.record_segment(tmp_path, {"first_epoch": 1, **run.this_process()})
+    rundir.record_segment(tmp_path, {"first_epoch": 3, **run.this_process()})  # killed before its first epoch ended
     monkeypatch.setattr(machine, "cpu_description", lambda: "CPU B")
-    run.record_segment(tmp_path, 2)
+    rundir.record_segment(tmp_path, {"first_epoch": 3, **run.this_process()})
     history = {"train_images_per_s": np.array([50.0, 100.0, 40.0, 80.0, 90.0])}
-    summaries = run.segment_summaries(tmp_path, history)
+    summaries = rundir.segment_summaries(tmp_path, history)
     assert [(s["cpu"], s["first_epoch"], s["last_epoch"], s["train_images_per_s"]) for s in summaries] == [
         ("CPU A", 1, 2, 100.0), ("CPU B", 3, 5, 85.0)]
-    assert run.segment_summaries(tmp_path / "missing", history) == []
+    assert rundir.segment_summaries(tmp_path / "missing", history) == []
 
 
 @pytest.mark.parametrize("flags, policy, conv_grad, expected", [
@@ -233,7 +233,7 @@ def test_matmul_kernel_gradients_are_decided_by_cpu_and_precision(monkeypatch, f
 
 
 def test_compile_model_routes_the_recipes_convolutions():
-    from kcifar import models, recipe as krecipe
+    from kcifar import recipe as krecipe
 
     for conv_grad, expected in (("matmul", 8), ("native", 0)):  # VGG11: eight 3x3 'same' convolutions
         r = krecipe.resolve(None, ["model=vgg11", f"train.conv_grad={conv_grad}"])
@@ -242,7 +242,7 @@ def test_compile_model_routes_the_recipes_convolutions():
 
 @pytest.mark.parametrize("jit, asked, expected", [(False, True, True), (True, True, False), (False, False, False)])
 def test_fused_optimizer_updates_only_without_xla_and_when_asked(jit, asked, expected):
-    from kcifar import models, recipe as krecipe
+    from kcifar import recipe as krecipe
 
     model = models.build("s3_tutorial")
     run.compile_model(model, krecipe.resolve(None, [f"optimizer.fused={str(asked).lower()}"]), steps_per_epoch=10, jit=jit)

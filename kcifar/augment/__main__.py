@@ -5,10 +5,10 @@ from pathlib import Path
 
 from kcifar import cli as kcli, fileio
 from kcifar.augment import ENGINES, PRESETS, AugmentConfig
-from kcifar.errors import KcifarError, cli
+from kcifar.errors import KcifarError
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("augment", __doc__, shared=("data_dir", "seed"))
     parser.add_argument("--preset", default="s4", choices=sorted(PRESETS))

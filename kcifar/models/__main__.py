@@ -2,11 +2,10 @@
 
 
 from kcifar import cli as kcli
-from kcifar.errors import cli
 from kcifar.models.registry import FLOPS_COUNTED, table
 
 
-@cli
+@kcli.command
 def main(argv=None):
     parser = kcli.parser("models", __doc__)
     parser.add_argument("--num-classes", type=int, default=10, help="classifier width")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import keras
 
+from kcifar import rundir
 from kcifar.errors import KcifarError
 from kcifar.models import registry
 
@@ -68,10 +69,10 @@ def keras_app_backbone(name, input_shape, resolution, weights="imagenet"):
 
 def run_dir_backbone(path):
     """The ``best.keras`` of a kcifar run, up to the input of its last Dense."""
-    model_file = Path(path) / "best.keras"
+    model_file = Path(path) / rundir.BEST_MODEL
     if not model_file.is_file():
         raise KcifarError(f"{path} is not a kcifar run directory with best.keras; train one with python -m kcifar.train")
-    model = keras.models.load_model(model_file)
+    model = registry.load(model_file)
     head = model.layers[-1]
     if not isinstance(head, keras.layers.Dense):
         raise KcifarError(f"the last layer of {model_file} is {type(head).__name__}, not Dense; cannot cut the head off")

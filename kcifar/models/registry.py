@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+from pathlib import Path
 from typing import Callable
 
 import keras
@@ -156,3 +157,19 @@ def table(num_classes=10) -> list[dict]:
                      "mflops": forward_flops(model) / 1e6, "description": model_entry.description})
         keras.backend.clear_session()
     return rows
+
+
+def load(path):
+    """A model saved by Keras 3 (a ``.keras`` file, ``best.keras`` of a run), without its optimizer;
+    kcifar's own layers are known, since importing ``kcifar.models`` registers them. A missing,
+    foreign or damaged file is one line saying what to pass instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise KcifarError(f"{path} does not exist; pass a run directory (runs/NAME) or a .keras model file")
+    if path.suffix != ".keras":
+        raise KcifarError(f"{path} is not a .keras file; pass a model saved by Keras 3 (model.save('x.keras'))")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KcifarError(f"{path} is not a loadable Keras model ({reason[:200]}); save it again") from None

@@ -1,7 +1,7 @@
 """``python -m kcifar.sweep STUDY.toml``: run (or continue) a study, then write its summary."""
 
 if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN switch once
-    from kcifar.errors import start_command
+    from kcifar.cli import start_command
 
     start_command()
 
@@ -9,7 +9,6 @@ import shlex
 import sys
 
 from kcifar import cli as kcli, fileio
-from kcifar.errors import cli
 from kcifar.sweep import estimate, runner, summary
 from kcifar.sweep.study import load_study
 
@@ -29,7 +28,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-@cli
+@kcli.command
 def main(argv=None):
     args = parse_args(argv)
     command = "python -m kcifar.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -31,7 +31,7 @@ import json
 import statistics
 from pathlib import Path
 
-from kcifar.recipe import read_toml
+from kcifar.rundir import is_finished, read_metrics, read_recipe
 
 # Rough: a step's fixed overhead and a 2-core CPU's sustained training GFLOPS, fitted to the first
 # runs recorded in experiments/results/runs.csv (an AVX2 CPU, oneDNN off); faster CPUs beat them.
@@ -80,8 +80,7 @@ def measured_runs(folders, cpu: str) -> list:
     for folder in folders:
         for metrics_path in sorted(Path(folder).glob("**/metrics.json")) if Path(folder).is_dir() else []:
             try:
-                metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-                recipe = read_toml(metrics_path.parent / "recipe.toml")
+                metrics, recipe = read_metrics(metrics_path.parent), read_recipe(metrics_path.parent)
             except Exception:  # anything unreadable is not a measurement
                 continue
             speed = metrics.get("train_images_per_s")
@@ -119,7 +118,6 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
     """One dict per cell: model, MFLOPs, images/s, seconds per run, runs left, seconds left, source."""
     from kcifar.machine import auto_precision, cpu_description
 
-    from kcifar.run import is_finished
 
     measured = measured_runs([runs_dir, results_dir], cpu_description())
     rows = []

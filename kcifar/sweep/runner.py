@@ -21,9 +21,7 @@ from time import monotonic
 
 from kcifar import fileio
 from kcifar.errors import KcifarError
-from kcifar.run import is_finished
-
-PROVENANCE = "provenance.json"
+from kcifar.rundir import PROVENANCE, is_finished
 
 
 @dataclass

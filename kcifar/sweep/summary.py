@@ -22,18 +22,14 @@ is kept each time the summary is written again.
 import csv
 import datetime
 import io
-import json
 import statistics
 from pathlib import Path
 
 from kcifar import fileio, plots
-from kcifar.errors import KcifarError
 from kcifar.machine import code_version, scrub_paths
-from kcifar.run import is_finished, read_history
+from kcifar.rundir import PROVENANCE, SMALL_FILES, evaluation_file, is_finished, read_history, read_json, read_metrics
 from kcifar.sweep.study import format_value
 
-SMALL_FILES = ["metrics.json", "history.csv", "evaluation.json", "provenance.json", "recipe.toml",
-               "learning_curves.png"]
 STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
          ("test_exact_top1", "test top-1, pixel-exact")]
 PROVENANCE_COLUMNS = ["cpu", "date", "commit", "command"]
@@ -56,27 +52,18 @@ def record(study, runs_folder: Path, out: Path):
 # ------------------------------------------------------------ reading runs
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KcifarError(f"{path} is not valid JSON ({error}); rerun that cell or remove the file") from None
-
-
-def read_run(run_dir: Path) -> dict | None:
+def finished_run_files(run_dir: Path) -> dict | None:
     """A finished run's files (metrics, history, evaluation, provenance), or None when unfinished."""
-    metrics = _json(run_dir / "metrics.json")
+    metrics = read_metrics(run_dir)
     if not metrics or not metrics.get("finished"):
         return None
-    return {"metrics": metrics, "history": read_history(run_dir),
-            "evaluation": _json(run_dir / "evaluation.json"), "provenance": _json(run_dir / "provenance.json") or {}}
+    return {"metrics": metrics, "history": read_history(run_dir), "evaluation": read_json(run_dir / evaluation_file("test")),
+            "provenance": read_json(run_dir / PROVENANCE, missing={})}
 
 
 def read_cells(study, folder: Path) -> list:
     """[(cell, [finished runs' files])] in study order."""
-    return [(cell, [run for recipe in cell.recipes if (run := read_run(folder / recipe["name"]))])
+    return [(cell, [run for recipe in cell.recipes if (run := finished_run_files(folder / recipe["name"]))])
             for cell in study.cells]
 
 
