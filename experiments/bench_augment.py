@@ -38,12 +38,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import StepClock, publish  # noqa: E402
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
 
 from kcifar import models  # noqa: E402
 from kcifar.augment import PRESETS, AugmentConfig, IdgDataset, train_dataset  # noqa: E402
 from kcifar.data import load_cifar  # noqa: E402
-from kcifar.fileio import write_text  # noqa: E402
 from kcifar.machine import load, provenance  # noqa: E402
 
 BATCH = 64
@@ -92,17 +92,6 @@ def pipeline_table(x_tf, x_idg, y_tf, y_idg):
         rows.append(f"| {name} | {tf_rate:,.0f} | {cells} | {tf_rate / max(r for r in idg_rates if r):.1f}x |")
         print(rows[-1], flush=True)
     return rows
-
-
-class StepClock(keras.callbacks.Callback):
-    """Time at the end of every training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter())
 
 
 def step_time(model, data, steps):
@@ -197,9 +186,7 @@ def main():
             "median and range of the per-round ratios)", "", *fit, ""]
           if fit else []),
     ])
-    print(report)
-    if args.out:
-        write_text(args.out, report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

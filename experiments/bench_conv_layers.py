@@ -40,9 +40,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import publish
+
 from kcifar.cli import run_worker
 from kcifar.errors import KcifarError
-from kcifar.fileio import check_writable, write_text
+from kcifar.fileio import check_writable
 
 # name: (batch, [(input channels, output channels, height = width)]): each model's 3x3 conv sizes on CIFAR
 SHAPES = {
@@ -303,9 +305,7 @@ def main():
     provenance = machine.provenance()  # the code that runs
     measured = measure_in_turns(args.precision, args.shapes, args.threads, args.onednn, args.processes)
     text = (onednn_report if args.onednn else report)(args, provenance, measured)
-    if args.out:
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

@@ -122,6 +122,8 @@ def main():
 
     if args.out:  # refused before the benchmark's minutes, not after
         check_writable(Path(args.out).parent, "--out")
+    from common import publish
+
     from kcifar.machine import load, provenance
 
     load_before, head = load(), provenance(cpu_note=f"`uname -m` {platform.machine()}")  # the code that runs
@@ -138,11 +140,7 @@ def main():
         *([f"- {args.note}"] if args.note else []), "",
         *[row for name, result in results.items() for row in table(name, result)],
     ])
-    print(report)
-    if args.out:
-        from kcifar.fileio import write_text
-
-        write_text(args.out, report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

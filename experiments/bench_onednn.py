@@ -68,6 +68,8 @@ def main():
     if args.child:
         print(measure(args.child))
         return
+    from common import publish
+
     from kcifar.machine import load, provenance
 
     head = provenance(cpu_note=f"`uname -m` {platform.machine()}, no GPU")  # the code that runs
@@ -93,11 +95,7 @@ def main():
         *rows,
         "",
     ])
-    print(report)
-    if args.out:
-        from kcifar.fileio import write_text
-
-        write_text(args.out, report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

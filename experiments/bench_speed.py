@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import keras
+from common import EpochClock, publish
 
 from kcifar.cli import run_worker
 
@@ -107,7 +108,7 @@ def kcifar_worker(model_name: str, precision: str, *overrides: str):
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)
 
-    clock = StepClock()
+    clock = EpochClock()
 
     def fit(steps):
         model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
@@ -121,17 +122,6 @@ def kcifar_worker(model_name: str, precision: str, *overrides: str):
 
 def _timed(fit, steps, batch):
     return steps * batch, fit(steps)
-
-
-class StepClock(keras.callbacks.Callback):
-    """Seconds from the start of the epoch to its end, so that `fit`'s start-up and teardown
-    (iterator set-up, once per epoch in real training) are not counted in a short block."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds = time.perf_counter() - self.start
 
 
 # ------------------------------------------------------------ PyTorch: a plain loop, its fast CPU path
@@ -422,11 +412,7 @@ def main():
         print(f"{model}: " + ", ".join(f"{fw} {p} {statistics.median(v):,.0f} img/s"
                                        for (fw, p), v in results[model].items()), file=sys.stderr, flush=True)
     text = report(results, routed, peaks, args, head)
-    if args.out:
-        from kcifar.fileio import write_text
-
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

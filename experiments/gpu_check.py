@@ -26,11 +26,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import keras
 import tensorflow as tf
+from common import StepClock, publish
 
 from kcifar.cli import run_worker
 from kcifar.errors import KcifarError
@@ -40,20 +40,6 @@ PRECISIONS = ("auto", "float32")  # train.precision: the GPU default (mixed_floa
 
 
 # ------------------------------------------------------------ the worker: one epoch of kcifar.train
-
-
-class StepClock(keras.callbacks.Callback):
-    """Times the training part of an epoch: from its start to the end of the first call of the
-    training function (tracing, XLA compilation, its first steps), and on to the last call's end."""
-
-    def on_train_begin(self, logs=None):
-        self.start, self.first = time.perf_counter(), None
-
-    def on_train_batch_end(self, batch, logs=None):
-        float(logs["loss"])  # waits for the device: the step is done, not only queued
-        self.end, self.steps = time.perf_counter(), batch + 1  # ``batch``: the call's last step
-        if self.first is None:
-            self.first, self.first_steps = self.end, self.steps
 
 
 def train_one_epoch(recipe_path: str, precision: str, runs_dir: str, train_subset: str):
@@ -152,11 +138,7 @@ def main():
         "seconds from the epoch's start (tracing, XLA compilation, its first steps); training: the epoch without "
         "validation; test top-1: the kept model on the test split, once.", "",
         *table(results), ""])
-    print(report)
-    if args.out:
-        from kcifar.fileio import write_text
-
-        write_text(args.out, report)
+    publish(report, args.out)
 
 
 if __name__ == "__main__":  # a bad input, or no GPU, is one line, not a traceback

@@ -105,6 +105,8 @@ def main():
                                                                "commands, besides each command's named moments")
     parser.add_argument("--out", help="markdown file for the results (default: print only)")
     args = parser.parse_args()
+    from common import publish
+
     from kcifar.machine import provenance
 
     rng, began = random.Random(args.seed), time.monotonic()
@@ -163,9 +165,7 @@ def main():
         "it left show, `soak.phase`):", "",
         "| command | # | moment aimed at | phase hit |", "|---|---|---|---|", *table, ""]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(text, args.out)
     return 0 if all(not p for _, _, p in verdicts) else 1
 
 

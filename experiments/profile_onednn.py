@@ -102,6 +102,8 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.recipe, args.set, args.warmup, args.steps)
+    from common import publish
+
     from kcifar import machine
 
     head = machine.provenance()  # the code that runs
@@ -115,11 +117,7 @@ def main():
     if not by_kind:
         raise SystemExit("oneDNN logged no primitive: is TensorFlow's oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)?")
     text = report(args, by_kind, by_shape, wall, steps, head)
-    if args.out:
-        from kcifar.fileio import write_text
-
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":  # a bad input is one line, not a traceback

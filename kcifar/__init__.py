@@ -2,7 +2,7 @@
 
 The data flows through the modules in this order, each importing only from
 those before it: data -> augment -> models -> recipe, optim -> run ->
-evaluate -> train, finetune -> predict, report (see README's tour).
+evaluate -> train, finetune -> predict, report (the tour: docs/CODE.md).
 
 From Python: ``kcifar.api`` (train with your own callbacks, evaluate, predict, load a run, build a model).
 

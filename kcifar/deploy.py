@@ -53,7 +53,7 @@ FORMATS = {
     "litert": ("litert", "model.tflite", (), (("ai_edge_litert", "ai-edge-litert"),)),
 }
 # Float exports must give the Keras logits within this, relative to the largest logit's size
-# (max |export - keras| <= FLOAT_TOLERANCE * max(1, max |keras|)); measured: 1e-6 to 1e-5.
+# (max |export - keras| <= FLOAT_TOLERANCE * max(1, max |keras|)): a margin over float32 rounding.
 FLOAT_TOLERANCE = 1e-4
 CHECK_IMAGES = 256  # random images every float export is checked on before it is kept
 REPRESENTATIVE_IMAGES = 500  # training-split images that calibrate int8 (TensorFlow suggests 100-500)

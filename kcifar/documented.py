@@ -8,7 +8,7 @@ It reads only the recorded results, never ``runs/``:
 
 - a study's ``experiments/results/<study>/<study>.csv`` (kcifar.sweep.summary) and the recorded
   ``recipe.toml`` of its runs beside it (the model, the validation images);
-- ``results/finetune_lite0.md`` (the transfer-learning run, recorded before the sweep existed).
+- ``experiments/results/finetune_lite0.md`` (the transfer-learning run, recorded before the sweep existed).
 
 No cell is chosen on the test set: where a finding names no cell, the row shows the cell best on
 validation, and says so; a study without a validation figure has no chosen cell. The verdict
@@ -216,7 +216,7 @@ def study_cells(results_dir: Path, study: str) -> list:
 
 
 def _finetune(results_dir: Path):
-    """The 224-pixel EfficientNet-Lite0 fine-tune, from its table row in results/finetune_lite0.md."""
+    """The 224-pixel EfficientNet-Lite0 fine-tune, from its table row in experiments/results/finetune_lite0.md."""
     path = results_dir / f"{FINETUNE}.md"
     line = next((l for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("| `finetune_lite0_r224`")),
                 None) if path.is_file() else None

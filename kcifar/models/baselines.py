@@ -18,7 +18,7 @@ def conv_net(x, num_classes, *, blocks=((32,), (64,)), kernel_size=3, padding="s
     """A plain CNN: conv blocks, then a Flatten/GAP head with optional hidden Dense layers.
 
     Sources: S0 (CIFAR-100 depth study), S1 (CIFAR-100 step by step, Keras),
-    S2 (CIFAR-10 custom CNN), S3 (the PyTorch tutorial net); see BASELINES.md.
+    S2 (CIFAR-10 custom CNN), S3 (the PyTorch tutorial net); see docs/SOURCES.md.
 
     ``blocks``: one entry per block, each a list of conv widths (an int = one
     conv); every block ends with a max-pool, except the last when
