@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from kcifar import plots
+from kcifar import plots, tables
 from kcifar.errors import KcifarError
 from kcifar.fileio import write_text
 from kcifar.machine import short_cpu
@@ -543,9 +543,7 @@ def to_markdown(rows, found_rows, command) -> str:
              f"under {NOISE:g} either way). A single figure: ours against it. A best-of finding: the documented "
              "winner's cell against the cell best on validation, on validation. An order between cells: the two "
              "cells on all 10,000 test images (their errors added as if independent). A curve: a reading of the "
-             "study's curves, written by hand and said so.", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+             "study's curves, written by hand and said so.", "", *tables.markdown(HEADER, rows)]
     return "\n".join(lines + _studies_section(found_rows)) + "\n"
 
 

@@ -19,13 +19,11 @@ A reading written by hand below the generated part (from a ``## Reading`` headin
 is kept each time the summary is written again.
 """
 
-import csv
 import datetime
-import io
 import statistics
 from pathlib import Path
 
-from kcifar import fileio, plots
+from kcifar import fileio, plots, tables
 from kcifar.machine import code_version, scrub_paths
 from kcifar.rundir import PROVENANCE, SMALL_FILES, evaluation_file, is_finished, read_history, read_json, read_metrics
 from kcifar.sweep.study import format_value
@@ -116,11 +114,7 @@ def cell_row(study, cell, runs) -> dict:
 
 
 def to_csv(rows) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    return out.getvalue()
+    return tables.csv_text(rows, rows[0])
 
 
 # ------------------------------------------------------------ markdown
@@ -138,15 +132,15 @@ def _minutes(seconds):
 def cells_table(study, rows) -> list:
     header = ["cell", *study.keys, "seeds done", *[label for _, label in STATS], "epochs (of max)",
               "training images (validation)", "wall time, min", "train images/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        epochs = "–" if r["epochs_mean"] is None else f"{r['epochs_mean']:g} ({r['max_epochs']})"
-        images = "–" if r["train_images"] is None else f"{r['train_images']:,} ({r['val_images']:,})"
-        speed = "–" if r["train_images_per_s_mean"] is None else f"{r['train_images_per_s_mean']:.0f}"
-        lines.append("| " + " | ".join([r["cell"], *[r[k] for k in study.keys], f"{r['seeds_done']}/{r['seeds']}",
-                                         *[_pm(r, stat) for stat, _ in STATS], epochs, images,
-                                         _minutes(r["wall_time_s_mean"]), speed]) + " |")
-    return lines
+    return tables.markdown(header, [_cells_row(study, r) for r in rows])
+
+
+def _cells_row(study, r) -> list:
+    epochs = "–" if r["epochs_mean"] is None else f"{r['epochs_mean']:g} ({r['max_epochs']})"
+    images = "–" if r["train_images"] is None else f"{r['train_images']:,} ({r['val_images']:,})"
+    speed = "–" if r["train_images_per_s_mean"] is None else f"{r['train_images_per_s_mean']:.0f}"
+    return [r["cell"], *[r[k] for k in study.keys], f"{r['seeds_done']}/{r['seeds']}",
+            *[_pm(r, stat) for stat, _ in STATS], epochs, images, _minutes(r["wall_time_s_mean"]), speed]
 
 
 def per_class_table(cells) -> list:
