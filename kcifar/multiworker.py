@@ -54,7 +54,7 @@ def check_tf_config(text):
     """``TF_CONFIG`` must name the cluster's workers and this process's task."""
     if not text:
         raise KcifarError("strategy 'multiworker' reads the cluster from TF_CONFIG, which is not set; set it on "
-                          "every worker (README: Training on several machines)")
+                          "every worker (docs/MULTIWORKER.md)")
     try:
         config = json.loads(text)
         workers = config["cluster"]["worker"]

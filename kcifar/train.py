@@ -115,7 +115,6 @@ FLAGS = {  # flag -> (recipe key, type)
 }
 SWITCHES = {"deterministic": "train.deterministic", "tensorboard": "train.tensorboard"}  # flag -> recipe key set true
 UNNAMED = {"name", "train.tensorboard"}  # settings that do not name a run: they change no result
-NAMED_KEYS = {key for key, _ in FLAGS.values()} | set(SWITCHES.values()) | {"seed"}  # set by named flags
 
 
 def allowed_values(key: str):
@@ -149,12 +148,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def flag_settings(args) -> dict:
-    """What the command line sets beyond the recipe file: dotted recipe key -> value, --set first."""
-    settings = {}
-    for assignment in args.set:
-        settings.update(krecipe.flatten(krecipe.parse_override(assignment)))
-    settings.update({key: getattr(args, flag) for flag, (key, _) in FLAGS.items() if getattr(args, flag) is not None})
+def named_settings(args) -> dict:
+    """What the named flags set (``--epochs``, ``--deterministic``, ``--seed``, ...): dotted recipe key -> value."""
+    settings = {key: getattr(args, flag) for flag, (key, _) in FLAGS.items() if getattr(args, flag) is not None}
     settings.update({key: True for flag, key in SWITCHES.items() if getattr(args, flag)})
     if args.seed is not None:
         settings["seed"] = args.seed
@@ -162,11 +158,13 @@ def flag_settings(args) -> dict:
 
 
 def recipe_from_args(args) -> dict:
-    """The resolved recipe; without --name, the run is named after its recipe and the settings the flags change,
-    so that a run set by flags never resumes or collides with the recipe's own run."""
-    settings = flag_settings(args)
-    named = [krecipe.nested(key, value) for key, value in settings.items() if key in NAMED_KEYS]
-    recipe = krecipe.resolve(args.recipe, list(args.set) + named)  # each layer validated, --set first
+    """The resolved recipe: each --set, then the named flags, each a validated layer over the file. Without
+    --name, the run is named after its recipe and the settings the flags change, so that a run set by
+    flags never resumes or collides with the recipe's own run."""
+    named = named_settings(args)
+    recipe = krecipe.resolve(args.recipe, list(args.set) + [krecipe.nested(key, value) for key, value in named.items()])
+    settings = {key: value for assignment in args.set
+                for key, value in krecipe.flatten(krecipe.parse_override(assignment)).items()} | named
     naming = [key for key in settings if key not in UNNAMED and not (key == "model" and not args.recipe)]
     if "name" not in settings and naming:
         recipe["name"] = f"{recipe['name']}_{krecipe.settings_name(settings, naming)}"
@@ -180,7 +178,7 @@ def main(argv=None):
     if args.print_recipe:
         print(krecipe.to_toml(recipe), end="")
         return
-    if not args.recipe and not flag_settings(args):
+    if not args.recipe and not args.set and not named_settings(args):
         print(f"no recipe given: training the default ({recipe['model']}, {recipe['optimizer']['name']}, "
               f"{recipe['train']['epochs']} epochs); see experiments/recipes/ for the others", file=sys.stderr)
     with multiworker.lost_workers_are_errors():
