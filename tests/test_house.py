@@ -74,3 +74,22 @@ def test_the_reading_commands_never_load_tensorflow(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "[]"
     assert (tmp_path / "table.md").is_file() and (tmp_path / "REPORT.md").is_file()
+
+
+def test_the_tour_lists_each_module_after_everything_it_imports():
+    """docs/CODE.md's table is in import order: a module imports only from its own row and the rows before."""
+    import re
+
+    rows = [line for line in (PACKAGE.parent / "docs" / "CODE.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `kcifar")]
+    rank = {path.replace("/", ".").removesuffix(".py"): number for number, row in enumerate(rows)
+            for path in re.findall(r"`(kcifar/[a-z_/]+?(?:\.py|/))`", row.split("|")[1])}
+
+    def row_of(module):
+        return max((number for prefix, number in rank.items()
+                    if module == prefix.rstrip(".") or module.startswith(prefix.rstrip(".") + ".")), default=None)
+
+    trees = modules()
+    late = [(name, imported) for name, tree in trees.items() for imported in imports(tree, trees)
+            if row_of(name) is not None and row_of(imported) is not None and row_of(imported) > row_of(name)]
+    assert not late, f"imports of a later row of docs/CODE.md's tour: {late}"
