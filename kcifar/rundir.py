@@ -49,9 +49,12 @@ def evaluation_file(split: str) -> str:
     return "evaluation.json" if split == "test" else f"evaluation_{split}.json"
 
 
+AGAIN = "pass --overwrite to train this run again from the start (in a sweep: delete the run's folder)"
+
+
 def damaged(path, why: str) -> str:
-    """The one line for a damaged file of a run directory."""
-    return f"{path} is damaged ({why}); pass --overwrite to train this run again from the start"
+    """The one line for a damaged file of a run directory (a sweep has no --overwrite: its runs are folders)."""
+    return f"{path} is damaged ({why}); {AGAIN}"
 
 
 def read_json(path, missing=None):
@@ -236,8 +239,7 @@ def backup_pair(backup_dir: Path):
         else:  # a backup written by Keras' own callback names no digest: taken as it is
             return weights, state
     if problems:
-        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); pass --overwrite to train "
-                          "this run again from the start")
+        raise KcifarError(f"{backup_dir} holds no whole backup ({'; '.join(problems)}); {AGAIN}")
     return None
 
 

@@ -75,7 +75,7 @@ def test_weights_newer_than_their_metadata_are_not_used(stopped_run):
 def test_damaged_state_is_one_line_naming_the_file_and_overwrite(stopped_run, capsys, damage, named):
     damage(stopped_run)
     err = one_line_error(train.main, [*ARGS, "--runs-dir", str(stopped_run.parent)], capsys)
-    assert named in err and err.endswith("pass --overwrite to train this run again from the start")
+    assert named in err and err.endswith(rundir.AGAIN)
     train.main([*ARGS, "--runs-dir", str(stopped_run.parent), "--overwrite"])
     assert rundir.is_finished(stopped_run)
 
