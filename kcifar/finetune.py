@@ -167,6 +167,8 @@ def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbo
         return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
     spec = stage_recipe(recipe, stage)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
+    run.check_weight_averaging(spec, steps)
+    run.prepare_model(model, spec)
     run.compile_model(model, spec, steps, machine.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     epochs = len(logged.get("epoch", [])) if rundir.stopped_early(spec, logged) else spec["train"]["epochs"]
