@@ -9,7 +9,7 @@ BatchNorm layers stay in inference mode; stage 2 unfreezes the top
 rate. Both stages stop early on the validation split.
 
 Fast path (``cache_features``): the frozen part of the network is computed
-once per image and kept on disk (``$KERAS_HOME/kcifar/features/``, shared by
+once per image and kept on disk (``kcifar.features``: ``$KERAS_HOME/kcifar/features/``, shared by
 runs with the same backbone weights, resolution, split and ``unfreeze_blocks``); stage 1
 trains the head on pooled features, stage 2 trains the unfrozen top on the
 cached activations. Only horizontal flips augment there (both versions of each
@@ -28,8 +28,6 @@ if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN sw
     start_command()
 
 import copy
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,57 +35,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, fileio, machine, recipe as krecipe, run, rundir
+from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, features, fileio, machine, recipe as krecipe, run, rundir
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError
-from kcifar.fileio import atomic_path
-from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top, weights_digest
-
-
-def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
-    """``model`` applied to ``x`` in inference mode, as float16, ``chunk`` images
-    at a time (horizontally flipped when ``flip``); ``log(done, total)`` after each chunk."""
-    parts = []
-    for start in range(0, len(x), chunk):
-        batch = x[start:start + chunk]
-        batch = batch[:, :, ::-1] if flip else batch
-        parts.append(model.predict(batch.astype("float32"), batch_size=batch_size, verbose=0).astype("float16"))
-        if log:
-            log(start + len(batch), len(x))
-    return np.concatenate(parts)
-
-
-def cached_features(model, x, path, flip=False, log=None):
-    """``extract(model, x, flip)``, stored at ``path`` (.npy, its sha256 beside it in
-    ``.sha256``) and read back on the next call; a damaged file is computed again."""
-    path = Path(path)
-    if path.exists():
-        values = read_cached(path)
-        if values is not None and len(values) == len(x):
-            return values
-    values = extract(model, x, flip=flip, log=log)
-    with atomic_path(path) as tmp:
-        np.save(tmp, values)
-    fileio.write_text(path.with_name(path.name + ".sha256"), fileio.file_sha256(path) + "\n")
-    return values
-
-
-def read_cached(path: Path):
-    """The array cached at ``path``, or None (saying so on stderr) when the file is not whole
-    or not the one its ``.sha256`` names. A file without a digest (killed between the two
-    atomic writes, or cached by an older kcifar) is taken, and its digest written."""
-    digest_file = path.with_name(path.name + ".sha256")
-    try:
-        values = np.load(path, mmap_mode="r")
-        digest = fileio.file_sha256(path)
-        if digest_file.exists() and digest_file.read_text().strip() != digest:
-            raise ValueError("not the file its .sha256 names")
-    except (ValueError, OSError, EOFError) as error:
-        print(f"feature cache {path} is damaged ({error}); computing it again", file=sys.stderr)
-        return None
-    if not digest_file.exists():
-        fileio.write_text(digest_file, digest + "\n")
-    return values
+from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top
 
 
 # ------------------------------------------------------------ the recipe
@@ -212,47 +163,19 @@ def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_bat
         lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
 
 
-def feature_key(recipe, backbone) -> dict:
-    """What cached features depend on; another value invalidates them. The backbone
-    counts by its weights' content, not by where they came from (a run retrained with
-    --overwrite keeps its path)."""
-    ft = recipe["finetune"]
-    return {"backbone": Path(ft["backbone"]).name, "weights_sha256": weights_digest(backbone),
-            "resolution": ft["resolution"], "unfreeze_blocks": ft["unfreeze_blocks"], "dataset": recipe["dataset"],
-            "seed": recipe["seed"], **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset",
-                                                                       "offline_aug")}}
-
-
-def feature_dir(recipe, backbone) -> Path:
-    """Where the cached features of ``recipe`` live: ``<Keras home>/kcifar/features/<hash>/``
-    (``key.json`` says what they are), shared by runs with the same ``feature_key``."""
-    key = json.dumps(feature_key(recipe, backbone), sort_keys=True)
-    folder = fileio.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    if not (folder / "key.json").exists():
-        fileio.write_text(folder / "key.json", key + "\n")
-    return folder
-
-
 def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     """The fast path: cache the frozen part's output, train head (and top blocks) on it.
     Returns (head layers, epochs run per stage)."""
     ft, spec = recipe["finetune"], recipe["train"]
     bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
-    folder = feature_dir(recipe, backbone)
 
     def log(done, total):
         if verbose:
             print(f"  features {done}/{total}", file=sys.stderr, flush=True)
 
-    cut = {"val": cached_features(bottom, data.val.x, folder / "val.npy", log=log),
-           "train": cached_features(bottom, train_split.x, folder / "train.npy", log=log)}
-    train_y = train_split.y
-    if ft["flip"]:
-        cut["train"] = np.concatenate([cut["train"], cached_features(bottom, train_split.x, folder / "train_flip.npy",
-                                                                     flip=True, log=log)])
-        train_y = np.concatenate([train_y, train_y])
-    pooled = {k: cached_features(top, v, folder / f"{k}_pooled.npy") if top is not None else v
-              for k, v in cut.items()}  # the frozen top's output, before stage 2 changes it
+    cut, pooled = features.stage_features(features.feature_dir(recipe, backbone), bottom, top, data.val.x,
+                                          train_split.x, ft["flip"], log)
+    train_y = np.concatenate([train_split.y, train_split.y]) if ft["flip"] else train_split.y
     batch, classes = spec["batch_size"], data.num_classes
     steps = -(-len(train_split) // batch)  # an epoch = as many images as the training split holds
     head = new_head(classes, ft["head_dropout"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import stop_after_epoch, tiny_backbone
 
-from kcifar import callbacks as kcallbacks, finetune, machine, models
+from kcifar import callbacks as kcallbacks, features, finetune, machine, models
 from kcifar.models import backbones
 from kcifar.errors import KcifarError
 
@@ -98,7 +98,7 @@ def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
     for seed in (1, 2, 2):
         keras.utils.set_random_seed(seed)
         models.build("s3_tutorial").save(run_dir / "best.keras")
-        folders.append(finetune.feature_dir(recipe, backbones.load_backbone(str(run_dir))))
+        folders.append(features.feature_dir(recipe, backbones.load_backbone(str(run_dir))))
     assert folders[0] != folders[1] and folders[1] == folders[2]
 
 
@@ -141,7 +141,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 1, "stage1_epochs": 2,
                                                           "stage2_epochs": 1, "stage1_lr": 0.003}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    cached = finetune.feature_dir(recipe, backbones.load_backbone("efficientnet_lite0", resolution=32))
+    cached = features.feature_dir(recipe, backbones.load_backbone("efficientnet_lite0", resolution=32))
     assert sorted(p.name for p in cached.iterdir() if p.suffix != ".sha256") == [
         "key.json", "train.npy", "train_flip.npy", "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
@@ -165,7 +165,7 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
                                                           "stage1_epochs": 1, "stage2_epochs": 1}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
     backbone = backbones.load_backbone("efficientnet_lite0", resolution=32)
-    assert not finetune.feature_dir(recipe, backbone).joinpath("train.npy").exists()
+    assert not features.feature_dir(recipe, backbone).joinpath("train.npy").exists()
     assert metrics["stage_epochs"] == [1, 1] and metrics["fast_path"] is False
     saved = keras.models.load_model(run_dir / "best.keras")
     trainable = {layer.name for layer in backbones.flat_layers(saved) if layer.trainable and layer.weights}
