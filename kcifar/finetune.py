@@ -43,38 +43,15 @@ from kcifar.models.backbones import backbone_names, load_backbone, split_backbon
 
 # ------------------------------------------------------------ the recipe
 
-FINETUNE_DEFAULTS = {
-    "backbone": "efficientnet_lite0",
-    "weights": "",  # "" = the backbone's default ImageNet weights; else a local file
-    "resolution": 224,  # the image is upscaled to this inside the model
-    "head_dropout": 0.2,
-    "cache_features": True,  # fast path: the frozen part runs once per image
-    "flip": True,  # fast path: also cache mirrored training images (the only augmentation there)
-    "unfreeze_blocks": 0,  # stage 2 trains this many top blocks (0 = no stage 2)
-    "stage1_epochs": 30, "stage1_lr": 1e-3,
-    "stage2_epochs": 10, "stage2_lr": 1e-4,
-}
-
-
 def resolve_recipe(path=None, overrides=()) -> dict:
-    """``kcifar.recipe.resolve`` plus the ``[finetune]`` table (``FINETUNE_DEFAULTS``);
+    """``kcifar.recipe.resolve`` with the ``[finetune]`` table (``kcifar.recipe.COMMAND_TABLES``);
     ``model`` becomes the backbone's name."""
     layers = ([krecipe.read_toml(path)] if path else []) + [
         krecipe.parse_override(o) if isinstance(o, str) else o for o in overrides]
-    finetune = copy.deepcopy(FINETUNE_DEFAULTS)
-    for layer in layers:
-        table = layer.pop("finetune", {})
-        krecipe.check(table, FINETUNE_DEFAULTS, "finetune.")
-        finetune.update(table)
-    if (finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0
-            or finetune["stage1_lr"] <= 0 or finetune["stage2_lr"] <= 0):
-        raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1, unfreeze_blocks >= 0 "
-                          "and positive stage1_lr and stage2_lr")
-    recipe = krecipe.resolve(None, layers)
+    recipe = krecipe.resolve(None, layers, tables=("finetune",))
     if not any("name" in layer for layer in layers):
-        recipe["name"] = Path(path).stem if path else f"finetune_{Path(finetune['backbone']).name}"
-    recipe["model"] = Path(finetune["backbone"]).name
-    recipe["finetune"] = finetune
+        recipe["name"] = Path(path).stem if path else f"finetune_{Path(recipe['finetune']['backbone']).name}"
+    recipe["model"] = Path(recipe["finetune"]["backbone"]).name
     return recipe
 
 

@@ -89,6 +89,21 @@ def test_recipe_rejects_unknown_finetune_keys(tmp_path, capsys):
     assert recipe["finetune"]["resolution"] == 96 and recipe["name"] == "finetune_efficientnet_lite0"
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("finetune.resolution=16", "recipe key 'finetune.resolution' must be >= 32, got 16"),
+    ("finetune.stage1_epochs=0", "recipe key 'finetune.stage1_epochs' must be >= 1, got 0"),
+    ("finetune.unfreeze_blocks=-1", "recipe key 'finetune.unfreeze_blocks' must be >= 0, got -1"),
+    ("finetune.stage2_lr=0.0", "recipe key 'finetune.stage2_lr' must be > 0, got 0.0"),
+])
+def test_recipe_rejects_finetune_values_out_of_range(tmp_path, setting, message):
+    with pytest.raises(KcifarError, match=f"^{message}$"):
+        finetune.resolve_recipe(None, [setting])
+    path = tmp_path / "mended.toml"  # the resolved value counts: a later layer may mend an earlier one's
+    path.write_text(f"[finetune]\n{setting.split('.', 1)[1]}\n")
+    assert finetune.resolve_recipe(path, ["finetune.resolution=96", "finetune.stage1_epochs=2",
+                                          "finetune.unfreeze_blocks=1", "finetune.stage2_lr=0.01"])
+
+
 def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
     """A backbone run retrained with --overwrite keeps its path but not its features."""
     run_dir = tmp_path / "backbone_run"
