@@ -30,7 +30,9 @@ if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN sw
 import copy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -42,6 +44,7 @@ from kcifar.models.backbones import backbone_names, load_backbone, split_backbon
 
 
 # ------------------------------------------------------------ the recipe
+
 
 def resolve_recipe(path=None, overrides=()) -> dict:
     """``kcifar.recipe.resolve`` with the ``[finetune]`` table (``kcifar.recipe.COMMAND_TABLES``);
@@ -79,51 +82,67 @@ def stack(inputs, layers, name):
     return keras.Model(inputs, x, name=name)
 
 
-# ------------------------------------------------------------ training
+# ------------------------------------------------------------ the two stages
 
 
-def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbose):
-    """Compile and fit one stage with the run library's callbacks, so a killed stage resumes
-    at its last finished epoch and a finished one is not run again. ``train_data(e)``: the
-    training batches from the stage's epoch ``e`` on (what an uninterrupted stage sees there).
-    The model ends with the stage's best weights (by the early-stopping monitor). Returns
-    (epochs run, best monitor value or None)."""
-    best_path = run_dir / rundir.stage_model(stage)
+@dataclass
+class Stage:
+    """What one stage fits: ``model`` on ``train_data(e)`` (the training batches from the stage's
+    epoch ``e`` on, what an uninterrupted stage sees there), validated on ``val_data``."""
+    model: keras.Model
+    train_data: Callable
+    val_data: object = None
+
+
+def two_stages(recipe, first: Stage, second, steps, run_dir, verbose) -> tuple:
+    """Stage 1 fits ``first``. Then, unless ``second`` is None, ``second()`` unfreezes the top
+    blocks and returns stage 2's Stage; stage 2's weights are kept only if its best validation
+    score beats stage 1's, else its model gets its stage-1 weights back. Returns the epochs run
+    per stage."""
+    epochs1, best1 = fit_stage(recipe, 1, first, steps, run_dir, verbose)
+    if second is None:
+        return epochs1, 0
+    stage = second()
+    saved = stage.model.get_weights()
+    epochs2, best2 = fit_stage(recipe, 2, stage, steps, run_dir, verbose)
+    monitor = recipe["early_stopping"]["monitor"]
+    if best2 is not None and best1 is not None and not rundir.improves(best2, best1, monitor):
+        stage.model.set_weights(saved)
+        print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
+    return epochs1, epochs2
+
+
+def fit_stage(recipe, number, stage: Stage, steps, run_dir, verbose) -> tuple:
+    """Compile and fit stage ``number`` with the run library's callbacks, so a killed stage resumes
+    at its last finished epoch and a finished one is not run again. The model ends with the
+    stage's best weights (by the early-stopping monitor). Returns (epochs run, best monitor
+    value or None)."""
+    model = stage.model
+    best_path = run_dir / rundir.stage_model(number)
     finished = rundir.finished_stages(run_dir)
-    if str(stage) in finished:  # finished before the run was stopped
+    if str(number) in finished:  # finished before the run was stopped
         model.load_weights(best_path)
-        return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
-    spec = stage_recipe(recipe, stage)
+        return finished[str(number)]["epochs"], finished[str(number)]["best"]
+    spec = stage_recipe(recipe, number)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
     run.check_weight_averaging(spec, steps)
     run.prepare_model(model, spec)
     run.compile_model(model, spec, steps, machine.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     epochs = len(logged.get("epoch", [])) if rundir.stopped_early(spec, logged) else spec["train"]["epochs"]
-    model.fit(train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
-              initial_epoch=first,
-              steps_per_epoch=steps, verbose=verbose,
+    model.fit(stage.train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=stage.val_data,
+              epochs=first + epochs, initial_epoch=first, steps_per_epoch=steps, verbose=verbose,
               callbacks=kcallbacks.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
     best = rundir.best_index(logged.get(monitor), monitor)
     result = len(logged["epoch"]), None if best is None else float(logged[monitor][best])
-    rundir.record_stage(run_dir, stage, *result)
+    rundir.record_stage(run_dir, number, *result)
     return result
 
 
-def stage2_if_better(model, layers, recipe, stage1_best, fit):
-    """Run stage 2 through ``fit()``; keep its weights only if its best validation
-    score beats stage 1's, else restore ``layers`` to their stage-1 weights."""
-    saved = [layer.get_weights() for layer in layers]
-    epochs, best = fit()
-    monitor = recipe["early_stopping"]["monitor"]
-    if best is not None and stage1_best is not None and not rundir.improves(best, stage1_best, monitor):
-        for layer, weights in zip(layers, saved):
-            layer.set_weights(weights)
-        print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
-    return epochs
+# ------------------------------------------------------------ what the stages fit, by path
 
 
 def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_batches=0):
@@ -140,10 +159,11 @@ def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_bat
         lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
 
 
-def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
-    """The fast path: cache the frozen part's output, train head (and top blocks) on it.
-    Returns (head layers, epochs run per stage)."""
-    ft, spec = recipe["finetune"], recipe["train"]
+def feature_stages(recipe, data, train_split, backbone, steps, verbose) -> tuple:
+    """The fast path: (head layers, stage 1, stage 2's maker or None). The frozen part's outputs
+    are cached (``kcifar.features``); stage 1 fits the head on the pooled features, stage 2 the
+    unfrozen top blocks with the head on those blocks' cached input."""
+    ft, batch, classes = recipe["finetune"], recipe["train"]["batch_size"], data.num_classes
     bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
 
     def log(done, total):
@@ -153,47 +173,43 @@ def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
     cut, pooled = features.stage_features(features.feature_dir(recipe, backbone), bottom, top, data.val.x,
                                           train_split.x, ft["flip"], log)
     train_y = np.concatenate([train_split.y, train_split.y]) if ft["flip"] else train_split.y
-    batch, classes = spec["batch_size"], data.num_classes
-    steps = -(-len(train_split) // batch)  # an epoch = as many images as the training split holds
     head = new_head(classes, ft["head_dropout"])
-    head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
-    val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
-    def train_data(features):
-        return lambda epoch: array_dataset(features, train_y, classes, batch, shuffle=True, seed=recipe["seed"],
-                                           skip_batches=epoch * steps)
 
-    epochs1, best1 = fit_stage(head_model, recipe, 1, train_data(pooled["train"]), val_ds=val, steps=steps,
-                               run_dir=run_dir, verbose=verbose)
-    epochs2 = 0
-    if top is not None and ft["stage2_epochs"] > 0:
+    def on(arrays, layers, name) -> Stage:
+        def train_data(epoch):
+            return array_dataset(arrays["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"],
+                                 skip_batches=epoch * steps)
+
+        model = stack(keras.Input(arrays["train"].shape[1:]), layers, name)
+        return Stage(model, train_data, array_dataset(arrays["val"], data.val.y, classes, batch) if len(data.val) else None)
+
+    def second():
         unfreeze_top(backbone, ft["unfreeze_blocks"])
-        top_model = stack(keras.Input(cut["train"].shape[1:]), [top] + head, "top_and_head")
-        val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
-        epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
-            top_model, recipe, 2, train_data(cut["train"]), val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
-    return head, (epochs1, epochs2)
+        return on(cut, [top] + head, "top_and_head")
+
+    first = on(pooled, head, "head")
+    return head, first, second if top is not None and ft["stage2_epochs"] > 0 else None
 
 
-def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
-    """The plain path: the whole model on (augmented) images, frozen then top blocks unfrozen."""
-    ft, spec = recipe["finetune"], recipe["train"]
-    head = new_head(data.num_classes, ft["head_dropout"])
+def image_stages(recipe, data, train_split, backbone, steps, verbose) -> tuple:
+    """The plain path: (head layers, stage 1, stage 2's maker or None), both stages fitting the
+    whole model on (augmented) images, the backbone frozen, then its top blocks unfrozen."""
+    ft, batch, classes = recipe["finetune"], recipe["train"]["batch_size"], data.num_classes
+    head = new_head(classes, ft["head_dropout"])
     model = stack(backbone.input, [backbone] + head, "finetune")
-    batch, classes = spec["batch_size"], data.num_classes
-    steps = -(-len(train_split) // batch)
-    def train_ds(epoch):
+
+    def train_data(epoch):
         return train_dataset(train_split.x, train_split.y, classes, batch, AugmentConfig(**recipe["augment"]),
                              seed=recipe["seed"], first_epoch=epoch)
 
-    val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
+    stage = Stage(model, train_data, eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None)
     backbone.trainable = False
-    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose)
-    epochs2 = 0
-    if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0:
+
+    def second():
         unfreeze_top(backbone, ft["unfreeze_blocks"])
-        epochs2 = stage2_if_better(model, [backbone] + head, recipe, best1, lambda: fit_stage(
-            model, recipe, 2, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
-    return head, (epochs1, epochs2)
+        return stage
+
+    return head, stage, second if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0 else None
 
 
 def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2):
@@ -215,8 +231,10 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         if rundir.resume_epoch(run_dir):
             print(f"resuming {run_dir} at epoch {rundir.resume_epoch(run_dir) + 1}", file=sys.stderr)
         clock = run.start_clock(rundir.read_history(run_dir), entered)
-        train_fn = train_on_features if ft["cache_features"] else train_on_images
-        head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
+        steps = -(-len(train_split) // recipe["train"]["batch_size"])  # an epoch: as many images as the split holds
+        make_stages = feature_stages if ft["cache_features"] else image_stages
+        head, first, second = make_stages(recipe, data, train_split, backbone, steps, verbose)
+        epochs = two_stages(recipe, first, second, steps, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
     with fileio.atomic_path(run_dir / rundir.BEST_MODEL) as tmp:
         model.save(tmp)
