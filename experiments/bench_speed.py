@@ -104,7 +104,10 @@ def kcifar_worker(model_name: str, precision: str, *overrides: str):
     batch = recipe["train"]["batch_size"]
     with strategy.scope():
         model = train.build_model(recipe, data, split)
-        routed = run.compile_model(model, recipe, -(-len(split) // batch), machine.jit_enabled(recipe["train"]["jit"]))
+        steps_per_epoch = -(-len(split) // batch)
+        run.check_weight_averaging(recipe, steps_per_epoch)
+        routed = run.prepare_model(model, recipe)
+        run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(recipe["train"]["jit"]))
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)
 

@@ -38,6 +38,8 @@ def worker(recipe_path, sets, warmup, steps):
     batch = recipe["train"]["batch_size"]
     steps_per_epoch = -(-len(split) // batch)
     model = train.build_model(recipe, data, split)
+    run.check_weight_averaging(recipe, steps_per_epoch)
+    run.prepare_model(model, recipe)
     run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(recipe["train"]["jit"]))
     batches = train_dataset(split.x, split.y, data.num_classes, batch, AugmentConfig(**recipe["augment"]),
                             seed=0, first_epoch=0)

@@ -9,7 +9,7 @@ BatchNorm layers stay in inference mode; stage 2 unfreezes the top
 rate. Both stages stop early on the validation split.
 
 Fast path (``cache_features``): the frozen part of the network is computed
-once per image and kept on disk (``$KERAS_HOME/kcifar/features/``, shared by
+once per image and kept on disk (``kcifar.features``: ``$KERAS_HOME/kcifar/features/``, shared by
 runs with the same backbone weights, resolution, split and ``unfreeze_blocks``); stage 1
 trains the head on pooled features, stage 2 trains the unfrozen top on the
 cached activations. Only horizontal flips augment there (both versions of each
@@ -28,102 +28,33 @@ if __name__ == "__main__":  # before TensorFlow loads, which reads its oneDNN sw
     start_command()
 
 import copy
-import hashlib
-import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 
-from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, fileio, machine, recipe as krecipe, run, rundir
+from kcifar import callbacks as kcallbacks, cli as kcli, evaluate, features, fileio, machine, recipe as krecipe, run, rundir
 from kcifar.augment import AugmentConfig, eval_dataset, train_dataset
 from kcifar.errors import KcifarError
-from kcifar.fileio import atomic_path
-from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top, weights_digest
-
-
-def extract(model, x, batch_size=64, flip=False, chunk=2048, log=None):
-    """``model`` applied to ``x`` in inference mode, as float16, ``chunk`` images
-    at a time (horizontally flipped when ``flip``); ``log(done, total)`` after each chunk."""
-    parts = []
-    for start in range(0, len(x), chunk):
-        batch = x[start:start + chunk]
-        batch = batch[:, :, ::-1] if flip else batch
-        parts.append(model.predict(batch.astype("float32"), batch_size=batch_size, verbose=0).astype("float16"))
-        if log:
-            log(start + len(batch), len(x))
-    return np.concatenate(parts)
-
-
-def cached_features(model, x, path, flip=False, log=None):
-    """``extract(model, x, flip)``, stored at ``path`` (.npy, its sha256 beside it in
-    ``.sha256``) and read back on the next call; a damaged file is computed again."""
-    path = Path(path)
-    if path.exists():
-        values = read_cached(path)
-        if values is not None and len(values) == len(x):
-            return values
-    values = extract(model, x, flip=flip, log=log)
-    with atomic_path(path) as tmp:
-        np.save(tmp, values)
-    fileio.write_text(path.with_name(path.name + ".sha256"), fileio.file_sha256(path) + "\n")
-    return values
-
-
-def read_cached(path: Path):
-    """The array cached at ``path``, or None (saying so on stderr) when the file is not whole
-    or not the one its ``.sha256`` names. A file without a digest (killed between the two
-    atomic writes, or cached by an older kcifar) is taken, and its digest written."""
-    digest_file = path.with_name(path.name + ".sha256")
-    try:
-        values = np.load(path, mmap_mode="r")
-        digest = fileio.file_sha256(path)
-        if digest_file.exists() and digest_file.read_text().strip() != digest:
-            raise ValueError("not the file its .sha256 names")
-    except (ValueError, OSError, EOFError) as error:
-        print(f"feature cache {path} is damaged ({error}); computing it again", file=sys.stderr)
-        return None
-    if not digest_file.exists():
-        fileio.write_text(digest_file, digest + "\n")
-    return values
+from kcifar.models.backbones import backbone_names, load_backbone, split_backbone, unfreeze_top
 
 
 # ------------------------------------------------------------ the recipe
 
-FINETUNE_DEFAULTS = {
-    "backbone": "efficientnet_lite0",
-    "weights": "",  # "" = the backbone's default ImageNet weights; else a local file
-    "resolution": 224,  # the image is upscaled to this inside the model
-    "head_dropout": 0.2,
-    "cache_features": True,  # fast path: the frozen part runs once per image
-    "flip": True,  # fast path: also cache mirrored training images (the only augmentation there)
-    "unfreeze_blocks": 0,  # stage 2 trains this many top blocks (0 = no stage 2)
-    "stage1_epochs": 30, "stage1_lr": 1e-3,
-    "stage2_epochs": 10, "stage2_lr": 1e-4,
-}
-
 
 def resolve_recipe(path=None, overrides=()) -> dict:
-    """``kcifar.recipe.resolve`` plus the ``[finetune]`` table (``FINETUNE_DEFAULTS``);
+    """``kcifar.recipe.resolve`` with the ``[finetune]`` table (``kcifar.recipe.COMMAND_TABLES``);
     ``model`` becomes the backbone's name."""
     layers = ([krecipe.read_toml(path)] if path else []) + [
         krecipe.parse_override(o) if isinstance(o, str) else o for o in overrides]
-    finetune = copy.deepcopy(FINETUNE_DEFAULTS)
-    for layer in layers:
-        table = layer.pop("finetune", {})
-        krecipe.check(table, FINETUNE_DEFAULTS, "finetune.")
-        finetune.update(table)
-    if (finetune["resolution"] < 32 or finetune["stage1_epochs"] < 1 or finetune["unfreeze_blocks"] < 0
-            or finetune["stage1_lr"] <= 0 or finetune["stage2_lr"] <= 0):
-        raise KcifarError("finetune needs resolution >= 32, stage1_epochs >= 1, unfreeze_blocks >= 0 "
-                          "and positive stage1_lr and stage2_lr")
-    recipe = krecipe.resolve(None, layers)
+    recipe = krecipe.resolve(None, layers, tables=("finetune",))
     if not any("name" in layer for layer in layers):
-        recipe["name"] = Path(path).stem if path else f"finetune_{Path(finetune['backbone']).name}"
-    recipe["model"] = Path(finetune["backbone"]).name
-    recipe["finetune"] = finetune
+        recipe["name"] = Path(path).stem if path else f"finetune_{Path(recipe['finetune']['backbone']).name}"
+    recipe["model"] = Path(recipe["finetune"]["backbone"]).name
     return recipe
 
 
@@ -151,49 +82,67 @@ def stack(inputs, layers, name):
     return keras.Model(inputs, x, name=name)
 
 
-# ------------------------------------------------------------ training
+# ------------------------------------------------------------ the two stages
 
 
-def fit_stage(model, recipe, stage, train_data, *, val_ds, steps, run_dir, verbose):
-    """Compile and fit one stage with the run library's callbacks, so a killed stage resumes
-    at its last finished epoch and a finished one is not run again. ``train_data(e)``: the
-    training batches from the stage's epoch ``e`` on (what an uninterrupted stage sees there).
-    The model ends with the stage's best weights (by the early-stopping monitor). Returns
-    (epochs run, best monitor value or None)."""
-    best_path = run_dir / rundir.stage_model(stage)
+@dataclass
+class Stage:
+    """What one stage fits: ``model`` on ``train_data(e)`` (the training batches from the stage's
+    epoch ``e`` on, what an uninterrupted stage sees there), validated on ``val_data``."""
+    model: keras.Model
+    train_data: Callable
+    val_data: object = None
+
+
+def two_stages(recipe, first: Stage, second, steps, run_dir, verbose) -> tuple:
+    """Stage 1 fits ``first``. Then, unless ``second`` is None, ``second()`` unfreezes the top
+    blocks and returns stage 2's Stage; stage 2's weights are kept only if its best validation
+    score beats stage 1's, else its model gets its stage-1 weights back. Returns the epochs run
+    per stage."""
+    epochs1, best1 = fit_stage(recipe, 1, first, steps, run_dir, verbose)
+    if second is None:
+        return epochs1, 0
+    stage = second()
+    saved = stage.model.get_weights()
+    epochs2, best2 = fit_stage(recipe, 2, stage, steps, run_dir, verbose)
+    monitor = recipe["early_stopping"]["monitor"]
+    if best2 is not None and best1 is not None and not rundir.improves(best2, best1, monitor):
+        stage.model.set_weights(saved)
+        print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
+    return epochs1, epochs2
+
+
+def fit_stage(recipe, number, stage: Stage, steps, run_dir, verbose) -> tuple:
+    """Compile and fit stage ``number`` with the run library's callbacks, so a killed stage resumes
+    at its last finished epoch and a finished one is not run again. The model ends with the
+    stage's best weights (by the early-stopping monitor). Returns (epochs run, best monitor
+    value or None)."""
+    model = stage.model
+    best_path = run_dir / rundir.stage_model(number)
     finished = rundir.finished_stages(run_dir)
-    if str(stage) in finished:  # finished before the run was stopped
+    if str(number) in finished:  # finished before the run was stopped
         model.load_weights(best_path)
-        return finished[str(stage)]["epochs"], finished[str(stage)]["best"]
-    spec = stage_recipe(recipe, stage)
+        return finished[str(number)]["epochs"], finished[str(number)]["best"]
+    spec = stage_recipe(recipe, number)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
+    run.check_weight_averaging(spec, steps)
+    run.prepare_model(model, spec)
     run.compile_model(model, spec, steps, machine.jit_enabled(spec["train"]["jit"]))
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     epochs = len(logged.get("epoch", [])) if rundir.stopped_early(spec, logged) else spec["train"]["epochs"]
-    model.fit(train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=val_ds, epochs=first + epochs,
-              initial_epoch=first,
-              steps_per_epoch=steps, verbose=verbose,
+    model.fit(stage.train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=stage.val_data,
+              epochs=first + epochs, initial_epoch=first, steps_per_epoch=steps, verbose=verbose,
               callbacks=kcallbacks.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
     model.load_weights(best_path)
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
     best = rundir.best_index(logged.get(monitor), monitor)
     result = len(logged["epoch"]), None if best is None else float(logged[monitor][best])
-    rundir.record_stage(run_dir, stage, *result)
+    rundir.record_stage(run_dir, number, *result)
     return result
 
 
-def stage2_if_better(model, layers, recipe, stage1_best, fit):
-    """Run stage 2 through ``fit()``; keep its weights only if its best validation
-    score beats stage 1's, else restore ``layers`` to their stage-1 weights."""
-    saved = [layer.get_weights() for layer in layers]
-    epochs, best = fit()
-    monitor = recipe["early_stopping"]["monitor"]
-    if best is not None and stage1_best is not None and not rundir.improves(best, stage1_best, monitor):
-        for layer, weights in zip(layers, saved):
-            layer.set_weights(weights)
-        print(f"stage 2 did not beat stage 1 on {monitor}; keeping the stage-1 model", file=sys.stderr)
-    return epochs
+# ------------------------------------------------------------ what the stages fit, by path
 
 
 def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_batches=0):
@@ -210,88 +159,57 @@ def array_dataset(x, y, num_classes, batch_size, shuffle=False, seed=0, skip_bat
         lambda i: (tf.cast(tf.gather(x, i), "float32"), tf.one_hot(tf.gather(y, i), num_classes))).prefetch(2)
 
 
-def feature_key(recipe, backbone) -> dict:
-    """What cached features depend on; another value invalidates them. The backbone
-    counts by its weights' content, not by where they came from (a run retrained with
-    --overwrite keeps its path)."""
-    ft = recipe["finetune"]
-    return {"backbone": Path(ft["backbone"]).name, "weights_sha256": weights_digest(backbone),
-            "resolution": ft["resolution"], "unfreeze_blocks": ft["unfreeze_blocks"], "dataset": recipe["dataset"],
-            "seed": recipe["seed"], **{k: recipe["data"][k] for k in ("label_mode", "val_size", "train_subset",
-                                                                       "offline_aug")}}
-
-
-def feature_dir(recipe, backbone) -> Path:
-    """Where the cached features of ``recipe`` live: ``<Keras home>/kcifar/features/<hash>/``
-    (``key.json`` says what they are), shared by runs with the same ``feature_key``."""
-    key = json.dumps(feature_key(recipe, backbone), sort_keys=True)
-    folder = fileio.cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    if not (folder / "key.json").exists():
-        fileio.write_text(folder / "key.json", key + "\n")
-    return folder
-
-
-def train_on_features(recipe, data, train_split, backbone, run_dir, verbose):
-    """The fast path: cache the frozen part's output, train head (and top blocks) on it.
-    Returns (head layers, epochs run per stage)."""
-    ft, spec = recipe["finetune"], recipe["train"]
+def feature_stages(recipe, data, train_split, backbone, steps, verbose) -> tuple:
+    """The fast path: (head layers, stage 1, stage 2's maker or None). The frozen part's outputs
+    are cached (``kcifar.features``); stage 1 fits the head on the pooled features, stage 2 the
+    unfrozen top blocks with the head on those blocks' cached input."""
+    ft, batch, classes = recipe["finetune"], recipe["train"]["batch_size"], data.num_classes
     bottom, top = split_backbone(backbone, ft["unfreeze_blocks"])
-    folder = feature_dir(recipe, backbone)
 
     def log(done, total):
         if verbose:
             print(f"  features {done}/{total}", file=sys.stderr, flush=True)
 
-    cut = {"val": cached_features(bottom, data.val.x, folder / "val.npy", log=log),
-           "train": cached_features(bottom, train_split.x, folder / "train.npy", log=log)}
-    train_y = train_split.y
-    if ft["flip"]:
-        cut["train"] = np.concatenate([cut["train"], cached_features(bottom, train_split.x, folder / "train_flip.npy",
-                                                                     flip=True, log=log)])
-        train_y = np.concatenate([train_y, train_y])
-    pooled = {k: cached_features(top, v, folder / f"{k}_pooled.npy") if top is not None else v
-              for k, v in cut.items()}  # the frozen top's output, before stage 2 changes it
-    batch, classes = spec["batch_size"], data.num_classes
-    steps = -(-len(train_split) // batch)  # an epoch = as many images as the training split holds
+    cut, pooled = features.stage_features(features.feature_dir(recipe, backbone), bottom, top, data.val.x,
+                                          train_split.x, ft["flip"], log)
+    train_y = np.concatenate([train_split.y, train_split.y]) if ft["flip"] else train_split.y
     head = new_head(classes, ft["head_dropout"])
-    head_model = stack(keras.Input(pooled["train"].shape[1:]), head, "head")
-    val = array_dataset(pooled["val"], data.val.y, classes, batch) if len(data.val) else None
-    def train_data(features):
-        return lambda epoch: array_dataset(features, train_y, classes, batch, shuffle=True, seed=recipe["seed"],
-                                           skip_batches=epoch * steps)
 
-    epochs1, best1 = fit_stage(head_model, recipe, 1, train_data(pooled["train"]), val_ds=val, steps=steps,
-                               run_dir=run_dir, verbose=verbose)
-    epochs2 = 0
-    if top is not None and ft["stage2_epochs"] > 0:
+    def on(arrays, layers, name) -> Stage:
+        def train_data(epoch):
+            return array_dataset(arrays["train"], train_y, classes, batch, shuffle=True, seed=recipe["seed"],
+                                 skip_batches=epoch * steps)
+
+        model = stack(keras.Input(arrays["train"].shape[1:]), layers, name)
+        return Stage(model, train_data, array_dataset(arrays["val"], data.val.y, classes, batch) if len(data.val) else None)
+
+    def second():
         unfreeze_top(backbone, ft["unfreeze_blocks"])
-        top_model = stack(keras.Input(cut["train"].shape[1:]), [top] + head, "top_and_head")
-        val = array_dataset(cut["val"], data.val.y, classes, batch) if len(data.val) else None
-        epochs2 = stage2_if_better(top_model, [top] + head, recipe, best1, lambda: fit_stage(
-            top_model, recipe, 2, train_data(cut["train"]), val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
-    return head, (epochs1, epochs2)
+        return on(cut, [top] + head, "top_and_head")
+
+    first = on(pooled, head, "head")
+    return head, first, second if top is not None and ft["stage2_epochs"] > 0 else None
 
 
-def train_on_images(recipe, data, train_split, backbone, run_dir, verbose):
-    """The plain path: the whole model on (augmented) images, frozen then top blocks unfrozen."""
-    ft, spec = recipe["finetune"], recipe["train"]
-    head = new_head(data.num_classes, ft["head_dropout"])
+def image_stages(recipe, data, train_split, backbone, steps, verbose) -> tuple:
+    """The plain path: (head layers, stage 1, stage 2's maker or None), both stages fitting the
+    whole model on (augmented) images, the backbone frozen, then its top blocks unfrozen."""
+    ft, batch, classes = recipe["finetune"], recipe["train"]["batch_size"], data.num_classes
+    head = new_head(classes, ft["head_dropout"])
     model = stack(backbone.input, [backbone] + head, "finetune")
-    batch, classes = spec["batch_size"], data.num_classes
-    steps = -(-len(train_split) // batch)
-    def train_ds(epoch):
+
+    def train_data(epoch):
         return train_dataset(train_split.x, train_split.y, classes, batch, AugmentConfig(**recipe["augment"]),
                              seed=recipe["seed"], first_epoch=epoch)
 
-    val = eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None
+    stage = Stage(model, train_data, eval_dataset(data.val.x, data.val.y, classes, batch) if len(data.val) else None)
     backbone.trainable = False
-    epochs1, best1 = fit_stage(model, recipe, 1, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose)
-    epochs2 = 0
-    if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0:
+
+    def second():
         unfreeze_top(backbone, ft["unfreeze_blocks"])
-        epochs2 = stage2_if_better(model, [backbone] + head, recipe, best1, lambda: fit_stage(
-            model, recipe, 2, train_ds, val_ds=val, steps=steps, run_dir=run_dir, verbose=verbose))
-    return head, (epochs1, epochs2)
+        return stage
+
+    return head, stage, second if ft["unfreeze_blocks"] > 0 and ft["stage2_epochs"] > 0 else None
 
 
 def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2):
@@ -313,8 +231,10 @@ def finetune(recipe, runs_dir="runs", data_dir=None, overwrite=False, verbose=2)
         if rundir.resume_epoch(run_dir):
             print(f"resuming {run_dir} at epoch {rundir.resume_epoch(run_dir) + 1}", file=sys.stderr)
         clock = run.start_clock(rundir.read_history(run_dir), entered)
-        train_fn = train_on_features if ft["cache_features"] else train_on_images
-        head, epochs = train_fn(recipe, data, train_split, backbone, run_dir, verbose)
+        steps = -(-len(train_split) // recipe["train"]["batch_size"])  # an epoch: as many images as the split holds
+        make_stages = feature_stages if ft["cache_features"] else image_stages
+        head, first, second = make_stages(recipe, data, train_split, backbone, steps, verbose)
+        epochs = two_stages(recipe, first, second, steps, run_dir, verbose)
         model = stack(backbone.input, [backbone] + head, f"finetune_{recipe['model']}")
     with fileio.atomic_path(run_dir / rundir.BEST_MODEL) as tmp:
         model.save(tmp)

@@ -12,6 +12,7 @@ The defaults are the S3 improvement (the tutorial network with Adam + amsgrad,
 import copy
 import json
 import math
+import operator
 import re
 from pathlib import Path
 
@@ -79,6 +80,30 @@ CHOICES = {
     "documented.dataset": ["", "cifar10", "cifar100"],
 }
 FREE_FORM = {"model_args"}
+
+# Tables of one command's recipes only, in a recipe when its command resolves it with
+# ``resolve(..., tables=(name,))``: kcifar.finetune's [finetune].
+COMMAND_TABLES = {
+    "finetune": {
+        "backbone": "efficientnet_lite0",
+        "weights": "",  # "" = the backbone's default ImageNet weights; else a local file
+        "resolution": 224,  # the image is upscaled to this inside the model
+        "head_dropout": 0.2,
+        "cache_features": True,  # fast path: the frozen part runs once per image
+        "flip": True,  # fast path: also cache mirrored training images (the only augmentation there)
+        "unfreeze_blocks": 0,  # stage 2 trains this many top blocks (0 = no stage 2)
+        "stage1_epochs": 30, "stage1_lr": 1e-3,
+        "stage2_epochs": 10, "stage2_lr": 1e-4,
+    },
+}
+
+# Numeric keys' ranges: (comparison, bound), checked on the resolved recipe (a later layer may
+# mend an earlier one's value).
+BOUNDS = {
+    "finetune.resolution": (">=", 32), "finetune.stage1_epochs": (">=", 1), "finetune.unfreeze_blocks": (">=", 0),
+    "finetune.stage1_lr": (">", 0), "finetune.stage2_lr": (">", 0),
+}
+COMPARISONS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
 def check(recipe, defaults=DEFAULTS, prefix=""):
@@ -152,12 +177,14 @@ def read_toml(path) -> dict:
         raise KcifarError(f"recipe file {path} is not valid TOML: {error}") from None
 
 
-def resolve(path=None, overrides=()) -> dict:
-    """Defaults, then the recipe file, then overrides (``"key=value"`` strings or nested dicts); validated."""
-    recipe = copy.deepcopy(DEFAULTS)
+def resolve(path=None, overrides=(), tables=()) -> dict:
+    """Defaults, then the recipe file, then overrides (``"key=value"`` strings or nested dicts); validated.
+    ``tables``: the names of the ``COMMAND_TABLES`` the caller's command adds to the schema."""
+    defaults = {**DEFAULTS, **{name: COMMAND_TABLES[name] for name in tables}}
+    recipe = copy.deepcopy(defaults)
     layers = ([read_toml(path)] if path else []) + [parse_override(o) if isinstance(o, str) else o for o in overrides]
     for layer in layers:
-        check(layer)
+        check(layer, defaults)
         _merge(recipe, layer)
     if not recipe["name"]:
         recipe["name"] = Path(path).stem if path else recipe["model"]
@@ -179,7 +206,16 @@ def with_defaults(saved: dict) -> dict:
     return _merge(copy.deepcopy(DEFAULTS), saved)
 
 
+def check_bounds(recipe):
+    """Raise a KcifarError for a value of ``recipe`` outside its ``BOUNDS``."""
+    flat = flatten(recipe)
+    for path, (comparison, bound) in BOUNDS.items():
+        if path in flat and not COMPARISONS[comparison](flat[path], bound):
+            raise KcifarError(f"recipe key '{path}' must be {comparison} {bound}, got {flat[path]!r}")
+
+
 def _check_consistency(recipe):
+    check_bounds(recipe)
     for key in ("epochs", "batch_size"):
         if recipe["train"][key] < 1:
             raise KcifarError(f"train.{key} must be at least 1, got {recipe['train'][key]}")

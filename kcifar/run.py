@@ -3,7 +3,8 @@
 A run's lifecycle, one function each: set up the process (strategy,
 precision, seed: ``kcifar.machine``) -> load the recipe's data -> open
 ``runs/<name>/`` (new, resumed or replaced; its files belong to ``kcifar.rundir``)
--> compile -> ``model.fit`` with ``kcifar.callbacks`` -> measure the test set once
+-> check the recipe against the strategy, prepare the model's layers, compile
+-> ``model.fit`` with ``kcifar.callbacks`` -> measure the test set once
 (``kcifar.evaluate``) and ``summarize`` into ``metrics.json``.
 """
 
@@ -88,11 +89,11 @@ def steps_per_execution(steps_per_epoch: int) -> int:
     return max(d for d in range(1, MAX_STEPS_PER_EXECUTION + 1) if steps_per_epoch % d == 0)
 
 
-def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
-    """One-hot labels throughout, so label smoothing, mixup and cutmix share one loss. Returns how
-    many convolutions take their kernel gradient as matmuls (``train.conv_grad``). Called under the
-    run's ``tf.distribute`` strategy, which may refuse the recipe's weight averaging."""
-    epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
+def check_weight_averaging(recipe: dict, steps_per_epoch: int):
+    """Refuse the recipe's weight averaging (``optimizer.ema_momentum``) where it cannot work: an
+    overwrite frequency that does not divide the epoch's steps, or several replicas. Called under
+    the run's ``tf.distribute`` strategy, before ``prepare_model``."""
+    spec = recipe["optimizer"]
     if spec["ema_momentum"] and steps_per_epoch % spec["ema_overwrite_frequency"]:
         raise KcifarError(f"optimizer.ema_overwrite_frequency={spec['ema_overwrite_frequency']} does not divide the "
                           f"{steps_per_epoch} steps of an epoch: choose a divisor, so that each epoch ends on the "
@@ -102,11 +103,23 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
         raise KcifarError(f"optimizer.ema_momentum cannot train over the {replicas} replicas of this strategy: Keras 3 "
                           "sets the weights to their average inside a conditional, which tf.distribute's "
                           "synchronisation cannot cross; use train.strategy='default' (one device) or ema_momentum=0")
+
+
+def prepare_model(model, recipe: dict) -> int:
+    """The model's layers as the recipe trains them, before ``compile_model`` (the first trace):
+    fused batch norms, their biases' learning-rate scale, and 3x3 kernel gradients as matmuls
+    (``train.conv_grad``). Returns how many convolutions take their kernel gradient as matmuls."""
     from kcifar.models import parts
 
     parts.use_fused_batch_norm(model)
-    scale_bn_bias_learning_rate(model, spec["bn_bias_lr_scale"])
-    routed = parts.use_matmul_kernel_grads(model, *machine.matmul_kernel_grad_rule(recipe["train"]["conv_grad"]))
+    scale_bn_bias_learning_rate(model, recipe["optimizer"]["bn_bias_lr_scale"])
+    return parts.use_matmul_kernel_grads(model, *machine.matmul_kernel_grad_rule(recipe["train"]["conv_grad"]))
+
+
+def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool):
+    """``model.compile`` with the recipe's optimizer and schedule, one loss on one-hot labels
+    (so label smoothing, mixup and cutmix share it), accuracy and top-5 accuracy."""
+    epochs, spec = recipe["train"]["epochs"], recipe["optimizer"]
     lr = optim.make_schedule(recipe["schedule"], spec["learning_rate"], epochs, steps_per_epoch)
     model.compile(
         optimizer=optim.make_optimizer(spec, lr, epochs * steps_per_epoch, fused=spec["fused"] and not jit),
@@ -115,7 +128,6 @@ def compile_model(model, recipe: dict, steps_per_epoch: int, jit: bool) -> int:
         jit_compile=jit,
         steps_per_execution=steps_per_execution(steps_per_epoch),
     )
-    return routed
 
 
 def scale_bn_bias_learning_rate(model, scale: float):

@@ -73,7 +73,9 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     with strategy.scope():
         model = build_model(recipe, data, train_split)
         run.init_from_data(model, recipe, train_split)  # weights BackupAndRestore brings back replace these
-        matmul_grads = run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
+        run.check_weight_averaging(recipe, steps_per_epoch)
+        matmul_grads = run.prepare_model(model, recipe)
+        run.compile_model(model, recipe, steps_per_epoch, machine.jit_enabled(spec["jit"]))
     run_dir = run.open_run_dir(runs_dir, recipe, overwrite, data.class_names, strategy)
     first_epoch = rundir.resume_epoch(run_dir)
     if first_epoch and not (run_dir / rundir.BEST_MODEL).is_file():  # saved at the first epoch's end, before the backup

@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error, own_stderr_lines, stop_after_epoch, write_cifar10
 from soak import differences
 
-from kcifar import callbacks as kcallbacks, finetune, rundir, train
+from kcifar import callbacks as kcallbacks, features, rundir, train
 
 ARGS = ["--epochs", "4", "--val-size", "20", "--batch-size", "16", "--name", "r", "--quiet"]
 
@@ -85,13 +85,13 @@ def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys, damage):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     x = np.random.default_rng(0).integers(0, 256, (50, 4)).astype("uint8")
     path = tmp_path / "train.npy"
-    first = np.array(finetune.cached_features(model, x, path))
+    first = np.array(features.cached_features(model, x, path))
     assert (tmp_path / "train.npy.sha256").exists()
     damage(path)
-    again = np.array(finetune.cached_features(model, x, path))
+    again = np.array(features.cached_features(model, x, path))
     np.testing.assert_array_equal(again, first)
     assert f"feature cache {path} is damaged" in capsys.readouterr().err
-    np.testing.assert_array_equal(finetune.read_cached(path), first)  # and whole again on disk
+    np.testing.assert_array_equal(features.read_cached(path), first)  # and whole again on disk
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(tiny_cifar10, tmp_path, capsys, monkeypatch):

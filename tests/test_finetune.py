@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import stop_after_epoch, tiny_backbone
 
-from kcifar import callbacks as kcallbacks, finetune, machine, models
+from kcifar import callbacks as kcallbacks, features, finetune, machine, models
 from kcifar.models import backbones
 from kcifar.errors import KcifarError
 
@@ -89,6 +89,21 @@ def test_recipe_rejects_unknown_finetune_keys(tmp_path, capsys):
     assert recipe["finetune"]["resolution"] == 96 and recipe["name"] == "finetune_efficientnet_lite0"
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("finetune.resolution=16", "recipe key 'finetune.resolution' must be >= 32, got 16"),
+    ("finetune.stage1_epochs=0", "recipe key 'finetune.stage1_epochs' must be >= 1, got 0"),
+    ("finetune.unfreeze_blocks=-1", "recipe key 'finetune.unfreeze_blocks' must be >= 0, got -1"),
+    ("finetune.stage2_lr=0.0", "recipe key 'finetune.stage2_lr' must be > 0, got 0.0"),
+])
+def test_recipe_rejects_finetune_values_out_of_range(tmp_path, setting, message):
+    with pytest.raises(KcifarError, match=f"^{message}$"):
+        finetune.resolve_recipe(None, [setting])
+    path = tmp_path / "mended.toml"  # the resolved value counts: a later layer may mend an earlier one's
+    path.write_text(f"[finetune]\n{setting.split('.', 1)[1]}\n")
+    assert finetune.resolve_recipe(path, ["finetune.resolution=96", "finetune.stage1_epochs=2",
+                                          "finetune.unfreeze_blocks=1", "finetune.stage2_lr=0.01"])
+
+
 def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
     """A backbone run retrained with --overwrite keeps its path but not its features."""
     run_dir = tmp_path / "backbone_run"
@@ -98,7 +113,7 @@ def test_feature_cache_follows_the_backbone_weights_not_its_path(tmp_path):
     for seed in (1, 2, 2):
         keras.utils.set_random_seed(seed)
         models.build("s3_tutorial").save(run_dir / "best.keras")
-        folders.append(finetune.feature_dir(recipe, backbones.load_backbone(str(run_dir))))
+        folders.append(features.feature_dir(recipe, backbones.load_backbone(str(run_dir))))
     assert folders[0] != folders[1] and folders[1] == folders[2]
 
 
@@ -141,7 +156,7 @@ def test_tiny_finetune_end_to_end(tmp_path, mini_cifar10):
                                              "finetune": {"resolution": 32, "unfreeze_blocks": 1, "stage1_epochs": 2,
                                                           "stage2_epochs": 1, "stage1_lr": 0.003}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
-    cached = finetune.feature_dir(recipe, backbones.load_backbone("efficientnet_lite0", resolution=32))
+    cached = features.feature_dir(recipe, backbones.load_backbone("efficientnet_lite0", resolution=32))
     assert sorted(p.name for p in cached.iterdir() if p.suffix != ".sha256") == [
         "key.json", "train.npy", "train_flip.npy", "train_pooled.npy", "val.npy", "val_pooled.npy"]
     assert np.load(cached / "train.npy").shape == (100, 1, 1, 320)  # the input of the one unfrozen block, "top"
@@ -165,7 +180,7 @@ def test_tiny_finetune_on_images_without_the_cache(tmp_path, mini_cifar10):
                                                           "stage1_epochs": 1, "stage2_epochs": 1}}])
     run_dir, metrics, _ = finetune.finetune(recipe, tmp_path, data_dir=mini_cifar10, verbose=0)
     backbone = backbones.load_backbone("efficientnet_lite0", resolution=32)
-    assert not finetune.feature_dir(recipe, backbone).joinpath("train.npy").exists()
+    assert not features.feature_dir(recipe, backbone).joinpath("train.npy").exists()
     assert metrics["stage_epochs"] == [1, 1] and metrics["fast_path"] is False
     saved = keras.models.load_model(run_dir / "best.keras")
     trainable = {layer.name for layer in backbones.flat_layers(saved) if layer.trainable and layer.weights}

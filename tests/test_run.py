@@ -232,12 +232,23 @@ def test_matmul_kernel_gradients_are_decided_by_cpu_and_precision(monkeypatch, f
     assert machine.matmul_kernel_grad_rule(conv_grad) == expected
 
 
-def test_compile_model_routes_the_recipes_convolutions():
+def test_prepare_model_routes_the_recipes_convolutions():
     from kcifar import recipe as krecipe
 
     for conv_grad, expected in (("matmul", 8), ("native", 0)):  # VGG11: eight 3x3 'same' convolutions
         r = krecipe.resolve(None, ["model=vgg11", f"train.conv_grad={conv_grad}"])
-        assert run.compile_model(models.build("vgg11"), r, steps_per_epoch=10, jit=False) == expected
+        model = models.build("vgg11")
+        assert run.prepare_model(model, r) == expected
+        run.compile_model(model, r, steps_per_epoch=10, jit=False)
+
+
+def test_weight_averaging_must_end_each_epoch_on_the_average():
+    from kcifar import recipe as krecipe
+
+    r = krecipe.resolve(None, ["optimizer.ema_momentum=0.99", "optimizer.ema_overwrite_frequency=3"])
+    with pytest.raises(KcifarError, match="ema_overwrite_frequency=3 does not divide the 10 steps of an epoch"):
+        run.check_weight_averaging(r, steps_per_epoch=10)
+    run.check_weight_averaging(r, steps_per_epoch=9)
 
 
 @pytest.mark.parametrize("jit, asked, expected", [(False, True, True), (True, True, False), (False, False, False)])

@@ -142,6 +142,8 @@ MIRRORED = textwrap.dedent("""
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = models.build("s3_tutorial")
+            run.check_weight_averaging(r, steps_per_epoch=10)
+            run.prepare_model(model, r)
             run.compile_model(model, r, steps_per_epoch=10, jit=False)
         losses.append(float(model.train_on_batch(x, y, return_dict=True)["loss"]))
         print(name, strategy.num_replicas_in_sync, losses[-1])
