@@ -147,7 +147,7 @@ def test_unwritable_runs_dir_fails_before_the_data_is_read(workspace, capsys):
 # ------------------------------------------------------------ kcifar.finetune
 
 FINETUNE_CASES = [
-    ("zero stage-1 learning rate", ["--set", "finetune.stage1_lr=0"], "positive stage1_lr and stage2_lr"),
+    ("zero stage-1 learning rate", ["--set", "finetune.stage1_lr=0"], "'finetune.stage1_lr' must be > 0"),
     ("NaN stage-2 learning rate", ["--set", "finetune.stage2_lr=nan"], "'finetune.stage2_lr' must be a finite"),
     ("unknown backbone", ["--backbone", "resnet51"], "unknown backbone 'resnet51'"),
     ("batch larger than the training split", ["--set", "train.batch_size=100"], "larger than the training split"),
