@@ -47,11 +47,16 @@ REFUSED = {  # what several replicas refuse: (recipe file, overrides)
     "refused_ema": ("experiments/recipes/fast94.toml", AIRBENCH),  # Keras' EMA overwrite in a cond
 }
 STRATEGY = {"one_gpu": "default", "several_gpus": "mirrored"}  # train.strategy as "auto" picks it there
-WORKERS = {  # worker: (configuration, runs), all started at once
-    "one_gpu": ("one_gpu", ["airbench_ema", "airbench_muon", "baselines", "resnet", "finetune"]),
-    "several_gpus": ("several_gpus", [*(run for run in RUNS if run != "airbench_ema"), "finetune", *REFUSED]),
+WORKERS = {  # worker: (configuration, runs), all started at once; each family trains in one of them at least
+    "one_gpu": ("one_gpu", ["airbench_ema", "baselines", "finetune"]),
+    "several_gpus": ("several_gpus", [*(run for run in RUNS if run not in ("airbench_ema", "efficientnet_lite")),
+                                      "finetune", *REFUSED]),
 }
-SLOW_WORKERS = {"one_gpu_xla_minutes": ("one_gpu", ["vgg", "efficientnet_lite"])}  # XLA compiles them for minutes
+SLOW_WORKERS = {  # the rest of the grid (pytest -m slow): XLA compiles vgg and efficientnet_lite for minutes
+    "one_gpu_xla_minutes": ("one_gpu", ["vgg", "efficientnet_lite"]),
+    "one_gpu_more": ("one_gpu", ["airbench_muon", "resnet"]),
+    "several_gpus_lite": ("several_gpus", ["efficientnet_lite"]),
+}
 DEADLINE_S = 1200
 
 
