@@ -1,10 +1,10 @@
 """The run library: what ``kcifar.train`` and ``kcifar.finetune`` share.
 
 A run's lifecycle, one function each: set up the process (strategy,
-precision, seed: ``kcifar.machine``) -> load the recipe's data -> open
-``runs/<name>/`` (new, resumed or replaced; its files belong to ``kcifar.rundir``)
--> check the recipe against the strategy, prepare the model's layers, compile
--> ``model.fit`` with ``kcifar.callbacks`` -> measure the test set once
+precision, seed: ``kcifar.machine``) -> load the recipe's data -> check the recipe
+against the strategy, prepare the model's layers, compile -> open ``runs/<name>/``
+(new, resumed or replaced; its files belong to ``kcifar.rundir``) -> ``model.fit``
+with ``kcifar.callbacks`` -> measure the test set once
 (``kcifar.evaluate``) and ``summarize`` into ``metrics.json``.
 """
 
