@@ -77,14 +77,19 @@ def learning_curves(history, path, best_index=None, monitor="val_accuracy", titl
             ax.axvline(epochs[best_index], color="black", linestyle=":", linewidth=1.2,
                        label=f"best epoch {int(epochs[best_index])} ({monitor} {best_value:.4g})")
         ax.set_title(panel_title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        _epoch_axes(ax, ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def _epoch_axes(ax, ylabel):
+    """Whole epochs along x, ``ylabel`` up, a light grid."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
 
 
 def confusion(counts, class_names, path, groups=None, title="Confusion matrix"):
@@ -255,10 +260,7 @@ def overlaid_curves(cells, path, title="Learning curves", with_training=False):
     split = " or ".join(sorted(kinds, reverse=True)) or "validation"
     split += " (solid), training (dashed)" if dashed else ""
     for ax, ylabel in zip(axes, (f"{split} top-1 (fraction of images)", f"{split} loss (cross-entropy)")):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        _epoch_axes(ax, ylabel)
     axes[0].legend(fontsize=8, ncol=2 if len(cells) > 8 else 1)
     fig.suptitle(title + " (one line per run, one colour per cell)")
     return _save(fig, path)
