@@ -565,7 +565,10 @@ def s1_progression(results_dir: Path, path: Path):
                    "mean ± std")
 
 
-def write_report(results_dir="experiments/results", path="experiments/REPORT.md",
+REPORT = "experiments/REPORT.md"
+
+
+def write_report(results_dir="experiments/results", path=REPORT,
                  command="python -m kcifar.report --documented") -> Path:
     """Write REPORT.md (and the S1 progression figure beside it) from the recorded results."""
     results_dir, path = Path(results_dir), Path(path)

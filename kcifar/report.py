@@ -184,7 +184,7 @@ def main(argv=None):
 
         if args.runs:
             raise KcifarError("--documented reads experiments/results/, not run directories; pass one or the other")
-        print(f"wrote {documented.write_report(path=args.out or 'experiments/REPORT.md', command=command)}")
+        print(f"wrote {documented.write_report(path=args.out or documented.REPORT, command=command)}")
         return
     if not args.out:
         print(runs_table(args.runs, command)[1], end="")
