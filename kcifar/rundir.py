@@ -173,6 +173,24 @@ def write_metrics(run_dir: Path, metrics: dict):
         path.unlink(missing_ok=True)
 
 
+def copy_finished(source: Path, run_dir: Path, recipe: dict):
+    """Copy the finished run ``source`` to ``run_dir`` (absent) as the run of ``recipe``, which trains
+    exactly as ``source``'s did under another name: its recipe and run names become ``recipe``'s, and
+    ``provenance.json`` (the command that trained it, kept) says where it was copied from. Whole or not
+    at all: copied into ``.<name>.copying`` beside ``run_dir``, then renamed."""
+    staging = run_dir.with_name(f".{run_dir.name}.copying")
+    shutil.rmtree(staging, ignore_errors=True)  # a copy killed half-way
+    shutil.copytree(source, staging)
+    fileio.write_text(staging / RECIPE, krecipe.to_toml(recipe))
+    for path in [staging / METRICS, *staging.glob(evaluation_file("*"))]:
+        record = read_json(path)
+        if isinstance(record, dict) and "run" in record:
+            fileio.write_json(path, {**record, "run": recipe["name"]})
+    provenance = read_json(staging / PROVENANCE, missing={})
+    fileio.write_json(staging / PROVENANCE, {**provenance, "copied_from": f"{source.parent.name}/{source.name}"})
+    staging.replace(run_dir)
+
+
 # ------------------------------------------------------------ which epoch is best
 
 

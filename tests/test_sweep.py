@@ -234,6 +234,33 @@ def test_a_run_trained_outside_the_sweep_counts_as_it_was_written(tmp_path):
     assert list(csv.DictReader((tmp_path / "runs" / "tiny" / "tiny.csv").open()))[0]["commit"] == "abc1234"
 
 
+def test_a_run_another_study_finished_with_the_same_recipe_is_copied_not_trained(tmp_path, monkeypatch):
+    """S4's remedies "none" is step 1's VGG16: the second study copies it under its own name (its
+    provenance says from where, the command that trained it kept) and trains only what is new."""
+    first = load_study(write_study(tmp_path, 'seeds = [0]\n[grid]\n"train.epochs" = [3]\n', name="step1"))
+    second = load_study(write_study(tmp_path, 'seeds = [0]\n[base]\ndocumented.accuracy = 0.9\n'
+                                              '[[cells]]\nname = "none"\ntrain.epochs = 3\n'
+                                              '[[cells]]\nname = "longer"\ntrain.epochs = 4\n', name="step2"))
+    twin = fake_run(tmp_path / "runs" / "step1", first.cells[0].recipes[0], 0.60)
+    (twin / "provenance.json").write_text(json.dumps({"command": "python -m kcifar.sweep step1.toml"}))
+    trained = []
+    monkeypatch.setattr(runner, "run_one", lambda recipe, *args: trained.append(recipe["name"]))
+    assert [r["runs_left"] for r in estimate.estimate(second, tmp_path / "runs", tmp_path / "none")] == [0, 1]
+    assert runner.finished_twin(tmp_path / "runs", "step1", first.cells[0].recipes[0]) is None  # not itself
+
+    lines = []
+    progress = runner.run_study(second, tmp_path / "runs", log=lines.append)
+    copy = tmp_path / "runs" / "step2" / "none-s0"
+    assert progress.copied == ["none-s0"] and trained == ["longer-s0"]
+    assert "same recipe and seed as step1/epochs-3-s0" in lines[0] and "1 copied from other studies" in lines[-1]
+    assert krecipe.with_defaults(krecipe.read_toml(copy / "recipe.toml")) == second.cells[0].recipes[0]
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert (metrics["run"], metrics["test"]["top1"]) == ("none-s0", 0.60)
+    assert json.loads((copy / "provenance.json").read_text()) == {
+        "command": "python -m kcifar.sweep step1.toml", "copied_from": "step1/epochs-3-s0"}
+    assert (copy / "history.csv").read_bytes() == (twin / "history.csv").read_bytes()
+
+
 def test_a_hand_written_reading_survives_a_new_summary(tmp_path):
     study = load_study(write_study(tmp_path, 'seeds = [0, 1]\n[grid]\n"train.epochs" = [3]\n'))
     fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.50)

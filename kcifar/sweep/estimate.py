@@ -31,7 +31,8 @@ import json
 import statistics
 from pathlib import Path
 
-from kcifar.rundir import is_finished, read_metrics, read_recipe
+from kcifar.rundir import read_metrics, read_recipe
+from kcifar.sweep.runner import to_train
 
 # Rough: a step's fixed overhead and a 2-core CPU's sustained training GFLOPS, fitted to the first
 # runs recorded in experiments/results/runs.csv (an AVX2 CPU, oneDNN off); faster CPUs beat them.
@@ -126,7 +127,7 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
         precision = recipe["train"]["precision"]
         key = model_key(recipe, auto_precision() if precision == "auto" else precision)
         speed, source = speed_for(key, measured)
-        left = sum(not is_finished(Path(runs_dir) / study.name / r["name"]) for r in cell.recipes)
+        left = sum(to_train(Path(runs_dir), study.name, r) for r in cell.recipes)
         per_run = run_cost(recipe) / speed
         rows.append({"cell": cell.name, "model": recipe["model"], "mflops": forward_mflops(*key[:3]),
                      "epochs": recipe["train"]["epochs"], "images_per_s": speed, "per_run_s": per_run,
