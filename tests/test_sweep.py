@@ -362,3 +362,20 @@ def test_an_ablation_plots_each_cell_by_name_and_a_grid_by_its_key(tmp_path, mon
     assert ablation_labels == ["no_smoothing", "short"] and list(ablation_series) == ["test top-1, all"]
     assert ablation_kw["xlabel"] == "cell" and not ablation_kw["connect"]
     assert grid_labels == ["3", "4"] and grid_kw["xlabel"] == "train.epochs" and grid_kw["connect"]
+
+
+def test_cells_of_two_recipes_along_one_key_are_two_series(tmp_path, monkeypatch):
+    """s3_budget: SGD's and Adam's recipes at 2 and 5 epochs are two lines, never one mean of both."""
+    from kcifar import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "sweep_accuracy", lambda x_labels, series, path, **kw: drawn.append(series) or path)
+    for optimizer in ("sgd", "adam"):
+        (tmp_path / f"{optimizer}.toml").write_text(f'[optimizer]\nname = "{optimizer}"\n')
+    study = load_study(write_study(tmp_path, 'seeds = [0]\n' + "".join(
+        f'[[cells]]\nname = "{o}_{e}"\nrecipe = "{o}.toml"\n"train.epochs" = {e}\n'
+        for o in ("sgd", "adam") for e in (2, 5))))
+    for cell, top1 in zip(study.cells, (0.50, 0.60, 0.55, 0.65)):
+        fake_run(tmp_path / "runs" / study.name, cell.recipes[0], top1)
+    summary.write_summary(study, tmp_path / "runs")
+    assert drawn[0] == {"sgd.toml": [[50.0], [60.0]], "adam.toml": [[pytest.approx(55.0)], [pytest.approx(65.0)]]}

@@ -45,6 +45,7 @@ class Cell:
     name: str
     settings: dict  # dotted recipe key -> value: what this cell sets beyond the base
     recipes: tuple  # one resolved recipe per seed, in the order of Study.seeds
+    recipe_file: str = ""  # the file name of the cell's base recipe ("" for none: the defaults)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def load_study(path) -> Study:
         cell = given_name or (Path(recipe_path).stem if recipe_path and not settings else settings_name(settings, keys))
         recipes = tuple(krecipe.resolve(recipe_path, [base, nest(settings), {"name": f"{cell}-s{seed}", "seed": seed}])
                         for seed in seeds)
-        study.cells.append(Cell(cell, settings, recipes))
+        study.cells.append(Cell(cell, settings, recipes, Path(recipe_path).name if recipe_path else ""))
     names = [c.name for c in study.cells]
     if len(set(names)) != len(names):
         raise KcifarError(f"study {path}: two cells are both named {next(n for n in names if names.count(n) > 1)!r}; "

@@ -200,9 +200,11 @@ def draw_figures(study, cells, rows, out: Path) -> list:
     x_key = study.keys[0] if one_axis else None  # else each cell sets its own keys (an ablation): by cell
     other_keys = study.keys[1:] if one_axis else []
     x_labels = list(dict.fromkeys(r[x_key] if x_key else r["cell"] for r in rows))
+    by_recipe = one_axis and len({cell.recipe_file for cell, _ in cells}) > 1  # S3: SGD's and Adam's epochs
     series = {}
     for (cell, runs), row in zip(cells, rows):
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in other_keys) or "test top-1, all"
+        label = ", ".join(([cell.recipe_file or "defaults"] if by_recipe else [])
+                          + [f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in other_keys]) or "test top-1, all"
         values = series.setdefault(label, [[] for _ in x_labels])
         x = x_labels.index(row[x_key] if x_key else row["cell"])
         values[x] += [100 * run["metrics"]["test"]["top1"] for run in runs if run["metrics"].get("test")]
