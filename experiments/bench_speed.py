@@ -289,13 +289,21 @@ def take_turns(workers: dict, rounds: int, seconds: float) -> dict:
     return speeds
 
 
-def measure_model(model: str, frameworks: dict, precisions, rounds: int, seconds: float) -> tuple[dict, dict]:
-    """{(framework, precision): [images/s per round]}, the workers taking turns; and
-    {precision: convolutions with matmul kernel gradients} of kcifar's default worker.
+def measure_model(model: str, frameworks: dict, precisions, rounds: int, seconds: float) -> tuple[dict, dict, str]:
+    """{(framework, precision): [images/s per round]}, the workers taking turns;
+    {precision: convolutions with matmul kernel gradients} of kcifar's default worker; and the share
+    of the cores' time the hypervisor gave to other machines during the rounds ("-" where unknown).
     ``frameworks``: {name: (worker kind, recipe overrides...)}."""
+    from kcifar.machine import cpu_steal_seconds
+
     workers = {(fw, p): Worker(kind, model, p, *extra) for fw, (kind, *extra) in frameworks.items() for p in precisions}
     routed = {p: w.note[0].strip() for (fw, p), w in workers.items() if fw == "kcifar"}
-    return take_turns(workers, rounds, seconds), routed
+    stolen_before, started = cpu_steal_seconds(), time.monotonic()
+    speeds = take_turns(workers, rounds, seconds)
+    stolen_after, elapsed = cpu_steal_seconds(), time.monotonic() - started
+    stolen = ("-" if stolen_before is None or stolen_after is None
+              else f"{100 * (stolen_after - stolen_before) / (elapsed * os.cpu_count()):.1f} %")
+    return speeds, routed, stolen
 
 
 # ------------------------------------------------------------ the report
@@ -310,11 +318,11 @@ def forward_flops(model: str) -> int:
     return flops
 
 
-def table_rows(results: dict, routed: dict, peaks: dict, compare: str | None) -> list[str]:
+def table_rows(results: dict, routed: dict, stolen: dict, peaks: dict, compare: str | None) -> list[str]:
     rows = ["| model | batch | recipe (augmentation) | precision | kcifar img/s | PyTorch img/s | kcifar / PyTorch "
             "(median of rounds) | kcifar GFLOPS | % of conv peak | kcifar bf16 / fp32 | convs with matmul kernel "
-            f"gradients | kcifar / kcifar with `{compare or '-'}` |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"gradients | kcifar / kcifar with `{compare or '-'}` | CPU stolen by the VM's neighbours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, speeds in results.items():
         recipe = bench_recipe(model, "float32")
         flops = 3 * forward_flops(model)
@@ -334,7 +342,8 @@ def table_rows(results: dict, routed: dict, peaks: dict, compare: str | None) ->
             rows.append(f"| {model} | {recipe['train']['batch_size']} | {MODELS[model][0] or 'default'} "
                         f"({recipe['augment']['preset']}) | {precision} | {_spread(ours)} | "
                         f"{_spread(theirs) if theirs else '-'} | {ratio} | {achieved:.0f} | "
-                        f"{100 * achieved / peak:.0f} % | {gain} | {routed[model][precision]} | {gain_over_other} |")
+                        f"{100 * achieved / peak:.0f} % | {gain} | {routed[model][precision]} | {gain_over_other} | "
+                        f"{stolen[model]} |")
     return rows
 
 
@@ -342,7 +351,7 @@ def _spread(values) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def report(results: dict, routed: dict, peaks: dict, args, head: list) -> str:
+def report(results: dict, routed: dict, stolen: dict, peaks: dict, args, head: list) -> str:
     versions = _versions()
     lines = ["# Training speed on this CPU: kcifar beside PyTorch, float32 and bfloat16", "",
              *head,
@@ -354,8 +363,10 @@ def report(results: dict, routed: dict, peaks: dict, args, head: list) -> str:
         lines.append(f"| {key} | " + " | ".join(f"{p[key]:,.0f}" for p in peaks.values()) + " |")
     lines += ["", "## model.fit (kcifar, augmentation on) against a plain PyTorch loop", "",
               "images/s: median (lowest-highest) of the rounds. GFLOPS = 3 x forward FLOPs x images/s; "
-              "% of the best conv3x3 peak above in that precision.", ""]
-    return "\n".join(lines + table_rows(results, routed, peaks, args.compare)) + "\n"
+              "% of the best conv3x3 peak above in that precision. CPU stolen: the share of the cores' time "
+              "the hypervisor gave to other machines during the model's rounds (/proc/stat's steal): where it is "
+              "not near 0, the figures of that row are lower than the chip's own.", ""]
+    return "\n".join(lines + table_rows(results, routed, stolen, peaks, args.compare)) + "\n"
 
 
 def _versions() -> str:
@@ -409,13 +420,13 @@ def main():
     if not args.no_torch:
         frameworks["torch"] = ("torch",)
     peaks = chip_peaks(["tf"] + ([] if args.no_torch else ["torch"]), args.precisions.split(","))
-    results, routed = {}, {}
+    results, routed, stolen = {}, {}, {}
     for model in args.models.split(","):
-        results[model], routed[model] = measure_model(model, frameworks, args.precisions.split(","), args.rounds,
-                                                      args.seconds)
+        results[model], routed[model], stolen[model] = measure_model(model, frameworks, args.precisions.split(","),
+                                                                     args.rounds, args.seconds)
         print(f"{model}: " + ", ".join(f"{fw} {p} {statistics.median(v):,.0f} img/s"
                                        for (fw, p), v in results[model].items()), file=sys.stderr, flush=True)
-    text = report(results, routed, peaks, args, head)
+    text = report(results, routed, stolen, peaks, args, head)
     publish(text, args.out)
 
 

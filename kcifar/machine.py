@@ -154,6 +154,17 @@ def cpu_description() -> str:
     return f"{model}; AVX-512: {' '.join(avx512) or 'none'}" + (f"; AMX: {' '.join(amx)}" if amx else "")
 
 
+def cpu_steal_seconds(stat=Path("/proc/stat")):
+    """CPU time the hypervisor gave to other machines since boot, all cores summed, in seconds (the
+    ``steal`` field of /proc/stat's ``cpu`` line); None where there is none (not Linux). A benchmark
+    on a shared VM takes it before and after, to say how much of the CPU it did not have."""
+    try:
+        fields = Path(stat).read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[:1] == ["cpu"] and len(fields) > 8 else None
+
+
 CPU_DESCRIPTION = re.compile(r"([^;]+); AVX-512: ([^;]*)(?:; AMX: ([^;]*))?")
 
 

@@ -114,6 +114,15 @@ def test_cpu_description_names_the_bfloat16_flags(monkeypatch):
     assert machine.cpu_description() == "Some Xeon; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_tile"
 
 
+def test_cpu_steal_is_the_eighth_field_of_the_cpu_line_in_seconds(tmp_path):
+    stat = tmp_path / "stat"
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  1039167 0 107567 818936 3825 0 399 {3 * ticks} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert machine.cpu_steal_seconds(stat) == 3.0
+    stat.write_text("cpu  1 2 3 4\n")  # a kernel without the field
+    assert machine.cpu_steal_seconds(stat) is None and machine.cpu_steal_seconds(tmp_path / "none") is None
+
+
 @pytest.mark.parametrize("description, expected", [
     ("AMD EPYC; AVX-512: avx512_bf16 avx512f avx512vl", "AMD EPYC, AVX512_BF16"),
     ("Intel(R) Xeon(R) Processor; AVX-512: avx512_bf16 avx512f; AMX: amx_bf16 amx_int8", "Intel Xeon, AMX-BF16"),
