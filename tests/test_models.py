@@ -37,7 +37,8 @@ def test_every_model_maps_uint8_images_to_logits(name):
         assert np.isfinite(logits).all()
         assert model.layers[1].name == "normalize"
         assert model.layers[-1].name == "predictions"
-        assert model.layers[-1].activation is keras.activations.linear  # logits, no softmax
+        # logits, no softmax (S2's notebook heads have no Dense: the pooled channels are the logits)
+        assert getattr(model.layers[-1], "activation", keras.activations.linear) is keras.activations.linear
 
 
 def test_registry_holds_every_documented_name():
@@ -53,6 +54,8 @@ def test_registry_holds_every_documented_name():
 @pytest.mark.parametrize("name, params", [
     ("s3_tutorial", 62_006), ("vgg11", 9_231_114), ("vgg13", 9_416_010),
     ("vgg16", 14_728_266), ("vgg19", 20_040_522), ("resnet20", 273_066), ("resnet56", 857_706),
+    # S2's notebook: its seven nn.Conv2d (3x3, with bias) and, for model1, nn.Linear(1024, 1024), (1024, 10)
+    ("s2_notebook_fc", 2_190_122), ("s2_notebook_gap", 1_130_272), ("s2_notebook_dropout", 1_130_272),
 ])
 def test_exact_trainable_parameter_counts(name, params):
     assert registry.trainable_params(built(name)) == params
@@ -176,7 +179,8 @@ def test_kcifars_own_layers_are_registered_for_loading():
     function instead of FusedBatchNorm, and no airbench94 or resnet20 could be loaded)."""
     from kcifar.models import airbench
 
-    for obj in (parts.FusedBatchNorm, airbench.PatchWhitening, airbench.PartialDirac, airbench.gelu_tanh):
+    for obj in (parts.FusedBatchNorm, parts.SurplusClassLogits, airbench.PatchWhitening, airbench.PartialDirac,
+                airbench.gelu_tanh):
         assert keras.saving.get_registered_object(f"kcifar>{obj.__name__}") is obj
 
 
@@ -299,6 +303,9 @@ def test_unknown_override_lists_the_valid_options():
     (dict(normalization="unit", mean=(1, 2, 3)), r"mean/std only apply to normalization='meanstd'"),
     (dict(std=(1, 0, 1)), r"one value per channel .* std > 0"),
     (dict(num_classes=1), r"num_classes must be an integer >= 2"),
+    (dict(dropout=(0.1, 0.2)), r"dropout needs one rate, or one per block \(3\)"),
+    (dict(head="gap_logits", dense_units=(8,)), r"head='gap_logits' has no Dense layer"),
+    (dict(head="gap_logits", dense_units=(), num_classes=100), r"needs at least one channel per class: 64 channels, 100 classes"),
 ])
 def test_bad_option_values_are_clear_errors(kwargs, message):
     with pytest.raises(KcifarError, match=message):
@@ -354,3 +361,45 @@ def test_torch_init_draws_every_conv_and_dense_as_pytorchs_default():
         assert not default.get_layer(name).get_weights()[1].any()
     with pytest.raises(KcifarError, match="init='pytorch' is not valid; use one of 'keras', 'torch'"):
         models.build("vgg11", init="pytorch")
+
+
+def test_s2_notebook_models_follow_its_code():
+    """Seven 3x3 convs 16, 32P, 64, 128P, 128P, 256, 256P, no BN; model3's dropout after the ReLU of
+    conv 4, 5 and 7, before their pools."""
+    model = built("s2_notebook_dropout")
+    convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [16, 32, 64, 128, 128, 256, 256]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    names = [layer.name for layer in model.layers]
+    assert [names[names.index(drop) - 1] for drop in names if drop.endswith("_drop")] == [
+        "block2_act2", "block3_act1", "block4_act2"]
+    assert model.get_layer("gap").output.shape == (None, 256)
+
+
+def test_surplus_class_logits_train_as_a_wider_cross_entropy():
+    """S2's notebook trains its 256 pooled channels with 256-way cross-entropy on labels 0..9: the 10
+    logits' cross-entropy plus the layer's loss is that, in value and in gradient."""
+    channels = tf.constant(np.random.default_rng(1).normal(0, 3, size=(8, 256)), tf.float32)
+    labels = np.arange(8) % 10
+    layer = parts.SurplusClassLogits(10)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(channels)
+        logits = layer(channels)
+        ours = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        ours = tf.reduce_mean(ours) + tf.add_n(layer.losses)
+        wide = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, channels, from_logits=True))
+    assert logits.shape == (8, 10)
+    np.testing.assert_allclose(float(ours), float(wide), rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(ours, channels), tape.gradient(wide, channels), atol=1e-7)
+
+
+def test_surplus_class_loss_counts_in_fit_and_evaluate():
+    """Keras adds the layer's loss to the compiled loss in training and in evaluation."""
+    model = models.build("s2_notebook_gap", 10)
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    labels = keras.utils.to_categorical([3, 7], 10)
+    evaluated = model.evaluate(BATCH, labels, verbose=0)
+    logits = model(BATCH, training=False)
+    cross_entropy = float(keras.losses.CategoricalCrossentropy(from_logits=True)(labels, logits))
+    assert evaluated == pytest.approx(cross_entropy + float(tf.add_n(model.losses)), rel=1e-5)
+    assert float(tf.add_n(model.losses)) > 0.1

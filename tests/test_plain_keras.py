@@ -1,7 +1,7 @@
 """Saved zoo models load in plain Keras, in a process that never imports kcifar: their files hold
-Keras' own layers (the fused batch norm is a training detail, not part of the model). The one model
-with genuinely custom layers (airbench94's whitening) says, when loaded without kcifar, whose they are,
-and loads after ``import kcifar.models``."""
+Keras' own layers (the fused batch norm is a training detail, not part of the model). The models
+with genuinely custom layers (airbench94's whitening, S2's notebook GAP head) say, when loaded
+without kcifar, whose they are, and load after ``import kcifar.models``."""
 
 import json
 import subprocess
@@ -14,7 +14,8 @@ import numpy as np
 from kcifar import models
 from kcifar.models import parts
 
-NEEDS_KCIFAR = {"airbench94"}  # PatchWhitening, PartialDirac, gelu_tanh
+# PatchWhitening, PartialDirac, gelu_tanh; SurplusClassLogits (S2's notebook: 256 channels as logits)
+NEEDS_KCIFAR = {"airbench94", "s2_notebook_gap", "s2_notebook_dropout"}
 
 LOADER = textwrap.dedent("""
     import json, sys

@@ -8,6 +8,7 @@ left out keeps ``conv_net``'s default; every option stays overridable through
 
 import functools
 
+from kcifar.errors import KcifarError
 from kcifar.models import parts as B
 from kcifar.models.registry import register
 
@@ -24,8 +25,9 @@ def conv_net(x, num_classes, *, blocks=((32,), (64,)), kernel_size=3, padding="s
     conv); every block ends with a max-pool, except the last when
     ``pool_last=False`` (S1 step 1: Conv-Pool-Conv-Pool-Conv). ``pool``:
     ``max2`` (2x2/2) or ``overlap3`` (3x3/2, padded same). ``dropout`` after
-    each block, ``before_pool`` or ``after_pool``. ``residual``: ResNet-style
-    shortcut around each block (S1 step 12). ``head``: ``flatten`` or ``gap``;
+    each block (one rate, or one per block), ``before_pool`` or ``after_pool``. ``residual``: ResNet-style
+    shortcut around each block (S1 step 12). ``head``: ``flatten``, ``gap`` or
+    ``gap_logits`` (the pooled channels are the logits);
     ``dense_units``: hidden Dense widths, each Dense[-BN]-act;
     ``head_dropout``: dropout before the final Dense.
 
@@ -35,10 +37,13 @@ def conv_net(x, num_classes, *, blocks=((32,), (64,)), kernel_size=3, padding="s
     ``PRESETS`` beside each entry.
     """
     blocks = [[width] if isinstance(width, int) else list(width) for width in blocks]
-    for index, widths in enumerate(blocks, start=1):
+    rates = [dropout] * len(blocks) if isinstance(dropout, (int, float)) else list(dropout)
+    if len(rates) != len(blocks):
+        raise KcifarError(f"dropout needs one rate, or one per block ({len(blocks)}); got {dropout!r}")
+    for index, (widths, rate) in enumerate(zip(blocks, rates), start=1):
         x = B.conv_block(x, widths, f"block{index}", kernel_size=kernel_size, padding=padding, use_bn=batch_norm,
                          activation=activation, pool_kind=pool, pooled=pool_last or index < len(blocks),
-                         dropout_rate=dropout, dropout_position=dropout_position, residual=residual)
+                         dropout_rate=rate, dropout_position=dropout_position, residual=residual)
     return B.head(x, num_classes, kind=head, dense_units=dense_units, use_bn=head_batch_norm, activation=activation,
                   dropout_rate=head_dropout)
 
@@ -60,7 +65,11 @@ S1_STEP10 = dict(S1_STEP09, blocks=((64, 64), (128, 128), (256, 256)), dense_uni
 
 # S2's layer table is a missing picture: a VGG-style 64-128-256 stack of
 # two 3x3 convs per block, no BN (the document never mentions it), Dense 512.
+# Kept for the study recorded with it (s2_models); the write-up's notebook, found later, is S2_NOTEBOOK.
 S2_STACK = dict(blocks=((64, 64), (128, 128), (256, 256)), batch_norm=False)
+# S2's notebook (docs/SOURCES.md): seven 3x3 convs 16, 32P, 64, 128P, 128P, 256, 256P, no BN. Its GAP
+# models have no Dense: the 256 pooled channels are the logits; model3 drops out (0.5) after conv 4, 5, 7.
+S2_NOTEBOOK = dict(blocks=((16, 32), (64, 128), (128,), (256, 256)), batch_norm=False)
 
 PRESETS = {
     # name: (source, description, conv_net options)
@@ -89,6 +98,13 @@ PRESETS = {
     "s2_gap": ("S2", "VGG-style 3x3 stack, global average pooling head", dict(S2_STACK, head="gap")),
     "s2_gap_dropout": ("S2", "s2_gap + dropout 0.25 after each pool, 0.5 before the classifier",
                        dict(S2_STACK, head="gap", dropout=0.25, head_dropout=0.5)),
+    "s2_notebook_fc": ("S2", "the notebook's model1: 7 convs (16-32P-64-128P-128P-256-256P), Dense 1024",
+                       dict(S2_NOTEBOOK, dense_units=(1024,))),
+    "s2_notebook_gap": ("S2", "the notebook's model2: its 256 pooled channels are the logits",
+                        dict(S2_NOTEBOOK, head="gap_logits")),
+    "s2_notebook_dropout": ("S2", "the notebook's model3: model2 + dropout 0.5 after conv 4, 5 and 7",
+                            dict(S2_NOTEBOOK, head="gap_logits", dropout=(0, 0.5, 0.5, 0.5),
+                                 dropout_position="before_pool")),
     "s3_tutorial": ("S3", "PyTorch tutorial net: Conv6 5x5-Pool-Conv16 5x5-Pool-FC120-FC84 (62,006 params)",
                     dict(blocks=(6, 16), kernel_size=5, padding="valid", batch_norm=False, dense_units=(120, 84))),
 }

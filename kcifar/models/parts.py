@@ -28,7 +28,7 @@ CIFAR10_STD = (62.993, 62.089, 66.705)
 NORMALIZATIONS = ("meanstd", "minus1_1", "unit", "none")
 POOLS = ("max2", "overlap3")
 DROPOUT_POSITIONS = ("before_pool", "after_pool")
-HEADS = ("flatten", "gap")
+HEADS = ("flatten", "gap", "gap_logits")
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 INITS = ("keras", "torch")
@@ -287,6 +287,7 @@ def conv_block(x, filters, prefix, kernel_size=3, padding="same", use_bn=True, a
 def head(x, num_classes, kind="flatten", dense_units=(), use_bn=False, activation="relu", dropout_rate=0.0):
     """Classifier: Flatten or GlobalAveragePooling, hidden Dense [-BN] -act layers
     (``head_dense{k}``), dropout before the last Dense, and ``predictions`` (logits).
+    ``gap_logits``: no Dense at all, the pooled channels are the logits (``SurplusClassLogits``).
 
     ``predictions`` computes in float32 so logits stay float32 under mixed precision.
     """
@@ -295,6 +296,10 @@ def head(x, num_classes, kind="flatten", dense_units=(), use_bn=False, activatio
         x = keras.layers.Flatten(name="flatten")(x)
     else:
         x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    if kind == "gap_logits":
+        if dense_units or dropout_rate:
+            raise KcifarError("head='gap_logits' has no Dense layer: leave dense_units and head_dropout unset")
+        return SurplusClassLogits(num_classes, name="predictions")(x)
     for index, units in enumerate(dense_units, start=1):
         x = keras.layers.Dense(units, name=f"head_dense{index}")(x)
         if use_bn:
@@ -302,3 +307,38 @@ def head(x, num_classes, kind="flatten", dense_units=(), use_bn=False, activatio
         x = keras.layers.Activation(activation, name=f"head_act{index}")(x)
     x = dropout(x, dropout_rate, "head_drop")
     return keras.layers.Dense(num_classes, dtype="float32", name="predictions")(x)
+
+
+@keras.saving.register_keras_serializable(package="kcifar")
+class SurplusClassLogits(keras.layers.Layer):
+    """Values of C' >= C channels as the logits of C classes, trained as PyTorch trains C' outputs
+    with C'-way cross-entropy on labels 0..C-1 (S2's notebook: 256 pooled channels, 10 classes).
+
+    Outputs the first C values; the other C' - C are classes no image has, and what they add to the
+    C'-way cross-entropy, the same for every label, is added as this layer's loss:
+    CE_C'(z, y) = CE_C(z[:C], y) + softplus(logsumexp(z[C:]) - logsumexp(z[:C])), so loss and gradients
+    are the notebook's. *Differs*: the prediction is the argmax over the C classes (the notebook's
+    can fall on a surplus class and count as wrong).
+    """
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.num_classes = int(num_classes)
+
+    def build(self, input_shape):
+        if input_shape[-1] < self.num_classes:
+            raise KcifarError(f"head='gap_logits' needs at least one channel per class: "
+                              f"{input_shape[-1]} channels, {self.num_classes} classes")
+
+    def call(self, values):
+        logits, surplus = values[:, :self.num_classes], values[:, self.num_classes:]
+        if surplus.shape[-1]:
+            lead = keras.ops.logsumexp(surplus, axis=-1) - keras.ops.logsumexp(logits, axis=-1)
+            self.add_loss(keras.ops.mean(keras.ops.softplus(lead)))
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
