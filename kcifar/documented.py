@@ -76,7 +76,7 @@ class Documented:
     other: str | None = None
     reading: tuple | None = None
     note: str = ""
-    fallback: tuple = ()  # (study, cell, note) tried in order while ``study``'s ``cell`` has no finished seed
+    fallback: tuple = ()  # (study, cell, note[, other]) tried in order while ``study``'s ``cell`` has no finished seed
     beside: tuple | None = None  # (study, cell, label): another measurement shown next to ours
 
 
@@ -94,8 +94,9 @@ def _s1(step, figure, kind="figure", fraction=None, cell=None, **kw):
                       cell or f"s1_step{step:02d}", **kw)
 
 
-S2 = Scale(40, 50_000, "custom CNN (layer table a picture: VGG-style assumed)",
-           assumed="~40 epochs read from the curves; all 50,000 training images (its curves are test curves)")
+S2 = Scale(100, 50_000, "the notebook's 7-conv CNN, no BN", ("s2_notebook_fc", "s2_notebook_gap", "s2_notebook_dropout"),
+           assumed="the layer table is a picture: the networks and the 100 epochs of the write-up's notebook "
+                   "(docs/SOURCES.md); its curves are test curves")
 S3 = Scale(2, 50_000, "tutorial CNN (62,006 parameters)", ("s3_tutorial",),
            assumed="epochs are only in pictures: the tutorial's 2; all 50,000 training images")
 
@@ -141,8 +142,10 @@ BASELINES = [
                Scale(None, 50_000, "not given"), "reading", study=FINETUNE,
                reading=(UNTESTABLE, "a target, not a result; ours is another task: an ImageNet EfficientNet-Lite0 "
                                     "fine-tuned at 224 pixels")),
-    Documented("S2", "FC vs GAP head", "GAP slightly above FC", C10, S2, "above", study="s2_models", cell="s2_gap",
-               other="s2_fc"),
+    Documented("S2", "FC vs GAP head", "GAP slightly above FC", C10, S2, "above", study="s2_notebook",
+               cell="s2_notebook_gap", other="s2_notebook_fc",
+               fallback=(("s2_models", "s2_gap", "the first study, on VGG-style models assumed before the notebook "
+                                                 "was found", "s2_fc"),)),
     Documented("S2", "FC and GAP overfit; the dropout model starts higher and has the lowest test loss after "
                      "~20 epochs", "curves", C10, S2, "reading", study="s2_models", cell="s2_gap_dropout",
                reading=(HOLDS, "both seeds: FC's and GAP's validation loss lowest at epoch 3-7, then rising while "
@@ -269,12 +272,13 @@ def measured(figure: Documented, results_dir: Path):
     if figure.study == FINETUNE:
         return _finetune(results_dir)
     options = []
-    for study, cell, note in ((figure.study, figure.cell, figure.note), *figure.fallback):
+    for study, cell, note, *other in ((figure.study, figure.cell, figure.note, figure.other), *figure.fallback):
         cells = study_cells(results_dir, study)
         if cells:
             shown, chosen = (_best_on_validation(cells) if figure.kind == "best" or cell is None
                              else (_finished(cells, cell), ""))
-            options.append({"shown": shown, "cells": cells, "chosen": chosen, "note": note, "beside": None})
+            options.append({"shown": shown, "cells": cells, "chosen": chosen, "note": note, "beside": None,
+                            "pair": (cell, other[0] if other else figure.other)})
     found = next((o for o in options if o["shown"] or o["chosen"]), options[0] if options else None)
     if found and figure.beside:
         found["beside"] = _finished(study_cells(results_dir, figure.beside[0]), figure.beside[1])
@@ -337,8 +341,9 @@ def _best_comparison(figure, found):
 
 
 def _order_comparison(figure, found):
-    higher, lower = _finished(found["cells"], figure.cell), _finished(found["cells"], figure.other)
-    missing = [name for name, c in ((figure.cell, higher), (figure.other, lower)) if c is None]
+    names = found.get("pair", (figure.cell, figure.other))
+    higher, lower = (_finished(found["cells"], name) for name in names)
+    missing = [name for name, c in zip(names, (higher, lower)) if c is None]
     if missing:
         return None, None, f"{' and '.join(missing)} not run yet"
     difference, error = _pair(higher, lower, "all", lambda c: TEST_IMAGES)

@@ -223,3 +223,21 @@ def test_a_study_whose_files_changed_since_its_runs_is_checked_out_first():
     assert documented.study_command("s4_remedies", ["60e8832"]).startswith("git checkout 60e8832 && python -m")
     assert documented.changed_since(remedies, [head, "not a commit"]) is None  # still the file that ran them
     assert documented.study_command("s2_models", [head]).startswith("python -m kcifar.sweep")
+
+
+def test_s2_rows_judge_only_the_notebooks_networks(tmp_path):
+    """S2's first study ran VGG-style models assumed before the write-up's notebook was found: its
+    comparison is shown (its own cell names) but not judged; the notebook's study is judged."""
+    key = ("S2", "FC vs GAP head")
+    record_study(tmp_path, "s2_models", {"s2_fc": [(0.75, 0.80, 0.76)], "s2_gap": [(0.78, 0.82, 0.79)]},
+                 model="s2_gap", epochs=100)
+    row = report_rows(tmp_path)[1][key]
+    assert row[COLUMN["verdict"]] == "**not testable here**"
+    assert "model s2_gap, documented the notebook's 7-conv CNN" in row[COLUMN["reason"]]
+    assert "`s2_gap` +3.00 ± " in row[COLUMN["reason"]] and "over `s2_fc`" in row[COLUMN["reason"]]
+    record_study(tmp_path, "s2_notebook", {"s2_notebook_fc": [(0.70, 0.72, 0.71)],
+                                           "s2_notebook_gap": [(0.80, 0.82, 0.81)]},
+                 model="s2_notebook_gap", epochs=100)
+    row = report_rows(tmp_path)[1][key]
+    assert row[COLUMN["verdict"]] == "**holds**"
+    assert "`s2_notebook_gap` +10.00 ± " in row[COLUMN["reason"]]
