@@ -214,6 +214,25 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
+def test_a_run_recorded_by_an_older_version_of_the_study_is_left_out(tmp_path):
+    """S4 step 1 went from 10,000 training images to all of them under the same study and run names:
+    the summary counts the new scale's run, never the old one's still in the results folder."""
+    old = load_study(write_study(tmp_path, 'seeds = [0]\n[[cells]]\nname = "vgg"\ndata.train_subset = 10000\n'
+                                           '[[cells]]\nname = "other"\n'))
+    new = load_study(write_study(tmp_path, 'seeds = [0]\n[[cells]]\nname = "vgg"\n[[cells]]\nname = "other"\n'))
+    out = tmp_path / "results"
+    fake_run(out, old.cells[0].recipes[0], 0.70)  # recorded by the old study file
+    fake_run(out, old.cells[1].recipes[0], 0.75)  # the same training in both versions
+    summary.write_summary(new, tmp_path / "runs", out)
+    rows = {r["cell"]: r for r in csv.DictReader((out / "tiny.csv").open())}
+    assert (rows["vgg"]["seeds_done"], rows["vgg"]["test_all_top1_mean"]) == ("0", "")
+    assert (rows["other"]["seeds_done"], rows["other"]["test_all_top1_mean"]) == ("1", "75.0")
+    fake_run(tmp_path / "runs" / "tiny", new.cells[0].recipes[0], 0.80)  # the new scale's run finishes
+    summary.write_summary(new, tmp_path / "runs", out)
+    rows = {r["cell"]: r for r in csv.DictReader((out / "tiny.csv").open())}
+    assert (rows["vgg"]["seeds_done"], rows["vgg"]["test_all_top1_mean"]) == ("1", "80.0")
+
+
 def test_a_run_trained_outside_the_sweep_counts_as_it_was_written(tmp_path):
     """A kcifar.train run copied into the runs folder (seed 0 first, the sweep for the rest):
     skipped untouched (its TTA evaluation too, no provenance made up), its own commit shown."""

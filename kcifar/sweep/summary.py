@@ -25,7 +25,10 @@ from pathlib import Path
 
 from kcifar import fileio, plots, tables
 from kcifar.machine import code_version, scrub_paths
-from kcifar.rundir import PROVENANCE, SMALL_FILES, evaluation_file, is_finished, read_history, read_json, read_metrics
+from kcifar.errors import KcifarError
+from kcifar.rundir import (PROVENANCE, SMALL_FILES, evaluation_file, is_finished, read_history, read_json, read_metrics,
+                           read_recipe)
+from kcifar.sweep.runner import training_settings
 from kcifar.sweep.study import format_value
 
 STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
@@ -60,9 +63,20 @@ def finished_run_files(run_dir: Path) -> dict | None:
 
 
 def read_cells(study, folder: Path) -> list:
-    """[(cell, [finished runs' files])] in study order."""
-    return [(cell, [run for recipe in cell.recipes if (run := finished_run_files(folder / recipe["name"]))])
+    """[(cell, [finished runs' files])] in study order. A run counts only if it trained as the study's
+    recipe for it says now: one recorded by an older version of the study file (another scale, say)
+    is left out, not summarised beside the new ones."""
+    return [(cell, [run for recipe in cell.recipes
+                    if trained_as(folder / recipe["name"], recipe) and (run := finished_run_files(folder / recipe["name"]))])
             for cell in study.cells]
+
+
+def trained_as(run_dir: Path, recipe: dict) -> bool:
+    """Whether the run in ``run_dir`` has ``recipe``'s training settings (no readable recipe: no)."""
+    try:
+        return training_settings(read_recipe(run_dir)) == training_settings(recipe)
+    except KcifarError:
+        return False
 
 
 # ------------------------------------------------------------ one row per cell
