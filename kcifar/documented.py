@@ -146,6 +146,7 @@ BASELINES = [
                cell="s2_notebook_gap", other="s2_notebook_fc",
                fallback=(("s2_models", "s2_gap", "the first study, on VGG-style models assumed before the notebook "
                                                  "was found", "s2_fc"),)),
+    # A reading by hand of s2_models' curves (another model: not testable); read s2_notebook's once it is recorded.
     Documented("S2", "FC and GAP overfit; the dropout model starts higher and has the lowest test loss after "
                      "~20 epochs", "curves", C10, S2, "reading", study="s2_models", cell="s2_gap_dropout",
                reading=(HOLDS, "both seeds: FC's and GAP's validation loss lowest at epoch 3-7, then rising while "
