@@ -114,7 +114,7 @@ def test_a_capped_study_shows_the_factor_and_is_not_testable(tmp_path):
     assert row[COLUMN["image passes, ours / documented"]] == "1/33"
     assert row[COLUMN["verdict"]] == "**not testable here**"
     assert row[COLUMN["reason"]].startswith("1/33 of the documented image passes (3 epochs on 10,000 images "
-                                            "against 20 on 50,000); the study's reading: all three:")
+                                            "against 20 on 50,000); the study's reading: VGG16 and VGG19 not run")
     assert row[COLUMN["documented scale"]].startswith("CIFAR-10, 20 epochs, 50,000 images, 1 seed, VGG11, VGG16, "
                                                       "VGG19; *assumed*: ")
 
