@@ -328,7 +328,10 @@ def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
     speed, source = estimate.speed_for(wide, measured)
     assert "fitted to 1 float32 run(s) of this model" in source
     assert speed == pytest.approx(estimate.step_speed(wide, estimate.fitted_gflops(measured_key, 2000.0)))
-    assert "of other models" in estimate.speed_for(other_batch[:0] + ("s1_step10",) + other_batch[1:], measured)[1]
+    step10 = ("s1_step10",) + other_batch[1:]  # 306 MFLOPs: s0_base (6) is nearer than s3_tutorial (1.3)
+    speed, source = estimate.speed_for(step10, measured)
+    assert "of s0_base, the model nearest in FLOPs" in source
+    assert speed == pytest.approx(estimate.step_speed(step10, estimate.fitted_gflops(other_model, 100.0)))
     assert estimate.step_speed(other_model, 50) < estimate.step_speed(measured_key, 50)  # more FLOPs, slower
     overhead_only = ("s3_tutorial", "{}", "cifar10", 4, "float32")  # 4 images in 6.4 ms: the step overhead
     assert "assumed 50 GFLOPS" in estimate.speed_for(other_model, [(overhead_only, 626.0)])[1]

@@ -12,10 +12,11 @@ by the evaluation). The speed, first found wins:
    ``cpu_description()``; ``"auto"`` is the precision it picks on this machine);
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
    with GFLOPS the median fitted to the finished runs in the same precision on this CPU
-   of the same model with other arguments or batch sizes, or if there are none of other
-   models (only runs whose steps took at least twice the overhead: the others measure
-   only it; small models at small batches reach a fraction of the GFLOPS of large
-   ones, so the model's own runs are the better guide); a run that recorded no precision ran in float32 (the CPU
+   of the same model with other arguments or batch sizes, or if there are none of the
+   other model nearest in forward FLOPs (only runs whose steps took at least twice the
+   overhead: the others measure only it; small models at small batches reach a fraction
+   of the GFLOPS of large ones, so the model's own runs, or its nearest in size, are the
+   better guide); a run that recorded no precision ran in float32 (the CPU
    default before "auto" picked bfloat16);
 3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
 
@@ -28,6 +29,7 @@ model of the cost says.
 
 import functools
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -99,13 +101,22 @@ def speed_for(key, measured) -> tuple:
     informative = [(k, speed) for k, speed in measured if k[4] == key[4] and k[3] / speed > 2 * STEP_OVERHEAD_S]
     same_model = [(k, speed) for k, speed in informative if k[0] == key[0]]
     if informative:
-        fitted = same_model or informative
+        fitted = same_model or nearest_in_flops(key, informative)
         gflops = statistics.median(fitted_gflops(k, speed) for k, speed in fitted)
+        which = "this model" if same_model else f"{fitted[0][0][0]}, the model nearest in FLOPs"
         return step_speed(key, gflops), (f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(fitted)} {key[4]} run(s) "
-                                         f"of {'this model' if same_model else 'other models'} on this CPU")
+                                         f"of {which} on this CPU")
     return step_speed(key, FALLBACK_GFLOPS), (f"FLOPs at an assumed {FALLBACK_GFLOPS:g} GFLOPS + "
                                               f"{STEP_OVERHEAD_S * 1e3:g} ms a step (no {key[4]} run recorded on "
                                               "this CPU)")
+
+
+def nearest_in_flops(key, measured) -> list:
+    """The runs in ``measured`` of the model (with its arguments and data set) whose forward FLOPs are
+    nearest ``key``'s, by ratio."""
+    size = forward_mflops(*key[:3])
+    nearest = min({k[:3] for k, _ in measured}, key=lambda model: abs(math.log(forward_mflops(*model) / size)))
+    return [(k, speed) for k, speed in measured if k[:3] == nearest]
 
 
 def run_cost(recipe: dict) -> float:
