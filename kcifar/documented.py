@@ -186,9 +186,10 @@ BASELINES = [
                                                               "a horizontal flip; all 50,000 training images, the "
                                                               "last epoch (its notebook)"),
                "figure", 0.9228, "s4_final_writeup", "writeup",
-               fallback=(("s4_final", "vgg16_final", "an older recipe: 45,000 training images + 5,000 validation, "
-                                                     "kept epoch on validation, one seed; the write-up's own setting "
-                                                     "is s4_final_writeup, not finished yet"),),
+               fallback=(("s4_final", "vgg16_final", "an older recipe: Keras' initialisation, meanstd input, Adam "
+                                                     "eps 1e-7, cosine stepped per batch; 45,000 training images + "
+                                                     "5,000 validation, kept epoch on validation, one seed; the "
+                                                     "write-up's own setting is s4_final_writeup, not finished yet"),),
                beside=("s4_final_holdout", "holdout", "45,000 + 5,000 validation, kept epoch on validation")),
 ]
 
