@@ -7,6 +7,7 @@ recipe asks, ReduceLROnPlateau, the whitening-bias freeze and TensorBoard. Which
 best by a monitor, as these callbacks decide it, is ``kcifar.rundir.best_index``.
 """
 
+import csv
 import os
 import time
 from pathlib import Path
@@ -62,10 +63,30 @@ class EpochStats(keras.callbacks.Callback):
         logs["train_images_per_s"] = self.images_per_epoch / ((self.validation_start or end) - self.start)
 
 
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger that, appending to a history with a header, keeps the header's columns: a run
+    resumed by a kcifar that logs other columns writes NA where it lacks one and leaves out the
+    new ones, where CSVLogger would write its own columns under the old header."""
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.append and not self.append_header:
+            with open(self.filename, newline="", encoding="utf-8") as f:
+                self.keys = next(csv.reader(f))[1:]
+
+
+def inference_view(model) -> keras.Model:
+    """``model``'s layers as an uncompiled functional model: saved, it holds the architecture and the
+    weights without the optimizer's state or the compile settings (whose kcifar optimizers, schedules
+    and metrics plain Keras could not load); loading weights into it sets ``model``'s."""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
 class BestModelSaver(keras.callbacks.ModelCheckpoint):
-    """Keras' ModelCheckpoint (whole model, best epoch only when ``monitor`` is
-    given) whose file is replaced atomically: a kill never leaves half a file.
-    ``best``: the monitor's best value before a resumed run."""
+    """Keras' ModelCheckpoint (the model for inference, ``inference_view``: resuming takes the
+    optimizer's state from the backup; best epoch only when ``monitor`` is given) whose file is
+    replaced atomically: a kill never leaves half a file. ``best``: the monitor's best value
+    before a resumed run."""
 
     def __init__(self, path, monitor=None, best=None):
         super().__init__(str(path), monitor=monitor or "loss", mode=rundir.mode(monitor or "loss"),
@@ -74,7 +95,7 @@ class BestModelSaver(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs):
         if self._should_save_model(epoch, batch, logs, self.filepath):
             with fileio.atomic_path(self.filepath) as tmp:
-                self.model.save(tmp)
+                inference_view(self.model).save(tmp)
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
@@ -169,7 +190,7 @@ def make_callbacks(run_dir: Path, recipe: dict, images_per_epoch: int, history: 
         EpochStats(images_per_epoch),
         keras.callbacks.TerminateOnNaN(),
         BestModelSaver(best_path or run_dir / rundir.BEST_MODEL, monitor if has_val else None, best),
-        keras.callbacks.CSVLogger(str(run_dir / rundir.HISTORY), append=True),
+        HistoryLogger(str(run_dir / rundir.HISTORY), append=True),
         RunBackup(run_dir / rundir.BACKUP_DIR, first_epoch),
     ]
     if stop["enabled"]:

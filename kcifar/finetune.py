@@ -121,7 +121,7 @@ def fit_stage(recipe, number, stage: Stage, steps, run_dir, verbose) -> tuple:
     best_path = run_dir / rundir.stage_model(number)
     finished = rundir.finished_stages(run_dir)
     if str(number) in finished:  # finished before the run was stopped
-        model.load_weights(best_path)
+        kcallbacks.inference_view(model).load_weights(best_path)
         return finished[str(number)]["epochs"], finished[str(number)]["best"]
     spec = stage_recipe(recipe, number)
     first = sum(done["epochs"] for done in finished.values())  # the stage's first epoch, counted over stages
@@ -133,7 +133,7 @@ def fit_stage(recipe, number, stage: Stage, steps, run_dir, verbose) -> tuple:
     model.fit(stage.train_data(max(rundir.resume_epoch(run_dir) - first, 0)), validation_data=stage.val_data,
               epochs=first + epochs, initial_epoch=first, steps_per_epoch=steps, verbose=verbose,
               callbacks=kcallbacks.make_callbacks(run_dir, spec, steps * spec["train"]["batch_size"], logged, best_path, first))
-    model.load_weights(best_path)
+    kcallbacks.inference_view(model).load_weights(best_path)
     logged = {column: values[first:] for column, values in rundir.read_history(run_dir).items()}
     monitor = spec["early_stopping"]["monitor"]
     best = rundir.best_index(logged.get(monitor), monitor)

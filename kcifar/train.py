@@ -98,7 +98,7 @@ def train(recipe: dict, runs_dir="runs", data_dir=None, overwrite=False, verbose
     if history and not np.isfinite(history["loss"][-1]):
         raise KcifarError(f"training diverged: the loss became NaN in epoch {len(history['loss'])}; "
                           "lower optimizer.learning_rate or add warmup (schedule.name=warmup_cosine)")
-    model.load_weights(run_dir / rundir.BEST_MODEL)
+    kcallbacks.inference_view(model).load_weights(run_dir / rundir.BEST_MODEL)
     evaluation, metrics = run.evaluate_and_finish(run_dir, recipe, model, data, clock, len(train_split),
                                                   tta=spec["tta"], conv_grad_matmul_layers=matmul_grads)
     return RunResult(run_dir, metrics, model, data, evaluation, multiworker.is_chief(strategy))

@@ -62,10 +62,39 @@ def test_best_model_saver_keeps_the_best_epoch_and_leaves_no_temporaries(tmp_pat
     for epoch, accuracy in enumerate([0.4, 0.6, 0.55, 0.7]):
         model.layers[0].set_weights([np.full((2, 1), epoch, np.float32), np.zeros(1, np.float32)])
         saver.on_epoch_end(epoch, {"val_accuracy": accuracy})
-        saved.append(keras.models.load_model(tmp_path / "best.keras").layers[0].get_weights()[0][0, 0]
+        saved.append(keras.models.load_model(tmp_path / "best.keras").layers[-1].get_weights()[0][0, 0]
                      if (tmp_path / "best.keras").exists() else None)
     assert saved == [None, 1, 1, 3]  # 0.4 does not beat the resumed run's 0.5
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
+
+
+def test_history_resumed_by_code_that_logs_other_columns_keeps_its_header(tmp_path):
+    """A run started before a column existed (val_loss_sd) and resumed after: the rows keep the
+    header's columns (NA where a column is not logged, new columns left out), never shifted."""
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,top5,val_loss\n0,2.0,0.5,1.9\n")
+    logger = kcallbacks.HistoryLogger(str(path), append=True)
+    logger.on_train_begin()
+    logger.on_epoch_end(1, {"loss": 1.5, "loss_sd": 0.7, "val_loss": 1.4, "val_loss_sd": 0.8})
+    logger.on_train_end()
+    assert path.read_text().splitlines() == ["epoch,loss,top5,val_loss", "0,2.0,0.5,1.9", "1,1.5,NA,1.4"]
+    rundir.trim_history(tmp_path, 2)  # a whole history, as resuming checks it
+    fresh = kcallbacks.HistoryLogger(str(tmp_path / "new.csv"), append=True)
+    fresh.on_train_begin()
+    fresh.on_epoch_end(0, {"loss": 1.5, "val_loss_sd": 0.8})
+    fresh.on_train_end()
+    assert (tmp_path / "new.csv").read_text().splitlines()[0] == "epoch,loss,val_loss_sd"
+
+
+def test_loss_spread_is_the_standard_deviation_of_the_per_image_loss_over_batches():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(100, 10)).astype("float32")
+    labels = np.eye(10, dtype="float32")[rng.integers(0, 10, 100)]
+    spread = run.LossSpread(label_smoothing=0.1)
+    spread.update_state(labels[:37], logits[:37])
+    spread.update_state(labels[37:], logits[37:])
+    per_image = keras.losses.categorical_crossentropy(labels, logits, from_logits=True, label_smoothing=0.1)
+    assert float(spread.result()) == pytest.approx(float(np.std(per_image)), rel=1e-5)
 
 
 def test_one_keras_home_when_the_variable_is_empty(monkeypatch):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import own_stderr_lines
 
-from kcifar import machine, recipe as krecipe
+from kcifar import machine, recipe as krecipe, rundir
 from kcifar.errors import KcifarError
 from kcifar.train import train
 
@@ -54,9 +54,14 @@ def test_short_real_run_learns_and_writes_every_file(real_cifar10_dir, tmp_path)
     assert saved["best_epoch"] == metrics["best_epoch"] and saved["finished"] is True
     assert krecipe.read_toml(run / "recipe.toml") == recipe
     header = (run / "history.csv").read_text().splitlines()[0].split(",")
-    assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(header)
+    assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "val_loss_sd"} <= set(header)
+    history = rundir.read_history(run)
+    assert (history["val_loss_sd"] > 0).all()  # the images' spread of the validation loss, for its standard error
     reloaded = keras.models.load_model(run / "best.keras", compile=False)
     assert reloaded.output_shape == (None, 10)
+    plain = subprocess.run([sys.executable, "-c", "import sys, keras; print(keras.models.load_model(sys.argv[1])"
+                            ".output_shape)", str(run / "best.keras")], capture_output=True, text=True)
+    assert plain.stdout.strip() == "(None, 10)", plain.stderr[-2000:]  # in plain Keras: no kcifar optimizer inside
 
 
 def test_finished_run_is_not_overwritten(tiny_cifar10, tmp_path):
