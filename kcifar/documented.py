@@ -58,7 +58,9 @@ class Documented:
     """One finding. ``kind`` says how it is judged:
 
     - ``figure``: ``fraction``, compared with ``cell``'s pixel-exact test top-1 (same data set only);
-    - ``best``: ``cell`` is the documented winner, compared on validation with the cell best there;
+    - ``best``: ``cell`` is the documented winner, compared on validation with the cell best there, by
+      ``criterion``: ``top1`` (validation top-1) or ``loss`` (the lowest validation loss over the epochs,
+      for a write-up that judged by overfitting; the top-1 comparison is then given beside it);
     - ``above``: ``cell`` documented above ``other`` (test top-1 on all test images);
     - ``no_gain``: ``cell`` documented as no gain over ``other`` (the same figures);
     - ``reading``: ``reading`` = (verdict, reason), read by hand from the study's curves;
@@ -78,6 +80,7 @@ class Documented:
     note: str = ""
     fallback: tuple = ()  # (study, cell, note[, other]) tried in order while ``study``'s ``cell`` has no finished seed
     beside: tuple | None = None  # (study, cell, label): another measurement shown next to ours
+    criterion: str = "top1"  # of a ``best`` finding: "top1" or "loss" (see above)
 
 
 def _s0(what, figure, model, study="s0_depth", **kw):
@@ -86,11 +89,14 @@ def _s0(what, figure, model, study="s0_depth", **kw):
                       study=study, **kw)
 
 
-def _s1(step, figure, kind="figure", fraction=None, cell=None, **kw):
+def _s1(step, figure, kind="figure", fraction=None, cell=None, what=None, **kw):
+    """A step of S1. Its documented figure is CIFAR-100's (``fraction``, drawn in the progression figure), so on
+    the CIFAR-10 stand-in a step is judged by what the write-up says it did to the step before (``other``): a
+    gain (``above``) or none (``no_gain``), by its direction on our test set."""
     late = step >= 6
     scale = Scale(200 if late else 100, 50_000, f"step {step}'s network", up_to=late,
                   assumed="EarlyStopping from step 6: the epoch it stopped at is not given" if late else "")
-    return Documented("S1", f"step {step}", figure, C100, scale, kind, fraction, "s1_steps",
+    return Documented("S1", what or f"step {step}", figure, C100, scale, kind, fraction, "s1_steps",
                       cell or f"s1_step{step:02d}", **kw)
 
 
@@ -123,21 +129,22 @@ BASELINES = [
         note="ours: Adam 1e-4 / 3e-4 / 1e-3 / 3e-3 on model3"),
     _s1(1, "0.30", fraction=0.30),
     _s1(2, "small gain over step 1", "above", other="s1_step01"),
-    _s1(3, "0.35", fraction=0.35),
-    _s1(4, "0.42", fraction=0.42),
-    _s1(5, "0.46", fraction=0.46),
-    _s1(6, "0.48", fraction=0.48, fallback=(("s1_steps", "s1_step05", "ours: step 5's run of the capped study, where "
-                                                                      "the two were one"),)),
-    _s1(7, "0.48 (doubling the filters: 0.46)", fraction=0.48),
-    _s1(8, "0.52", fraction=0.52),
-    _s1(9, "0.56", fraction=0.56),
-    _s1(10, "0.57 -> 0.58 -> 0.59", fraction=0.59),
-    _s1(11, "0.62", fraction=0.62),
+    _s1(3, "0.35, up from ~0.30 (step 2)", "above", 0.35, other="s1_step02"),
+    _s1(4, "0.42, up from 0.35", "above", 0.42, other="s1_step03"),
+    _s1(5, "0.46, up from 0.42", "above", 0.46, other="s1_step04"),
+    _s1(6, "0.48, up from 0.46", "above", 0.48, other="s1_step05"),
+    _s1(7, "0.48, as step 6 (doubling the filters: 0.46)", "no_gain", 0.48, other="s1_step06"),
+    _s1(7, "0.46, down from two convolutions' 0.48", "above", what="step 7: doubling the filters",
+        other="s1_step07_double_filters"),
+    _s1(8, "0.52, up from 0.48", "above", 0.52, other="s1_step07"),
+    _s1(9, "0.56, up from 0.52", "above", 0.56, other="s1_step08"),
+    _s1(10, "0.57 -> 0.58 -> 0.59, up from 0.56", "above", 0.59, other="s1_step09"),
+    _s1(11, "0.62, up from 0.59", "above", 0.62, other="s1_step10"),
     _s1(12, "0.5x-0.6x (no gain)", "no_gain", other="s1_step11"),
     Documented("S1", "step 13: filter-count study", "no figure", C100,
                Scale(200, 50_000, "step 11's network, filters varied", up_to=True), study="s1_step13",
                note="ours: step 11's recipe with 8-16-32 ... 64-128-256 filters"),
-    _s1(14, "0.65, 0.67", fraction=0.65),
+    _s1(14, "0.65, 0.67, up from 0.62 (step 11)", "above", 0.65, other="s1_step11"),
     Documented("S1", "step 16: transfer learning (text cut off)", "target 0.78", C100,
                Scale(None, 50_000, "not given"), "reading", study=FINETUNE,
                reading=(UNTESTABLE, "a target, not a result; ours is another task: an ImageNet EfficientNet-Lite0 "
@@ -173,7 +180,7 @@ BASELINES = [
                                     "1.09 at epoch 20")),
     Documented("S4", "remedies: augmentation, L2, dropout", "augmentation and L2 best", C10,
                Scale(20, 50_000, "VGG11, VGG16, VGG19", VGGS, assumed=S4_STEPS), "best", study="s4_remedies",
-               cell="augmentation_l2"),
+               cell="augmentation_l2", criterion="loss"),
     Documented("S4", "optimizers: Adam, RMSprop, SGD momentum", "Adam", C10,
                Scale(20, 50_000, "VGG16", ("vgg16",), assumed=S4_STEPS), "best", study="s4_optimizers", cell="adam"),
     Documented("S4", "four LR schedulers", "CosineAnnealingLR", C10,
@@ -207,6 +214,12 @@ def _stat(row, name):
     return None if mean is None else (mean, _num(row.get(f"{name}_std")))
 
 
+def _loss_stat(row):
+    """(mean, std) of the lowest validation loss over the epochs, or None (not in older summaries)."""
+    mean = _num(row.get("val_loss_min_mean"))
+    return None if mean is None else (mean, _num(row.get("val_loss_min_std")))
+
+
 def _recorded_recipe(folder: Path, cell: str) -> dict:
     """The recipe.toml recorded with the cell's first run (``<cell>-s<seed>/``), or {}."""
     runs = sorted(p for p in folder.glob("*/recipe.toml") if re.fullmatch(re.escape(cell) + r"-s\d+", p.parent.name))
@@ -218,6 +231,7 @@ def _cell(folder: Path, study: str, row: dict) -> dict:
     return {"study": study, "cell": row["cell"], "dataset": row["dataset"], "model": recipe.get("model"),
             "seeds": int(row["seeds_done"] or 0), "seeds_planned": int(row["seeds"]),
             "val": _stat(row, "val_top1"), "val_images": recipe.get("data", {}).get("val_size"),
+            "val_loss": _loss_stat(row), "val_loss_sd": _num(row.get("val_loss_min_sd_mean")),
             "exact": _stat(row, "test_exact_top1"), "exact_images": _num(row.get("test_exact_n")),
             "all": _stat(row, "test_all_top1"), "epochs": _num(row["epochs_mean"]),
             "max_epochs": _num(row["max_epochs"]), "train_images": _num(row["train_images"]), "cpu": row["cpu"],
@@ -254,16 +268,23 @@ def _finetune(results_dir: Path):
     return {"shown": cell, "cells": [cell], "chosen": "", "note": "", "beside": None}
 
 
-def _best_on_validation(cells):
-    """(the finished cell best on validation, how it was chosen); a lone cell needs no choice."""
+CRITERIA = {"top1": ("val", 1, "best on validation"), "loss": ("val_loss", -1, "lowest validation loss")}
+
+
+def _best_on_validation(cells, criterion="top1"):
+    """(the finished cell best on validation by ``criterion``, how it was chosen); a lone cell needs no choice."""
+    key, sign, words = CRITERIA[criterion]
     done = [c for c in cells if c["seeds"]]
     if len(done) == 1 and len(cells) == 1:
         return done[0], ""
-    scored = [c for c in done if c["val"]]
+    scored = [c for c in done if c[key]]
+    if not scored and criterion != "top1" and any(c["val"] for c in done):  # a summary older than its column
+        shown, chosen = _best_on_validation(cells)
+        return shown, f"{chosen} (top-1: the summary has no {words})"
     if not scored:
         return None, "no validation figure: no cell chosen" if done else ""
     of = f"{len(cells)} cells" if len(done) == len(cells) else f"the {len(done)} of {len(cells)} cells run so far"
-    return max(scored, key=lambda c: c["val"][0]), f"best on validation of {of}"
+    return max(scored, key=lambda c: sign * c[key][0]), f"{words} of {of}"
 
 
 def _finished(cells, name):
@@ -279,7 +300,7 @@ def measured(figure: Documented, results_dir: Path):
     for study, cell, note, *other in ((figure.study, figure.cell, figure.note, figure.other), *figure.fallback):
         cells = study_cells(results_dir, study)
         if cells:
-            shown, chosen = (_best_on_validation(cells) if figure.kind == "best" or cell is None
+            shown, chosen = (_best_on_validation(cells, figure.criterion) if figure.kind == "best" or cell is None
                              else (_finished(cells, cell), ""))
             options.append({"shown": shown, "cells": cells, "chosen": chosen, "note": note, "beside": None,
                             "pair": (cell, other[0] if other else figure.other)})
@@ -305,9 +326,15 @@ def _headline(cell):
     return (cell["exact"], cell["exact_images"]) if cell["exact"] else (cell["all"], TEST_IMAGES)
 
 
+def _our_epochs(scale: Scale, cell):
+    """The epochs our budget is counted in: against a documented maximum (EarlyStopping) our maximum, where
+    EarlyStopping may have ended the run sooner, as it may have the documented one; else the epochs run."""
+    return cell["max_epochs"] if scale.up_to and cell["max_epochs"] else cell["epochs"]
+
+
 def _passes_ratio(scale: Scale, cell):
     """Our image passes per run (epochs x training images) over the documented; None where either is unknown."""
-    ours, documented = ((a or 0) * (b or 0) for a, b in ((cell["epochs"], cell["train_images"]),
+    ours, documented = ((a or 0) * (b or 0) for a, b in ((_our_epochs(scale, cell), cell["train_images"]),
                                                           (scale.epochs, scale.train_images)))
     return ours / documented if ours and documented else None
 
@@ -327,21 +354,60 @@ def _pm(difference, error):
     return f"{difference:+.2f} ± {error:.2f} pp"
 
 
-def _best_comparison(figure, found):
-    winner, best = _finished(found["cells"], figure.cell), found["shown"]
-    if winner is None or not winner["val"]:
-        return None, None, f"the documented winner's cell, {figure.cell}, has no validation figure"
+def _loss_error(cell):
+    """Standard error of a cell's lowest validation loss: the images' spread (per-image sd / √images, as
+    logged at that epoch) and the seeds' (std / √seeds) in quadrature; None where the spread was not logged."""
+    if cell["val_loss_sd"] is None or not cell["val_images"]:
+        return None
+    return math.hypot(cell["val_loss_sd"] / math.sqrt(cell["val_images"]), (cell["val_loss"][1] or 0.0) /
+                      math.sqrt(cell["seeds"]))
+
+
+def _ahead(a, b, criterion):
+    """(how far ``a`` is ahead of ``b`` on validation by ``criterion``, its standard error (None where
+    unknown), the text of a − b: top-1 in percentage points, or the loss)."""
+    if criterion == "top1":
+        difference, error = _pair(a, b, "val", lambda c: c["val_images"])
+        return difference, error, _pm(difference, error)
+    errors = [_loss_error(a), _loss_error(b)]
+    error = None if None in errors else math.hypot(*errors)
+    difference = a["val_loss"][0] - b["val_loss"][0]
+    spread = " (no per-image spread logged: no noise rule)" if error is None else f" ± {error:.3f}"
+    return -difference, error, f"validation loss {difference:+.3f}{spread}"
+
+
+def _best_text(found, winner, best, criterion):
+    """(ahead, its error, text) of the documented winner against the best cell (or the runner-up) by ``criterion``."""
+    key, sign, words = CRITERIA[criterion]
+    if not winner[key]:
+        what = "validation top-1" if criterion == "top1" else "validation loss (a summary older than its column)"
+        return None, None, f"the documented winner's cell, {winner['cell']}, has no {what}"
     if best is winner:
-        others = [c for c in found["cells"] if c["seeds"] and c["val"] and c is not winner]
+        others = [c for c in found["cells"] if c["seeds"] and c[key] and c is not winner]
         if not others:
             return None, None, f"{winner['cell']} is the only cell run"
-        runner = max(others, key=lambda c: c["val"][0])
-        difference, error = _pair(winner, runner, "val", lambda c: c["val_images"])
-        return difference, error, (f"`{winner['cell']}` best on validation, {_pm(difference, error)} over "
-                                   f"`{runner['cell']}`")
-    difference, error = _pair(winner, best, "val", lambda c: c["val_images"])
-    return difference, error, (f"`{best['cell']}` best on validation; the documented winner `{winner['cell']}` "
-                               f"{_pm(difference, error)} from it")
+        runner = max(others, key=lambda c: sign * c[key][0])
+        difference, error, text = _ahead(winner, runner, criterion)
+        return _known(difference, error), error, f"`{winner['cell']}` {words}, {text} over `{runner['cell']}`"
+    difference, error, text = _ahead(winner, best, criterion)
+    return _known(difference, error), error, (f"`{best['cell']}` {words}; the documented winner `{winner['cell']}` "
+                                              f"{text} from it")
+
+
+def _known(difference, error):
+    """The difference where its error is known (a verdict needs both), else None."""
+    return None if error is None else difference
+
+
+def _best_comparison(figure, found):
+    winner = _finished(found["cells"], figure.cell)
+    if winner is None:
+        return None, None, f"the documented winner's cell, {figure.cell}, has no finished run"
+    difference, error, text = _best_text(found, winner, found["shown"], figure.criterion)
+    if figure.criterion == "top1":
+        return difference, error, text
+    by_top1 = _best_text(found, winner, _best_on_validation(found["cells"])[0], "top1")[2]
+    return difference, error, f"by validation loss (the write-up's criterion): {text}; by validation top-1: {by_top1}"
 
 
 def _order_comparison(figure, found):
@@ -383,9 +449,10 @@ def _obstacles(figure: Documented, cell) -> list:
         reasons.append(f"{NAMES[cell['dataset']]} stand-in for a {NAMES[figure.dataset]} figure")
     ratio = _passes_ratio(figure.scale, cell)
     if ratio is not None and ratio < MIN_PASSES:
-        reasons.append(f"{_ratio(ratio)} of the documented image passes ({cell['epochs']:g} epochs on "
-                       f"{cell['train_images']:,.0f} images against {'up to ' if figure.scale.up_to else ''}"
-                       f"{figure.scale.epochs} on {figure.scale.train_images:,})")
+        up_to = "up to " if figure.scale.up_to else ""
+        ours = f"{up_to if cell['max_epochs'] else ''}{_our_epochs(figure.scale, cell):g}"
+        reasons.append(f"{_ratio(ratio)} of the documented image passes ({ours} epochs on {cell['train_images']:,.0f} "
+                       f"images against {up_to}{figure.scale.epochs} on {figure.scale.train_images:,})")
     if figure.scale.models and cell["model"] not in figure.scale.models:
         reasons.append(f"model {cell['model']}, documented {figure.scale.model}")
     return reasons
@@ -572,16 +639,20 @@ def to_markdown(rows, found_rows, command) -> str:
              f"one cell beats another holds only when it wins by {NOISE:g} standard errors or more; under that, "
              f"either way, it is **{NOISY}**: this scale cannot tell. A single figure: ours against it. A best-of "
              "finding: the documented "
-             "winner's cell against the cell best on validation, on validation. An order between cells: the two "
-             "cells on all 10,000 test images (their errors added as if independent). A curve: a reading of the "
-             "study's curves, written by hand and said so.", "", *tables.markdown(HEADER, rows)]
+             "winner's cell against the cell best on validation, on validation: by top-1, or, where the write-up "
+             "judged by overfitting (S4's remedies), by the lowest validation loss over the epochs (± the per-image "
+             "spread of the loss / √images and the seeds' spread), top-1 given beside it. An order between cells: "
+             "the two cells on all 10,000 test images (their errors added as if independent); each S1 step is "
+             "such an order, against the step before it, the gain (or none) the write-up reports. Against a "
+             "documented maximum of epochs (EarlyStopping), our image passes count our maximum. A curve: a "
+             "reading of the study's curves, written by hand and said so.", "", *tables.markdown(HEADER, rows)]
     return "\n".join(lines + _studies_section(found_rows)) + "\n"
 
 
 def s1_progression(results_dir: Path, path: Path):
     """Figure of S1's documented progression (CIFAR-100) and ours, each on its own axis; None while no step
     is measured."""
-    steps = [f for f in BASELINES if f.source == "S1" and f.study == "s1_steps" and f.kind == "figure"]
+    steps = [f for f in BASELINES if f.source == "S1" and f.study == "s1_steps" and f.fraction is not None]
     ours = [(measured(f, results_dir) or {}).get("shown") for f in steps]
     measured_cell = next((o for o in ours if o), None)
     if measured_cell is None:
@@ -591,9 +662,15 @@ def s1_progression(results_dir: Path, path: Path):
         [_headline(o)[0] if o else None for o in ours], path,
         title="S1 steps: the shape of each progression, on its own axis (the data sets differ: no figure compares)",
         documented_label="documented: CIFAR-100, 100-200 epochs on 50,000 images, one run",
-        ours_label=f"ours: {NAMES[measured_cell['dataset']]}, {measured_cell['epochs']:g} epochs on "
+        ours_label=f"ours: {NAMES[measured_cell['dataset']]}, {_epochs_range(o for o in ours if o)} epochs on "
                    f"{measured_cell['train_images']:,.0f} images, {measured_cell['seeds']} seeds; pixel-exact test, "
                    "mean ± std")
+
+
+def _epochs_range(cells) -> str:
+    """The mean epochs run of the cells, as "4" or "38-100" (EarlyStopping ends the runs at different epochs)."""
+    epochs = sorted({f"{c['epochs']:g}" for c in cells if c["epochs"]}, key=float)
+    return "-".join(dict.fromkeys([epochs[0], epochs[-1]])) if epochs else "?"
 
 
 REPORT = "experiments/REPORT.md"

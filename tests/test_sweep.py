@@ -5,6 +5,7 @@ import json
 import statistics
 import time
 
+import numpy as np
 import pytest
 from conftest import one_line_error
 
@@ -181,8 +182,11 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tiny_cifar10, tmp_path):
 # ------------------------------------------------------------ summary numbers and dry-run (no training)
 
 
+HISTORY = "epoch,accuracy,loss,val_accuracy,val_loss\n0,0.3,2.0,0.4,1.8\n1,0.5,1.5,0.5,1.6\n"
+
+
 def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=1000.0, precision=None, epochs=3,
-             train_images=45000):
+             train_images=45000, history=HISTORY):
     run = folder / recipe["name"]
     run.mkdir(parents=True)
     (run / "recipe.toml").write_text(krecipe.to_toml(recipe))
@@ -193,7 +197,7 @@ def fake_run(folder, recipe, top1, exact=None, val=0.5, cpu="test cpu", speed=10
     if precision:
         metrics["precision"] = precision
     (run / "metrics.json").write_text(json.dumps(metrics))
-    (run / "history.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.3,2.0,0.4,1.8\n1,0.5,1.5,0.5,1.6\n")
+    (run / "history.csv").write_text(history)
     return run
 
 
@@ -210,8 +214,18 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert (rows[1]["seeds_done"], rows[1]["test_all_top1_mean"], rows[1]["test_all_top1_std"]) == ("1", "40.0", "")
     assert rows[0]["cpu"] == "test cpu" and rows[0]["commit"] == ""  # no provenance.json: not recorded
     text = (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
-    assert "| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % | 3 (3) | 45,000 (5,000) |" in text
+    assert ("| epochs-3 | 3 | 3/3 | 50.00 ± 0.00 % | 60.00 ± 10.00 % | 63.00 ± 11.53 % | 1.600 ± 0.000 (2) | 1.600 | "
+            "3 (3) | 45,000 (5,000) |") in text
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
+
+
+def test_the_lowest_validation_loss_its_epoch_its_spread_and_the_last_one():
+    """Read from the history: the overfitting a write-up judges by (validation loss rising after its low)."""
+    history = {"val_loss": np.array([1.0, 0.6, 0.8, np.nan]), "val_loss_sd": np.array([0.9, 0.7, 0.8, np.nan])}
+    assert summary.lowest_val_loss(history) == {"loss": 0.6, "epoch": 2, "sd": 0.7, "last": 0.8}
+    assert summary.lowest_val_loss({"val_loss": np.array([1.0, 0.6])})["sd"] is None  # logged before the column
+    assert summary.lowest_val_loss({"val_loss": np.array([np.nan, np.nan])}) is None  # no validation split
+    assert summary.lowest_val_loss({"loss": np.array([1.0])}) is None
 
 
 def test_a_run_recorded_by_an_older_version_of_the_study_is_left_out(tmp_path):

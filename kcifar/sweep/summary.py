@@ -4,7 +4,9 @@ Each cell's row holds, over the seeds finished, the mean ± sample standard
 deviation (n - 1; none with one seed) of the best validation top-1, the test
 top-1 on all test images and on the pixel-exact subset (where the data has
 one), the epochs run, the wall time and the training images/s, all read from
-the runs' own ``metrics.json``. No documented figure here: a study may run a
+the runs' own ``metrics.json``; and the lowest validation loss over the epochs, its
+epoch, its per-image spread and the last epoch's validation loss, from ``history.csv``.
+No documented figure here: a study may run a
 recipe on another data set than the documented one (kcifar.documented compares).
 The figures: test top-1 (all images: more images, less noise between cells)
 against the first varied key, one line per combination of the others; and the
@@ -22,6 +24,8 @@ is kept each time the summary is written again.
 import datetime
 import statistics
 from pathlib import Path
+
+import numpy as np
 
 from kcifar import fileio, plots, tables
 from kcifar.machine import code_version, scrub_paths
@@ -99,6 +103,30 @@ def _joined(values):
     return "; ".join(sorted({v for v in values if v})) or None
 
 
+def lowest_val_loss(history: dict) -> dict | None:
+    """{loss, epoch (from 1), sd (its per-image spread, None where not logged), last (the last epoch's
+    validation loss)} of one run's history; None without validation."""
+    losses = history.get("val_loss")
+    if losses is None or not np.isfinite(losses).any():
+        return None
+    best = int(np.nanargmin(losses))
+    sd = history.get("val_loss_sd", np.full(len(losses), np.nan))[best]
+    return {"loss": float(losses[best]), "epoch": best + 1, "sd": float(sd) if np.isfinite(sd) else None,
+            "last": float(losses[np.isfinite(losses)][-1])}
+
+
+def _loss_columns(runs) -> dict:
+    """The lowest validation loss over the epochs: mean and sample std over the seeds, its epoch,
+    its per-image spread (mean over the seeds; only where every run logged it), the last epoch's."""
+    lowest = [found for run in runs if (found := lowest_val_loss(run["history"]))]
+    values = [found["loss"] for found in lowest]
+    spreads = [found["sd"] for found in lowest]
+    return {"val_loss_min_mean": _mean(values, 4), "val_loss_min_std": round(statistics.stdev(values), 4)
+            if len(values) > 1 else None, "val_loss_min_epoch_mean": _mean([f["epoch"] for f in lowest]),
+            "val_loss_min_sd_mean": _mean(spreads, 4) if None not in spreads else None,
+            "val_loss_last_mean": _mean([f["last"] for f in lowest], 4)}
+
+
 def cell_row(study, cell, runs) -> dict:
     metrics = [run["metrics"] for run in runs]
     recipe = cell.recipes[0]
@@ -110,6 +138,7 @@ def cell_row(study, cell, runs) -> dict:
               "test_exact_top1": [(m.get("test_exact") or {}).get("top1") for m in metrics]}
     for stat, _ in STATS:
         row[f"{stat}_mean"], row[f"{stat}_std"] = mean_std(values[stat])
+    row.update(_loss_columns(runs))
     dates = sorted(run["provenance"].get("finished_utc") or "" for run in runs if run["provenance"])
     row.update({
         "test_exact_n": next(((m.get("test_exact") or {}).get("n") for m in metrics if m.get("test_exact")), None),
@@ -144,7 +173,8 @@ def _minutes(seconds):
 
 
 def cells_table(study, rows) -> list:
-    header = ["cell", *study.keys, "seeds done", *[label for _, label in STATS], "epochs (of max)",
+    header = ["cell", *study.keys, "seeds done", *[label for _, label in STATS], "lowest val loss (epoch)",
+              "val loss, last epoch", "epochs (of max)",
               "training images (validation)", "wall time, min", "train images/s"]
     return tables.markdown(header, [_cells_row(study, r) for r in rows])
 
@@ -154,7 +184,19 @@ def _cells_row(study, r) -> list:
     images = "–" if r["train_images"] is None else f"{r['train_images']:,} ({r['val_images']:,})"
     speed = "–" if r["train_images_per_s_mean"] is None else f"{r['train_images_per_s_mean']:.0f}"
     return [r["cell"], *[r[k] for k in study.keys], f"{r['seeds_done']}/{r['seeds']}",
-            *[_pm(r, stat) for stat, _ in STATS], epochs, images, _minutes(r["wall_time_s_mean"]), speed]
+            *[_pm(r, stat) for stat, _ in STATS], _lowest_loss(r), _loss(r["val_loss_last_mean"]), epochs, images,
+            _minutes(r["wall_time_s_mean"]), speed]
+
+
+def _loss(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _lowest_loss(r) -> str:
+    if r["val_loss_min_mean"] is None:
+        return "–"
+    std = "" if r["val_loss_min_std"] is None else f" ± {r['val_loss_min_std']:.3f}"
+    return f"{_loss(r['val_loss_min_mean'])}{std} ({r['val_loss_min_epoch_mean']:g})"
 
 
 def per_class_table(cells) -> list:
@@ -186,7 +228,9 @@ def to_markdown(study, cells, rows, figures, command) -> str:
              "Top-1 accuracy in percent, mean ± sample standard deviation over the seeds finished (no ± with one "
              "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
              "test image; *pixel-exact*: only the test images that are bit-exact copies of the official ones "
-             "(this machine's CIFAR-10: images 0-999). Epochs: mean epochs run (EarlyStopping) of the recipe's "
+             "(this machine's CIFAR-10: images 0-999). *Lowest val loss*: the validation loss (cross-entropy) of "
+             "the epoch where it was lowest, mean ± std over the seeds, that epoch (mean) in brackets; beside it "
+             "the last epoch's: the rise between the two is the overfitting. Epochs: mean epochs run (EarlyStopping) of the recipe's "
              "maximum. Training images per run (in brackets the validation images held out of the training set): "
              "with the epochs, the scale, which the write-ups' may exceed (experiments/REPORT.md sets the two side "
              "by side). No cell is named best here: the test figures choose nothing. "
