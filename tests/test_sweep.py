@@ -327,6 +327,17 @@ def test_dry_run_lists_every_cell_with_a_time_and_where_its_speed_comes_from(tmp
     assert rows[1]["images_per_s"] == 1234.0  # another learning rate, same model and batch: same speed
 
 
+def test_a_run_is_timed_by_its_fastest_segment_on_this_cpu():
+    """VGG11 at documented scale ran 8 epochs beside the test suite (86 images/s), then 12 alone (162):
+    the estimate takes 162; a segment on another CPU, or none recorded, leaves the run's own figure."""
+    metrics = {"train_images_per_s": 103.2, "segments": [{"cpu": "xeon", "train_images_per_s": 85.7},
+                                                         {"cpu": "xeon", "train_images_per_s": 162.1},
+                                                         {"cpu": "epyc", "train_images_per_s": 210.0}]}
+    assert estimate.alone_speed(metrics, "xeon") == 162.1
+    assert estimate.alone_speed(metrics, "avx2") == 103.2
+    assert estimate.alone_speed({"train_images_per_s": 50.0}, "xeon") == 50.0
+
+
 def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
     measured_key = ("s3_tutorial", "{}", "cifar10", 32, "float32")
     other_batch, other_model = measured_key[:3] + (128, "float32"), ("s0_base", "{}", "cifar10", 32, "float32")

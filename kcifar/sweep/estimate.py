@@ -7,7 +7,8 @@ data the study will be given (a forward pass is about a
 third of a training step; the test set is measured twice, by kcifar.train and
 by the evaluation). The speed, first found wins:
 
-1. the median training images/s of finished runs of the same model
+1. the median training images/s (each run's fastest segment on this CPU: a run
+   that shared the CPU for a while is timed by its time alone) of finished runs of the same model
    (``model_args``, data set), batch size and precision on this CPU (same
    ``cpu_description()``; ``"auto"`` is the precision it picks on this machine);
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
@@ -86,11 +87,19 @@ def measured_runs(folders, cpu: str) -> list:
                 metrics, recipe = read_metrics(metrics_path.parent), read_recipe(metrics_path.parent)
             except Exception:  # anything unreadable is not a measurement
                 continue
-            speed = metrics.get("train_images_per_s")
+            speed = alone_speed(metrics, cpu)
             if metrics.get("finished") and speed and (metrics.get("machine") or {}).get("cpu") == cpu:
                 found.append((model_key({"model": metrics.get("model"), **recipe},
                                         metrics.get("precision", "float32")), speed))
     return found
+
+
+def alone_speed(metrics: dict, cpu: str):
+    """A finished run's training images/s: its fastest segment on ``cpu`` (a run resumed after an interruption
+    has one per process, and a segment that shared the CPU with other work is slower than the run alone),
+    else the run's own figure."""
+    segments = [seg.get("train_images_per_s") for seg in metrics.get("segments") or [] if seg.get("cpu") == cpu]
+    return max(filter(None, segments), default=None) or metrics.get("train_images_per_s")
 
 
 def speed_for(key, measured) -> tuple:
