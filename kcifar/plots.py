@@ -276,13 +276,15 @@ def progression(steps, documented, ours, path, title, documented_label, ours_lab
     be on different data sets, whose figures do not compare, so only the shapes are set side by side.
 
     ``documented`` holds a fraction or None per step, ``ours`` a (mean, std) in percent or
-    None per step; a step without a value is a gap in its line.
+    None per step; each line joins the steps that have a value, and a step without one has no marker.
     """
     fig = Figure(figsize=(15.0, 5.5), layout="constrained")
     left, right = fig.subplots(1, 2)
     x = np.arange(len(steps), dtype=float)
-    left.plot(x, [100 * d if d is not None else np.nan for d in documented], marker="s", linestyle="--", color="C0")
-    right.errorbar(x, [o[0] if o else np.nan for o in ours], yerr=[(o[1] or 0.0) if o else 0.0 for o in ours],
+    shown = [i for i, d in enumerate(documented) if d is not None]
+    left.plot(x[shown], [100 * documented[i] for i in shown], marker="s", linestyle="--", color="C0")
+    shown = [i for i, o in enumerate(ours) if o]
+    right.errorbar(x[shown], [ours[i][0] for i in shown], yerr=[ours[i][1] or 0.0 for i in shown],
                    marker="o", capsize=4, color="C1")
     for ax, label in ((left, documented_label), (right, ours_label)):
         ax.set_xticks(x, steps)
