@@ -219,6 +219,22 @@ def test_summary_is_mean_and_sample_std_of_the_runs_and_marks_missing_seeds(tmp_
     assert "| epochs-4 | 4 | 1/3 | 50.00 % | 40.00 % | – |" in text and "not recorded" in text
 
 
+def test_where_a_cell_ran_names_every_cpu_precision_and_commit_that_trained_it(tmp_path):
+    """A run stopped on one CPU and resumed on another (S4's 50-epoch runs across working periods):
+    the summary shows each segment's CPU, precision and commit, not only the last process's."""
+    study = load_study(write_study(tmp_path, 'seeds = [0]\n[grid]\n"train.epochs" = [3]\n'))
+    run = fake_run(tmp_path / "runs" / "tiny", study.cells[0].recipes[0], 0.60, cpu="cpu B", precision="mixed_bfloat16")
+    metrics = json.loads((run / "metrics.json").read_text())
+    segments = [{"first_epoch": 1, "cpu": "cpu A", "precision": "float32", "code": "aaa1111"},
+                {"first_epoch": 3, "cpu": "cpu B", "precision": "mixed_bfloat16"}]  # older: no code recorded
+    (run / "metrics.json").write_text(json.dumps({**metrics, "code": "bbb2222", "segments": segments}))
+    summary.write_summary(study, tmp_path / "runs")
+    row, = csv.DictReader((tmp_path / "runs" / "tiny" / "tiny.csv").open())
+    assert (row["cpu"], row["precision"], row["commit"]) == ("cpu A; cpu B", "float32; mixed_bfloat16",
+                                                             "aaa1111; bbb2222")
+    assert "| cpu A; cpu B | float32; mixed_bfloat16 | aaa1111; bbb2222 |" in (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
+
+
 def test_the_lowest_validation_loss_its_epoch_its_spread_and_the_last_one():
     """Read from the history: the overfitting a write-up judges by (validation loss rising after its low)."""
     history = {"val_loss": np.array([1.0, 0.6, 0.8, np.nan]), "val_loss_sd": np.array([0.9, 0.7, 0.8, np.nan])}

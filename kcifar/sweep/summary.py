@@ -37,7 +37,6 @@ from kcifar.sweep.study import format_value
 
 STATS = [("val_top1", "best val top-1"), ("test_all_top1", "test top-1, all"),
          ("test_exact_top1", "test top-1, pixel-exact")]
-PROVENANCE_COLUMNS = ["cpu", "date", "commit", "command"]
 
 
 def record(study, runs_folder: Path, out: Path):
@@ -103,6 +102,13 @@ def _joined(values):
     return "; ".join(sorted({v for v in values if v})) or None
 
 
+def _trained_by(metrics, key: str, default) -> str | None:
+    """Every value of ``key`` (cpu, precision, code) among the processes that trained the runs: a run
+    stopped and resumed elsewhere has several (metrics.json ``segments``); ``default(m)`` where a run
+    or a segment did not record it."""
+    return _joined(segment.get(key) or default(m) for m in metrics for segment in m.get("segments") or [{}])
+
+
 def lowest_val_loss(history: dict) -> dict | None:
     """{loss, epoch (from 1), sd (its per-image spread, None where not logged), last (the last epoch's
     validation loss)} of one run's history; None without validation."""
@@ -148,9 +154,10 @@ def cell_row(study, cell, runs) -> dict:
         "val_images": recipe["data"]["val_size"],
         "wall_time_s_mean": _mean([m.get("wall_time_s") for m in metrics]),
         "train_images_per_s_mean": _mean([m.get("train_images_per_s") for m in metrics]),
-        "cpu": _joined(m.get("machine", {}).get("cpu") for m in metrics),
+        "cpu": _trained_by(metrics, "cpu", lambda m: m.get("machine", {}).get("cpu")),
+        "precision": _trained_by(metrics, "precision", lambda m: m.get("precision")),
         "date": " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else None,
-        "commit": _joined(m.get("code") for m in metrics),  # the code each run trained at
+        "commit": _trained_by(metrics, "code", lambda m: m.get("code")),  # the code each run trained at
         "command": _joined(run["provenance"].get("command") for run in runs),
     })
     return row
@@ -240,9 +247,11 @@ def to_markdown(study, cells, rows, figures, command) -> str:
     lines += cells_table(study, rows)
     lines += ["", *[f"![{title}]({name})" for name, title in figures]]
     lines += per_class_table(cells)
-    lines += ["", "## Where each cell ran", "", "| cell | finished (UTC) | CPU | commit | command |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['cell']} | {r['date'] or '–'} | {r['cpu'] or '–'} | {r['commit'] or 'not recorded'} | "
+    lines += ["", "## Where each cell ran", "", "Every CPU, precision and commit that trained a cell's runs "
+              "(a run stopped and resumed elsewhere has several: its metrics.json `segments` says which epochs).",
+              "", "| cell | finished (UTC) | CPU | precision | commit | command |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['cell']} | {r['date'] or '–'} | {r['cpu'] or '–'} | {r['precision'] or '–'} | "
+              f"{r['commit'] or 'not recorded'} | "
               f"{'`' + r['command'] + '`' if r['command'] else 'not recorded'} |" for r in rows]
     return "\n".join(lines) + "\n"
 
