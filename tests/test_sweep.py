@@ -70,6 +70,26 @@ def test_cell_list_takes_each_cells_recipe_and_name(tmp_path):
     assert [c.recipes[0]["train"]["epochs"] for c in study.cells] == [3, 5, 2]
 
 
+def test_a_cell_may_give_its_own_seeds_which_run_after_every_cells_first(tmp_path):
+    (tmp_path / "step.toml").write_text("[train]\nepochs = 3\n")
+    path = write_study(tmp_path, 'seeds = [0]\n[[cells]]\nname = "a"\nrecipe = "step.toml"\n'
+                                 '[[cells]]\nname = "b"\nrecipe = "step.toml"\nseeds = [0, 5]\n'
+                                 '[[cells]]\nname = "c"\nrecipe = "step.toml"\n')
+    study = load_study(path)
+    assert [c.seeds for c in study.cells] == [(0,), (0, 5), (0,)]
+    assert [r["name"] for _, _, r in study.runs()] == ["a-s0", "b-s0", "c-s0", "b-s5"]
+    assert study.cells[1].recipes[1]["seed"] == 5
+    assert study.seeds_text() == "seeds [0] (b: [0, 5])"
+    fake_run(tmp_path / "runs" / "tiny", study.cells[1].recipes[0], 0.60)
+    summary.write_summary(study, tmp_path / "runs")
+    rows = {r["cell"]: r for r in csv.DictReader((tmp_path / "runs" / "tiny" / "tiny.csv").open())}
+    assert [(rows[c]["seeds_done"], rows[c]["seeds"]) for c in "abc"] == [("0", "1"), ("1", "2"), ("0", "1")]
+    assert "seeds [0] (b: [0, 5]), 3 cells; 1 of 4 runs finished" in (tmp_path / "runs" / "tiny" / "tiny.md").read_text()
+    bad = write_study(tmp_path, 'seeds = [0]\n[[cells]]\nrecipe = "step.toml"\nseeds = [1, 1]\n', "bad")
+    with pytest.raises(Exception, match="seeds must be a non-empty list of distinct integers"):
+        load_study(bad)
+
+
 @pytest.mark.parametrize("body, message", [
     ('seeds = [0]\n[grid]\n"optimizer.lr" = [0.1, 0.2]\n', "unknown recipe key 'optimizer.lr'"),
     ("seeds = [0]\n[grid]\n", "[grid] must map recipe keys to non-empty lists"),

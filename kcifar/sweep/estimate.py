@@ -160,7 +160,7 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
 
 def describe(study, rows, runs_dir="runs") -> str:
     """The dry-run table a person reads."""
-    lines = [f"study {study.name}: {len(study.cells)} cells x {len(study.seeds)} seeds {study.seeds}; runs go to "
+    lines = [f"study {study.name}: {len(study.cells)} cells, {study.seeds_text()}; runs go to "
              f"{Path(runs_dir) / study.name}/<cell>-s<seed>", "",
              f"{'cell':<40} {'model':<14} {'MFLOPs':>8} {'epochs':>6} {'img/s':>7} {'min/run':>8} {'left':>4}  speed from"]
     for r in rows:

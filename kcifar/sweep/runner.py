@@ -50,7 +50,7 @@ def run_study(study, runs_dir="runs", data_dir=None, budget_min=None, command=""
         raise KcifarError("a sweep trains on one machine; strategy 'multiworker' is for kcifar.train")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     folder, progress, started = Path(runs_dir) / study.name, Progress(), monotonic()
-    total = len(study.cells) * len(study.seeds)
+    total = sum(len(cell.seeds) for cell in study.cells)
     for index, (cell, seed, recipe) in enumerate(study.runs(), 1):
         run_dir = folder / recipe["name"]
         if is_finished(run_dir):

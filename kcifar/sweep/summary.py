@@ -138,7 +138,7 @@ def cell_row(study, cell, runs) -> dict:
     recipe = cell.recipes[0]
     row = {"cell": cell.name, **{key: format_value(cell.settings[key]) if key in cell.settings else ""
                                  for key in study.keys},
-           "dataset": recipe["dataset"], "seeds": len(study.seeds), "seeds_done": len(runs)}
+           "dataset": recipe["dataset"], "seeds": len(cell.seeds), "seeds_done": len(runs)}
     values = {"val_top1": [m.get("best_val_accuracy") for m in metrics],
               "test_all_top1": [(m.get("test") or {}).get("top1") for m in metrics],
               "test_exact_top1": [(m.get("test_exact") or {}).get("top1") for m in metrics]}
@@ -229,8 +229,8 @@ def to_markdown(study, cells, rows, figures, command) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     done = sum(r["seeds_done"] for r in rows)
     lines = [f"# Study `{study.name}`" + (f": {study.description}" if study.description else ""), "",
-             f"Study file `{study.path.name}`, seeds {study.seeds}, {len(rows)} cells; {done} of "
-             f"{len(rows) * len(study.seeds)} runs finished. Summary written {now} at commit {code_version()} by "
+             f"Study file `{study.path.name}`, {study.seeds_text()}, {len(rows)} cells; {done} of "
+             f"{sum(r['seeds'] for r in rows)} runs finished. Summary written {now} at commit {code_version()} by "
              f"`{scrub_paths(command)}`.", "",
              "Top-1 accuracy in percent, mean ± sample standard deviation over the seeds finished (no ± with one "
              "seed). *best val*: the kept epoch on the validation split carved from training. *test, all*: every "
