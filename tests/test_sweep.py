@@ -374,6 +374,30 @@ def test_a_run_is_timed_by_its_fastest_segment_on_this_cpu():
     assert estimate.alone_speed({"train_images_per_s": 50.0}, "xeon") == 50.0
 
 
+def test_a_run_under_way_times_its_model_and_counts_only_its_epochs_left(tmp_path):
+    """The S4 final's first seed, 31 of 50 epochs done: its segments time VGG16 alone, the fastest
+    run of a model is the estimate (another shared the CPU), and the seed left counts 19 epochs."""
+    study = load_study(write_study(tmp_path, f'seeds = [0, 1]\n{TINY_BASE}\n[grid]\n"train.epochs" = [4]\n'))
+    first, second = study.cells[0].recipes
+    fake_run(tmp_path / "runs" / "other", {**first, "name": "shared-s0"}, 0.5, cpu="xeon", speed=48.0)
+    run = tmp_path / "runs" / "tiny" / first["name"]
+    run.mkdir(parents=True)
+    (run / "recipe.toml").write_text(krecipe.to_toml(first))
+    (run / "history.csv").write_text("epoch,loss,train_images_per_s\n0,2.0,60.0\n1,1.5,90.0\n2,1.2,88.0\n")
+    (run / "segments.json").write_text(json.dumps([{"first_epoch": 1, "cpu": "xeon", "precision": "float32"},
+                                                   {"first_epoch": 2, "cpu": "epyc", "precision": "float32"}]))
+    assert estimate.run_speed(run, "xeon") == (estimate.model_key(first, "float32"), 60.0)  # epoch 1 alone there
+    assert estimate.run_speed(run, "epyc") == (estimate.model_key(first, "float32"), 88.0)  # its first epoch dropped
+    assert estimate.run_speed(run, "avx2") is None
+    measured = estimate.measured_runs([tmp_path / "runs"], "xeon")
+    assert sorted(speed for _, speed in measured) == [48.0, 60.0]
+    assert estimate.speed_for(measured[0][0], measured) == (60.0, "measured: the fastest of 2 run(s) of this model "
+                                                                  "and batch on this CPU")
+    assert estimate.epochs_done(run) == 3 and estimate.epochs_done(tmp_path / "none") == 0
+    assert estimate.run_cost(first, 3) == pytest.approx(1 * (50000 - 20 + 20 / 3) + 2 * 10000 / 3)
+    assert estimate.run_cost(first, 9) == pytest.approx(2 * 10000 / 3)  # past the end: the test set alone
+
+
 def test_speed_of_another_model_comes_from_the_flops_fitted_to_measured_runs():
     measured_key = ("s3_tutorial", "{}", "cifar10", 32, "float32")
     other_batch, other_model = measured_key[:3] + (128, "float32"), ("s0_base", "{}", "cifar10", 32, "float32")

@@ -7,12 +7,13 @@ data the study will be given (a forward pass is about a
 third of a training step; the test set is measured twice, by kcifar.train and
 by the evaluation). The speed, first found wins:
 
-1. the median training images/s (each run's fastest segment on this CPU: a run
-   that shared the CPU for a while is timed by its time alone) of finished runs of the same model
-   (``model_args``, data set), batch size and precision on this CPU (same
-   ``cpu_description()``; ``"auto"`` is the precision it picks on this machine);
+1. the fastest training images/s of the runs, finished or under way, of the same
+   model (``model_args``, data set), batch size and precision on this CPU (same
+   ``cpu_description()``; ``"auto"`` is the precision it picks on this machine), each run
+   timed by its fastest segment (one per process that trained it): the estimate is of a run
+   alone, and a run that shared the CPU is slower than that;
 2. else a step-time model, ``STEP_OVERHEAD_S + batch x 3 x forward FLOPs / GFLOPS``,
-   with GFLOPS the median fitted to the finished runs in the same precision on this CPU
+   with GFLOPS the highest fitted to the runs (as above) in the same precision on this CPU
    of the same model with other arguments or batch sizes, or if there are none of the
    other model nearest in forward FLOPs (only runs whose steps took at least twice the
    overhead: the others measure only it; small models at small batches reach a fraction
@@ -21,8 +22,9 @@ by the evaluation). The speed, first found wins:
    default before "auto" picked bfloat16);
 3. else the same model at ``FALLBACK_GFLOPS``: rough, and said so in the output.
 
-Finished runs are looked for (``metrics.json`` with ``recipe.toml`` beside it)
-under the runs folder and ``experiments/results/``. EarlyStopping can end a
+Runs are looked for (``recipe.toml`` with ``metrics.json`` or ``segments.json``
+beside it) under the runs folder and ``experiments/results/``. A run under way
+counts only its epochs left. EarlyStopping can end a
 run sooner, so the times are upper bounds for such recipes; ImageDataGenerator
 augmentation (``augment.engine = "idg"``) is CPU-bound and slower than this
 model of the cost says.
@@ -31,10 +33,9 @@ model of the cost says.
 import functools
 import json
 import math
-import statistics
 from pathlib import Path
 
-from kcifar.rundir import read_metrics, read_recipe
+from kcifar.rundir import read_history, read_metrics, read_recipe, segment_summaries
 from kcifar.sweep.runner import to_train
 
 # Rough: a step's fixed overhead and a 2-core CPU's sustained training GFLOPS, fitted to the first
@@ -79,19 +80,32 @@ def fitted_gflops(key, images_per_s: float) -> float:
 
 
 def measured_runs(folders, cpu: str) -> list:
-    """[(model key, training images/s)] of finished runs on this CPU found under ``folders``."""
+    """[(model key, training images/s)] of the runs on this CPU found under ``folders``: finished ones
+    and those under way (by the epochs their segments finished)."""
     found = []
     for folder in folders:
-        for metrics_path in sorted(Path(folder).glob("**/metrics.json")) if Path(folder).is_dir() else []:
+        for recipe_path in sorted(Path(folder).glob("**/recipe.toml")) if Path(folder).is_dir() else []:
             try:
-                metrics, recipe = read_metrics(metrics_path.parent), read_recipe(metrics_path.parent)
+                measured = run_speed(recipe_path.parent, cpu)
             except Exception:  # anything unreadable is not a measurement
                 continue
-            speed = alone_speed(metrics, cpu)
-            if metrics.get("finished") and speed and (metrics.get("machine") or {}).get("cpu") == cpu:
-                found.append((model_key({"model": metrics.get("model"), **recipe},
-                                        metrics.get("precision", "float32")), speed))
+            if measured:
+                found.append(measured)
     return found
+
+
+def run_speed(run_dir: Path, cpu: str):
+    """(model key, training images/s on ``cpu``) of the run in ``run_dir``, or None when it has none."""
+    recipe, metrics = read_recipe(run_dir), read_metrics(run_dir) or {}
+    if metrics.get("finished"):
+        speed = alone_speed(metrics, cpu)
+        if speed and (metrics.get("machine") or {}).get("cpu") == cpu:
+            return model_key(recipe, metrics.get("precision", "float32")), speed
+        return None
+    here = [seg for seg in segment_summaries(run_dir, read_history(run_dir))
+            if seg.get("cpu") == cpu and seg.get("train_images_per_s")]
+    fastest = max(here, key=lambda seg: seg["train_images_per_s"], default=None)
+    return fastest and (model_key(recipe, fastest.get("precision", "float32")), fastest["train_images_per_s"])
 
 
 def alone_speed(metrics: dict, cpu: str):
@@ -106,12 +120,12 @@ def speed_for(key, measured) -> tuple:
     """(training images/s, where the figure comes from) for the model ``key``."""
     same = [speed for k, speed in measured if k == key]
     if same:
-        return statistics.median(same), f"measured: {len(same)} run(s) of this model and batch on this CPU"
+        return max(same), f"measured: the fastest of {len(same)} run(s) of this model and batch on this CPU"
     informative = [(k, speed) for k, speed in measured if k[4] == key[4] and k[3] / speed > 2 * STEP_OVERHEAD_S]
     same_model = [(k, speed) for k, speed in informative if k[0] == key[0]]
     if informative:
         fitted = same_model or nearest_in_flops(key, informative)
-        gflops = statistics.median(fitted_gflops(k, speed) for k, speed in fitted)
+        gflops = max(fitted_gflops(k, speed) for k, speed in fitted)
         which = "this model" if same_model else f"{fitted[0][0][0]}, the model nearest in FLOPs"
         return step_speed(key, gflops), (f"FLOPs at {gflops:.0f} GFLOPS fitted to {len(fitted)} {key[4]} run(s) "
                                          f"of {which} on this CPU")
@@ -128,11 +142,18 @@ def nearest_in_flops(key, measured) -> list:
     return [(k, speed) for k, speed in measured if k[:3] == nearest]
 
 
-def run_cost(recipe: dict) -> float:
-    """Training-image equivalents of one run (see the module docstring)."""
+def run_cost(recipe: dict, epochs_done: int = 0) -> float:
+    """Training-image equivalents of one run, or of what is left of it after ``epochs_done``
+    (see the module docstring)."""
     data = recipe["data"]
     train = data["train_subset"] or TRAIN_IMAGES - data["val_size"]
-    return recipe["train"]["epochs"] * (train + data["val_size"] / 3) + 2 * TEST_IMAGES / 3
+    epochs_left = max(recipe["train"]["epochs"] - epochs_done, 0)
+    return epochs_left * (train + data["val_size"] / 3) + 2 * TEST_IMAGES / 3
+
+
+def epochs_done(run_dir: Path) -> int:
+    """The epochs a run under way has logged (0 for none)."""
+    return len(read_history(run_dir).get("epoch", []))
 
 
 def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
@@ -147,11 +168,11 @@ def estimate(study, runs_dir="runs", results_dir="experiments/results") -> list:
         precision = recipe["train"]["precision"]
         key = model_key(recipe, auto_precision() if precision == "auto" else precision)
         speed, source = speed_for(key, measured)
-        left = sum(to_train(Path(runs_dir), study.name, r) for r in cell.recipes)
-        per_run = run_cost(recipe) / speed
+        left = [r for r in cell.recipes if to_train(Path(runs_dir), study.name, r)]
+        left_s = sum(run_cost(r, epochs_done(Path(runs_dir) / study.name / r["name"])) for r in left) / speed
         rows.append({"cell": cell.name, "model": recipe["model"], "mflops": forward_mflops(*key[:3]),
-                     "epochs": recipe["train"]["epochs"], "images_per_s": speed, "per_run_s": per_run,
-                     "runs_left": left, "left_s": left * per_run, "source": source,
+                     "epochs": recipe["train"]["epochs"], "images_per_s": speed, "per_run_s": run_cost(recipe) / speed,
+                     "runs_left": len(left), "left_s": left_s, "source": source,
                      "idg": recipe["augment"]["engine"] == "idg" and recipe["augment"]["preset"] != "none",
                      "early_stopping": recipe["early_stopping"]["enabled"]
                      and recipe["early_stopping"]["patience"] < recipe["train"]["epochs"]})
