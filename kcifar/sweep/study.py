@@ -46,8 +46,8 @@ class Cell:
     name: str
     settings: dict  # dotted recipe key -> value: what this cell sets beyond the base
     recipes: tuple  # one resolved recipe per seed, in the order of ``seeds``
+    seeds: tuple  # this cell's seeds: the study's, unless the cell gives its own
     recipe_file: str = ""  # the file name of the cell's base recipe ("" for none: the defaults)
-    seeds: tuple = ()  # this cell's seeds: the study's, unless the cell gives its own
 
 
 @dataclass
@@ -113,7 +113,7 @@ def load_study(path) -> Study:
         cell_seeds = tuple(cell_seeds or seeds)
         recipes = tuple(krecipe.resolve(recipe_path, [base, nest(settings), {"name": f"{cell}-s{seed}", "seed": seed}])
                         for seed in cell_seeds)
-        study.cells.append(Cell(cell, settings, recipes, Path(recipe_path).name if recipe_path else "", cell_seeds))
+        study.cells.append(Cell(cell, settings, recipes, cell_seeds, Path(recipe_path).name if recipe_path else ""))
     names = [c.name for c in study.cells]
     if len(set(names)) != len(names):
         raise KcifarError(f"study {path}: two cells are both named {next(n for n in names if names.count(n) > 1)!r}; "
